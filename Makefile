@@ -1,0 +1,72 @@
+# The contributor's front door: every routine action is one target.
+#   make serve   set everything up and start tiergate (for now: a demo of the Rust tiers)
+#   make test    set everything up and run every check CI runs
+# Both create .venv and install all they need from PyPI and crates.io by name.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.deps-installed
+EXT    := $(VENV)/.extension-built
+export VIRTUAL_ENV := $(abspath $(VENV))
+# Release builds of the extension: the tests and the demo measure real speed.
+MATURIN_FLAGS ?= --release
+RUST_SOURCES := $(shell find rust_core -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml
+
+.PHONY: help serve test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	# uv resolves and installs far faster than pip on a clean machine.
+	$(BIN)/python -m pip install --quiet --upgrade pip uv
+
+$(DEPS): pyproject.toml | $(BIN)/python
+	$(BIN)/uv pip install --python $(BIN)/python -r pyproject.toml --extra dev
+	@touch $@
+
+$(EXT): $(DEPS) $(RUST_SOURCES)
+	$(BIN)/maturin develop $(MATURIN_FLAGS) --uv
+	@touch $@
+
+build: $(EXT)  ## build tiergate._core into .venv
+
+serve: $(EXT)  ## set up and run tiergate (demo of the Rust tiers until the server lands)
+	$(BIN)/python -m tiergate.demo
+
+test: lint test-rust build stubtest test-python  ## every check CI runs
+
+lint: lint-rust lint-python  ## formatting and lints, Rust and Python
+
+lint-rust: | $(BIN)/python
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+lint-python: $(DEPS)
+	$(BIN)/ruff check serve tests benchmarks
+	$(BIN)/ruff format --check serve tests benchmarks
+
+test-rust:  ## Rust unit tests of the pure core crate
+	cargo test -p tiergate-core --locked
+
+stubtest: $(EXT)  ## the .pyi must describe the compiled module
+	$(BIN)/python -m mypy.stubtest tiergate._core --allowlist tests/stubtest-allowlist.txt
+
+test-python: $(EXT)  ## pytest against the freshly built extension
+	$(BIN)/python -m pytest
+
+bench: $(EXT)  ## micro-benchmarks of the Rust tiers next to their baselines
+	$(BIN)/python -m benchmarks.micro --json bench-results/micro.json
+
+bench-quick: $(EXT)  ## the same, under a minute
+	$(BIN)/python -m benchmarks.micro --quick --json bench-results/micro-quick.json
+
+fmt:  ## format Rust and Python in place
+	cargo fmt --all
+	$(BIN)/ruff format serve tests benchmarks
+	$(BIN)/ruff check --fix serve tests benchmarks
+
+clean:
+	rm -rf $(VENV) target bench-results

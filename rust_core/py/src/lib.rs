@@ -1,0 +1,21 @@
+//! `tiergate._core`: PyO3 wrappers around `tiergate_core`.
+//!
+//! Each module here wraps one concept and only converts arguments, releases the
+//! GIL (`py.detach`) around the real work, and converts errors via `errors`.
+
+mod errors;
+#[allow(dead_code)] // TODO(scaffold): used once the tier wrappers land
+mod input;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add(
+        "DEFAULT_MAX_TEXT_BYTES",
+        tiergate_core::text::DEFAULT_MAX_TEXT_BYTES,
+    )?;
+    errors::register(m)?;
+    Ok(())
+}
