@@ -14,3 +14,13 @@ class InputError(TiergateError):
 
 class FormatError(TiergateError):
     """A file is truncated, corrupt, or of an unsupported format version."""
+
+# ---------------------------------------------------------------- rules tier
+
+
+
+# ---------------------------------------------------------- hashed linear tier
+
+
+
+# ------------------------------------------------------------ semantic cache tier

@@ -6,4 +6,17 @@
 pub mod error;
 pub mod text;
 
+// Rules tier.
+pub mod rules;
+
+// Hashed linear tier.
+pub mod hashing;
+
+pub mod linear;
+
+// Semantic cache tier.
+pub mod ann;
+
+pub mod cache;
+
 pub use error::{Error, Result};

@@ -7,6 +7,19 @@ mod errors;
 #[allow(dead_code)] // TODO(scaffold): used once the tier wrappers land
 mod input;
 
+// Rules tier.
+mod rules;
+
+// Hashed linear tier.
+mod hashing;
+
+mod linear;
+
+// Semantic cache tier.
+mod ann;
+
+mod cache;
+
 use pyo3::prelude::*;
 
 #[pymodule]
@@ -17,5 +30,16 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         tiergate_core::text::DEFAULT_MAX_TEXT_BYTES,
     )?;
     errors::register(m)?;
+
+    rules::register(m)?;
+
+    hashing::register(m)?;
+
+    linear::register(m)?;
+
+    ann::register(m)?;
+
+    cache::register(m)?;
+
     Ok(())
 }

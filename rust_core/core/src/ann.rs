@@ -1,0 +1,1 @@
+//! Approximate nearest-neighbour index (HNSW, plus exact search for small sets) with a versioned, checksummed file format.

@@ -1,0 +1,1 @@
+//! The semantic cache: per-namespace ANN lookups with a similarity threshold, TTL and LRU capacity.
