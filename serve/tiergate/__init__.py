@@ -7,8 +7,10 @@ package re-exports them so callers write ``from tiergate import RuleSet``.
 from tiergate._core import (
     DEFAULT_MAX_TEXT_BYTES,
     ConfigError,
+    FeatureHasher,
     FormatError,
     InputError,
+    LinearModel,
     TiergateError,
     __version__,
 )
@@ -16,8 +18,10 @@ from tiergate._core import (
 __all__ = [
     "DEFAULT_MAX_TEXT_BYTES",
     "ConfigError",
+    "FeatureHasher",
     "FormatError",
     "InputError",
+    "LinearModel",
     "TiergateError",
     "__version__",
 ]

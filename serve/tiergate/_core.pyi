@@ -1,5 +1,11 @@
 """Type stubs for the compiled extension ``tiergate._core`` (rust_core/py)."""
 
+from collections.abc import Sequence
+from typing import Any, Literal, final
+
+import numpy as np
+import numpy.typing as npt
+
 __version__: str
 DEFAULT_MAX_TEXT_BYTES: int
 
@@ -18,5 +24,82 @@ class FormatError(TiergateError):
 # ---------------------------------------------------------------- rules tier
 
 # ---------------------------------------------------------- hashed linear tier
+
+@final
+class FeatureHasher:
+    """Hashes texts into sparse features, bit-identical to scikit-learn's HashingVectorizer."""
+
+    def __new__(
+        cls,
+        n_features: int = 1048576,
+        *,
+        analyzer: Literal["word", "char", "char_wb"] = "word",
+        ngram_range: tuple[int, int] = (1, 1),
+        lowercase: bool = True,
+        norm: Literal["l2", "l1"] | None = "l2",
+        alternate_sign: bool = True,
+        binary: bool = False,
+        max_text_bytes: int = 1048576,
+    ) -> FeatureHasher: ...
+    def transform(
+        self, texts: Sequence[str]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+        """CSR arrays (data, indices, indptr) equal to HashingVectorizer.transform's."""
+    @property
+    def n_features(self) -> int: ...
+    @property
+    def analyzer(self) -> str: ...
+    @property
+    def ngram_range(self) -> tuple[int, int]: ...
+    @property
+    def lowercase(self) -> bool: ...
+    @property
+    def norm(self) -> str | None: ...
+    @property
+    def alternate_sign(self) -> bool: ...
+    @property
+    def binary(self) -> bool: ...
+    @property
+    def max_text_bytes(self) -> int: ...
+    def get_params(self) -> dict[str, Any]:
+        """The settings as keyword arguments of the constructor."""
+
+@final
+class LinearModel:
+    """A linear classifier over hashed features, with calibrated probabilities."""
+
+    def __new__(
+        cls,
+        hashers: FeatureHasher | Sequence[FeatureHasher],
+        coef: npt.ArrayLike,
+        intercept: npt.ArrayLike,
+        labels: Sequence[str],
+        *,
+        temperature: float = 1.0,
+    ) -> LinearModel: ...
+    def predict_proba(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Calibrated probabilities, shape (len(texts), n_classes)."""
+    def decision_function(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Raw scores before calibration, shape (len(texts), n_outputs)."""
+    def predict_proba_csr(
+        self, data: npt.ArrayLike, indices: npt.ArrayLike, indptr: npt.ArrayLike
+    ) -> npt.NDArray[np.float32]:
+        """Probabilities for rows already hashed, given as CSR arrays."""
+    def top_k(
+        self, texts: Sequence[str], k: int = 1
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+        """(class indices, probabilities) of the k best classes per text, best first."""
+    def with_temperature(self, temperature: float) -> LinearModel:
+        """The same weights with another calibration temperature."""
+    @property
+    def labels(self) -> list[str]: ...
+    @property
+    def n_classes(self) -> int: ...
+    @property
+    def n_features(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def hashers(self) -> list[FeatureHasher]: ...
 
 # ------------------------------------------------------------ semantic cache tier

@@ -33,7 +33,6 @@ pyo3::create_exception!(
     "A file is truncated, corrupt, or of an unsupported format version."
 );
 
-#[allow(dead_code)] // TODO(scaffold): used once the tier wrappers land
 pub fn to_py(err: Error) -> PyErr {
     let msg = err.to_string();
     match err {
@@ -45,7 +44,6 @@ pub fn to_py(err: Error) -> PyErr {
 }
 
 /// `core_result.py()?` converts at the boundary without a `map_err` at every call.
-#[allow(dead_code)] // TODO(scaffold)
 pub trait IntoPyResult<T> {
     fn py(self) -> PyResult<T>;
 }

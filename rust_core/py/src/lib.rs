@@ -4,7 +4,6 @@
 //! GIL (`py.detach`) around the real work, and converts errors via `errors`.
 
 mod errors;
-#[allow(dead_code)] // TODO(scaffold): used once the tier wrappers land
 mod input;
 
 // Rules tier.
