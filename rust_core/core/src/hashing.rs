@@ -247,7 +247,11 @@ impl FeatureHasher {
     fn for_each_token(&self, text: &str, scratch: &mut Scratch, mut emit: impl FnMut(&str)) {
         let mut lowered = std::mem::take(&mut scratch.lowered);
         lowered.clear();
-        if self.config.lowercase {
+        if self.config.lowercase && text.is_ascii() {
+            // Most traffic is ASCII: lowercase in place, no allocation.
+            lowered.push_str(text);
+            lowered.make_ascii_lowercase();
+        } else if self.config.lowercase {
             lowered.push_str(&text.to_lowercase());
         } else {
             lowered.push_str(text);
