@@ -11,6 +11,8 @@ from tiergate._core import (
     FormatError,
     InputError,
     LinearModel,
+    RuleMatch,
+    RuleSet,
     TiergateError,
     __version__,
 )
@@ -22,6 +24,8 @@ __all__ = [
     "FormatError",
     "InputError",
     "LinearModel",
+    "RuleMatch",
+    "RuleSet",
     "TiergateError",
     "__version__",
 ]

@@ -1,6 +1,7 @@
 """Type stubs for the compiled extension ``tiergate._core`` (rust_core/py)."""
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, final
 
 import numpy as np
@@ -22,6 +23,58 @@ class FormatError(TiergateError):
     """A file is truncated, corrupt, or of an unsupported format version."""
 
 # ---------------------------------------------------------------- rules tier
+
+@final
+class RuleSet:
+    """Regex and whole-word keyword rules compiled into one matcher."""
+
+    def __new__(
+        cls, rules: Sequence[Mapping[str, Any]], *, max_text_bytes: int = 1048576
+    ) -> RuleSet: ...
+    @staticmethod
+    def from_file(path: str | os.PathLike[str], *, max_text_bytes: int = 1048576) -> RuleSet:
+        """Loads rules from a .yaml, .yml or .json file."""
+    @staticmethod
+    def from_yaml(text: str, *, max_text_bytes: int = 1048576) -> RuleSet:
+        """Parses a YAML rule document."""
+    @staticmethod
+    def from_json(text: str, *, max_text_bytes: int = 1048576) -> RuleSet:
+        """Parses a JSON rule document."""
+    def match(self, text: str) -> RuleMatch:
+        """Matches one text."""
+    def match_batch(self, texts: Sequence[str]) -> list[RuleMatch]:
+        """Matches a batch of texts, one RuleMatch each."""
+    def match_arrays(
+        self, texts: Sequence[str]
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+        """(winning rule index or -1, confidence or 0) per text."""
+    @property
+    def rule_ids(self) -> list[str]: ...
+    @property
+    def labels(self) -> list[str | None]: ...
+    @property
+    def risk_tags(self) -> list[str]: ...
+    @property
+    def max_text_bytes(self) -> int: ...
+    def __len__(self) -> int: ...
+
+@final
+class RuleMatch:
+    """The outcome of matching one text; truthy when a labelled rule decided."""
+
+    @property
+    def rule_id(self) -> str | None: ...
+    @property
+    def label(self) -> str | None: ...
+    @property
+    def confidence(self) -> float | None: ...
+    @property
+    def priority(self) -> int | None: ...
+    @property
+    def risk_tags(self) -> list[str]: ...
+    @property
+    def matched_rule_ids(self) -> list[str]: ...
+    def __bool__(self) -> bool: ...
 
 # ---------------------------------------------------------- hashed linear tier
 
