@@ -129,7 +129,9 @@ impl PyRuleSet {
     /// checked before any is matched; the error names the first bad one.
     fn match_batch(&self, py: Python<'_>, texts: &Bound<'_, PyAny>) -> PyResult<Vec<PyRuleMatch>> {
         let texts = input::text_batch(texts, "texts")?;
-        let matches = py.detach(|| self.inner.match_batch(&texts)).py()?;
+        let matches = py
+            .detach(|| self.with_scratch(|s| self.inner.match_batch(&texts, s)))
+            .py()?;
         Ok(matches.into_iter().map(|m| self.to_py_match(m)).collect())
     }
 

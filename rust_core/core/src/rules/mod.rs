@@ -170,15 +170,19 @@ impl RuleSet {
     }
 
     /// Matches every text after checking them all: a bad text fails the batch
-    /// before any work is done.
-    pub fn match_batch<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<RuleMatch>> {
+    /// before any work is done. Reusing `scratch` across calls matters: it
+    /// holds the regex engine's lazily built DFA states.
+    pub fn match_batch<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        scratch: &mut MatchScratch,
+    ) -> Result<Vec<RuleMatch>> {
         for (i, t) in texts.iter().enumerate() {
             self.check(t.as_ref(), i)?;
         }
-        let mut scratch = self.scratch();
         Ok(texts
             .iter()
-            .map(|t| self.match_text(t.as_ref(), &mut scratch))
+            .map(|t| self.match_text(t.as_ref(), scratch))
             .collect())
     }
 
@@ -367,8 +371,15 @@ mod tests {
     #[test]
     fn batch_checks_every_text_first() {
         let s = set(RULES);
-        let e = s.match_batch(&["refund", ""]).unwrap_err().to_string();
+        let mut scratch = s.scratch();
+        let e = s
+            .match_batch(&["refund", ""], &mut scratch)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("text 1"), "{e}");
-        assert_eq!(s.match_batch(&["refund"]).unwrap()[0].winner, Some(0));
+        assert_eq!(
+            s.match_batch(&["refund"], &mut scratch).unwrap()[0].winner,
+            Some(0)
+        );
     }
 }
