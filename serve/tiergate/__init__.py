@@ -6,6 +6,7 @@ package re-exports them so callers write ``from tiergate import RuleSet``.
 
 from tiergate._core import (
     DEFAULT_MAX_TEXT_BYTES,
+    AnnIndex,
     ConfigError,
     FeatureHasher,
     FormatError,
@@ -13,12 +14,14 @@ from tiergate._core import (
     LinearModel,
     RuleMatch,
     RuleSet,
+    SemanticCache,
     TiergateError,
     __version__,
 )
 
 __all__ = [
     "DEFAULT_MAX_TEXT_BYTES",
+    "AnnIndex",
     "ConfigError",
     "FeatureHasher",
     "FormatError",
@@ -26,6 +29,7 @@ __all__ = [
     "LinearModel",
     "RuleMatch",
     "RuleSet",
+    "SemanticCache",
     "TiergateError",
     "__version__",
 ]

@@ -156,3 +156,79 @@ class LinearModel:
     def hashers(self) -> list[FeatureHasher]: ...
 
 # ------------------------------------------------------------ semantic cache tier
+
+@final
+class AnnIndex:
+    """Approximate nearest-neighbour index over float32 vectors keyed by uint64 ids."""
+
+    def __new__(
+        cls,
+        dim: int,
+        *,
+        metric: Literal["cosine", "ip"] = "cosine",
+        dtype: Literal["f32", "i8"] = "f32",
+        m: int = 16,
+        ef_construction: int = 128,
+        ef_search: int = 64,
+        exact_below: int = 2048,
+    ) -> AnnIndex: ...
+    def add(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
+        """Adds vectors (n, dim) under ids; nothing is added if any row is invalid."""
+    def search(
+        self, queries: npt.ArrayLike, k: int = 10, ef: int | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """(ids, scores) of shape (n, k), best first; missing slots are -1 / -inf."""
+    def remove(self, ids: npt.ArrayLike) -> None:
+        """Removes ids; all must be present."""
+    def get(self, id: int) -> npt.NDArray[np.float32] | None:
+        """The stored vector of id, or None."""
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the index atomically in tiergate's checksummed format."""
+    @staticmethod
+    def load(path: str | os.PathLike[str]) -> AnnIndex:
+        """Reads an index written by save(); damage raises FormatError."""
+    @property
+    def dim(self) -> int: ...
+    @property
+    def metric(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def ef_search(self) -> int: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, id: int, /) -> bool: ...
+
+@final
+class SemanticCache:
+    """Per-namespace cache of bytes values looked up by embedding similarity."""
+
+    def __new__(
+        cls,
+        dim: int,
+        *,
+        threshold: float = 0.95,
+        ttl_seconds: float | None = None,
+        capacity: int = 10000,
+        metric: Literal["cosine", "ip"] = "cosine",
+    ) -> SemanticCache: ...
+    def put(self, namespace: str, vector: npt.ArrayLike, value: bytes) -> None:
+        """Stores value for the request embedded as vector."""
+    def get(self, namespace: str, vector: npt.ArrayLike) -> tuple[bytes, float] | None:
+        """(value, similarity) of the best live entry at or above threshold, else None."""
+    def get_batch(self, namespace: str, vectors: npt.ArrayLike) -> list[tuple[bytes, float] | None]:
+        """get() for each row of vectors."""
+    def clear(self, namespace: str) -> None:
+        """Drops every entry of namespace."""
+    def namespaces(self) -> list[str]:
+        """Namespaces that have held entries, sorted."""
+    def stats(self) -> dict[str, Any]:
+        """{"total": {...}, "namespaces": {name: {...}}} counters."""
+    @property
+    def threshold(self) -> float: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def ttl_seconds(self) -> float | None: ...
+    def __len__(self) -> int: ...

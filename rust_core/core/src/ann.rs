@@ -1,1 +1,0 @@
-//! Approximate nearest-neighbour index (HNSW, plus exact search for small sets) with a versioned, checksummed file format.
