@@ -13,11 +13,14 @@
 //! and only growing the engine's capacity takes the write lock.
 
 pub mod file;
+mod flat;
 
 use parking_lot::{Mutex, RwLock};
+use rayon::prelude::*;
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 use crate::{Error, Result};
+use flat::FlatStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
@@ -158,6 +161,9 @@ pub struct Neighbours {
 pub struct AnnIndex {
     config: AnnConfig,
     engine: RwLock<Index>,
+    /// A plain copy of the vectors for exact search, kept until the index first
+    /// reaches `exact_below` entries (then dropped, to not hold them twice).
+    flat: RwLock<Option<FlatStore>>,
     writer: Mutex<()>,
     /// Serialises searches that ask for a non-default ef (the engine's ef is
     /// index-wide, so it is set, used and restored under this lock).
@@ -210,9 +216,11 @@ impl AnnIndex {
         engine
             .reserve(64)
             .map_err(|e| Error::config(format!("could not reserve index memory: {e}")))?;
+        let flat = (config.exact_below > 0).then(|| FlatStore::new(config.dim));
         Ok(AnnIndex {
             config,
             engine: RwLock::new(engine),
+            flat: RwLock::new(flat),
             writer: Mutex::new(()),
             custom_ef: Mutex::new(()),
         })
@@ -274,12 +282,41 @@ impl AnnIndex {
         }
         self.reserve_for(n)?;
         let engine = self.engine.read();
-        for (id, v) in ids.iter().zip(vectors.chunks(self.config.dim)) {
+        let add = |(id, v): (&u64, &[f32])| {
             engine
                 .add(*id, v)
-                .map_err(|e| engine_error(&format!("adding id {id}"), e))?;
+                .map_err(|e| engine_error(&format!("adding id {id}"), e))
+        };
+        // The engine's inserts are thread-safe: large batches use every core.
+        if n >= 256 {
+            ids.par_iter()
+                .zip(vectors.par_chunks(self.config.dim))
+                .try_for_each(add)?;
+        } else {
+            ids.iter()
+                .zip(vectors.chunks(self.config.dim))
+                .try_for_each(add)?;
+        }
+        let mut flat = self.flat.write();
+        if engine.size() >= self.config.exact_below {
+            *flat = None;
+        } else if let Some(store) = flat.as_mut() {
+            for (id, v) in ids.iter().zip(vectors.chunks(self.config.dim)) {
+                store.push(*id, &self.prepare(v));
+            }
         }
         Ok(())
+    }
+
+    /// A vector as the flat store keeps it: unit length under cosine.
+    fn prepare(&self, v: &[f32]) -> Vec<f32> {
+        match self.config.metric {
+            Metric::Cosine => {
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                v.iter().map(|x| x / norm).collect()
+            }
+            Metric::InnerProduct => v.to_vec(),
+        }
     }
 
     /// Grows capacity geometrically so that `extra` more entries fit.
@@ -304,10 +341,14 @@ impl AnnIndex {
                 return Err(Error::input(format!("ids[{i}] = {id} is not in the index")));
             }
         }
+        let mut flat = self.flat.write();
         for &id in ids {
             engine
                 .remove(id)
                 .map_err(|e| engine_error(&format!("removing id {id}"), e))?;
+            if let Some(store) = flat.as_mut() {
+                store.remove(id);
+            }
         }
         Ok(())
     }
@@ -349,6 +390,20 @@ impl AnnIndex {
     fn search_into(&self, queries: &[f32], k: usize, out: &mut Neighbours) -> Result<()> {
         let engine = self.engine.read();
         let exact = engine.size() < self.config.exact_below;
+        let flat = self.flat.read();
+        if let (true, Some(store)) = (exact, flat.as_ref()) {
+            for (q, query) in queries.chunks(self.config.dim).enumerate() {
+                let range = q * k..(q + 1) * k;
+                let prepared = self.prepare(query);
+                store.search(
+                    &prepared,
+                    k,
+                    &mut out.ids[range.clone()],
+                    &mut out.scores[range],
+                );
+            }
+            return Ok(());
+        }
         for (q, query) in queries.chunks(self.config.dim).enumerate() {
             let found = if exact {
                 engine.exact_search(query, k)
