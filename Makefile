@@ -47,6 +47,7 @@ lint-rust: | $(BIN)/python
 lint-python: $(DEPS)
 	$(BIN)/ruff check serve tests benchmarks
 	$(BIN)/ruff format --check serve tests benchmarks
+	$(BIN)/mypy
 
 test-rust:  ## Rust unit tests of the pure core crate
 	cargo test -p tiergate-core --locked
