@@ -45,7 +45,7 @@ def run(inputs: Inputs) -> list[Row]:
     texts, labels, source = training_set(inputs)
     vectorizer = HashingVectorizer(n_features=N_FEATURES, ngram_range=NGRAMS)
     started = time.perf_counter()
-    clf = LogisticRegression(max_iter=200).fit(vectorizer.transform(texts), labels)
+    clf = LogisticRegression(max_iter=100).fit(vectorizer.transform(texts), labels)
     train_s = time.perf_counter() - started
     hasher = FeatureHasher(N_FEATURES, ngram_range=NGRAMS)
     model = LinearModel(hasher, clf.coef_, clf.intercept_, [str(c) for c in clf.classes_])
