@@ -8,15 +8,22 @@ printed as NO, never hidden.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
-import platform
-import sys
-import time
-from pathlib import Path
+import os
 
-from benchmarks.micro.harness import Row, make_inputs, markdown_table
+# Single-threaded, for tiergate and every baseline alike: BLAS (numpy's matrix
+# products) and rayon read these when they start, so set them before any import.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from benchmarks.micro.harness import Row, make_inputs, markdown_table  # noqa: E402
 
 SECTIONS = ["rules", "hashing", "ann"]
 

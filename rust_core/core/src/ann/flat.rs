@@ -53,20 +53,20 @@ impl FlatStore {
     pub fn search(&self, query: &[f32], k: usize, ids: &mut [i64], scores: &mut [f32]) {
         let mut all = vec![0.0f32; self.ids.len()];
         scores_into(&self.vectors, query, &mut all);
-        let mut order: Vec<usize> = (0..all.len()).collect();
-        let by_score = |a: &usize, b: &usize| all[*b].total_cmp(&all[*a]);
-        let k = k.min(order.len());
-        if k == 0 {
-            return;
+        // One pass with a small sorted buffer: after the first few rows almost
+        // every score falls below the k-th best and costs one comparison.
+        let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+        for (row, &s) in all.iter().enumerate() {
+            if best.len() == k && s <= best[k - 1].0 {
+                continue;
+            }
+            let at = best.partition_point(|b| b.0 >= s);
+            best.insert(at, (s, row));
+            best.truncate(k);
         }
-        if k < order.len() {
-            order.select_nth_unstable_by(k - 1, by_score);
-            order.truncate(k);
-        }
-        order.sort_unstable_by(by_score);
-        for (j, &row) in order.iter().enumerate() {
+        for (j, (s, row)) in best.into_iter().enumerate() {
             ids[j] = self.ids[row] as i64;
-            scores[j] = all[row];
+            scores[j] = s;
         }
     }
 }
@@ -89,8 +89,43 @@ pub fn scores_into(rows: &[f32], query: &[f32], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn scores_avx2(rows: &[f32], query: &[f32], out: &mut [f32]) {
-    for (row, o) in rows.chunks_exact(query.len()).zip(out.iter_mut()) {
-        // SAFETY: called only where the features are present (see above).
+    use std::arch::x86_64::*;
+    let dim = query.len();
+    let blocks = out.len() / 4;
+    // Four rows per pass: each query load feeds four FMAs, and the four row
+    // streams keep more memory reads in flight than one row at a time.
+    if dim % 8 == 0 {
+        for b in 0..blocks {
+            let base = b * 4 * dim;
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            // SAFETY: rows holds out.len() * dim floats; every load stays below
+            // base + 4 * dim <= rows.len(), and i + 8 <= dim for the query.
+            unsafe {
+                while i < dim {
+                    let q = _mm256_loadu_ps(query.as_ptr().add(i));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let v = _mm256_loadu_ps(rows.as_ptr().add(base + r * dim + i));
+                        *a = _mm256_fmadd_ps(v, q, *a);
+                    }
+                    i += 8;
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let mut lanes = [0.0f32; 8];
+                // SAFETY: `lanes` has room for 8 floats.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+                out[b * 4 + r] = lanes.iter().sum();
+            }
+        }
+    } else {
+        for (row, o) in rows.chunks_exact(dim).zip(out.iter_mut()).take(blocks * 4) {
+            // SAFETY: called only where the features are present (see above).
+            *o = unsafe { dot_avx2(row, query) };
+        }
+    }
+    for (row, o) in rows.chunks_exact(dim).zip(out.iter_mut()).skip(blocks * 4) {
+        // SAFETY: as above.
         *o = unsafe { dot_avx2(row, query) };
     }
 }
@@ -162,6 +197,23 @@ mod tests {
                 assert!((via_kernel[0] as f64 - exact).abs() < 1e-3, "n={n}");
             }
             assert!((dot_portable(&a, &b) as f64 - exact).abs() < 1e-3, "n={n}");
+        }
+    }
+
+    #[test]
+    fn row_blocked_scores_match_per_row_dots() {
+        for (rows, dim) in [(1, 8), (5, 16), (9, 384), (7, 12)] {
+            let data: Vec<f32> = (0..rows * dim).map(|i| (i as f32 * 0.013).sin()).collect();
+            let q: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.7).cos()).collect();
+            let mut out = vec![0.0f32; rows];
+            scores_into(&data, &q, &mut out);
+            for (r, o) in out.iter().enumerate() {
+                let want = dot_portable(&data[r * dim..(r + 1) * dim], &q);
+                assert!(
+                    (o - want).abs() < 1e-4,
+                    "rows={rows} dim={dim} r={r}: {o} vs {want}"
+                );
+            }
         }
     }
 
