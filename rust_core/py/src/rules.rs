@@ -31,12 +31,16 @@ pub struct PyRuleSet {
 }
 
 impl PyRuleSet {
-    fn build(
-        rules: Vec<rules::Rule>,
-        limits: &RuleLimits,
+    /// Parses with the default limits (GIL released), then compiles: the one
+    /// path every constructor takes.
+    fn load(
+        py: Python<'_>,
         max_text_bytes: usize,
+        parse: impl FnOnce(&RuleLimits) -> tiergate_core::Result<Vec<rules::Rule>> + Send,
     ) -> PyResult<Self> {
-        let inner = rules::RuleSet::compile(rules, limits, max_text_bytes).py()?;
+        let limits = RuleLimits::default();
+        let parsed = py.detach(|| parse(&limits)).py()?;
+        let inner = rules::RuleSet::compile(parsed, &limits, max_text_bytes).py()?;
         Ok(PyRuleSet {
             inner: Arc::new(inner),
             scratch: Mutex::new(Vec::new()),
@@ -78,9 +82,9 @@ impl PyRuleSet {
             .import("json")?
             .call_method1("dumps", (rules,))?
             .extract()?;
-        let limits = RuleLimits::default();
-        let parsed = py.detach(|| spec::parse_rule_list(&json, &limits)).py()?;
-        Self::build(parsed, &limits, max_text_bytes)
+        Self::load(py, max_text_bytes, |limits| {
+            spec::parse_rule_list(&json, limits)
+        })
     }
 
     /// Loads rules from a ``.yaml``, ``.yml`` or ``.json`` file.
@@ -88,9 +92,7 @@ impl PyRuleSet {
     #[pyo3(signature = (path, *, max_text_bytes = DEFAULT_MAX_TEXT_BYTES))]
     #[pyo3(text_signature = "(path, *, max_text_bytes=1048576)")]
     fn from_file(py: Python<'_>, path: PathBuf, max_text_bytes: usize) -> PyResult<Self> {
-        let limits = RuleLimits::default();
-        let parsed = py.detach(|| spec::read_file(&path, &limits)).py()?;
-        Self::build(parsed, &limits, max_text_bytes)
+        Self::load(py, max_text_bytes, |limits| spec::read_file(&path, limits))
     }
 
     /// Parses a YAML rule document (``{version: 1, rules: [...]}``).
@@ -99,9 +101,7 @@ impl PyRuleSet {
     #[pyo3(text_signature = "(text, *, max_text_bytes=1048576)")]
     fn from_yaml(py: Python<'_>, text: &Bound<'_, PyAny>, max_text_bytes: usize) -> PyResult<Self> {
         let text = input::text(text, "text")?;
-        let limits = RuleLimits::default();
-        let parsed = py.detach(|| spec::parse_yaml(&text, &limits)).py()?;
-        Self::build(parsed, &limits, max_text_bytes)
+        Self::load(py, max_text_bytes, |limits| spec::parse_yaml(&text, limits))
     }
 
     /// Parses a JSON rule document (``{"version": 1, "rules": [...]}``).
@@ -110,9 +110,7 @@ impl PyRuleSet {
     #[pyo3(text_signature = "(text, *, max_text_bytes=1048576)")]
     fn from_json(py: Python<'_>, text: &Bound<'_, PyAny>, max_text_bytes: usize) -> PyResult<Self> {
         let text = input::text(text, "text")?;
-        let limits = RuleLimits::default();
-        let parsed = py.detach(|| spec::parse_json(&text, &limits)).py()?;
-        Self::build(parsed, &limits, max_text_bytes)
+        Self::load(py, max_text_bytes, |limits| spec::parse_json(&text, limits))
     }
 
     /// Matches one text. Empty or whitespace-only text, or text over
