@@ -370,7 +370,7 @@ impl AnnIndex {
             ids: vec![-1; n * k],
             scores: vec![f32::NEG_INFINITY; n * k],
         };
-        let _custom = match ef {
+        let custom_ef_guard = match ef {
             Some(ef) if ef != self.config.ef_search => {
                 let guard = self.custom_ef.lock();
                 self.engine.read().change_expansion_search(ef);
@@ -379,7 +379,7 @@ impl AnnIndex {
             _ => None,
         };
         let result = self.search_into(queries, k, &mut out);
-        if _custom.is_some() {
+        if custom_ef_guard.is_some() {
             self.engine
                 .read()
                 .change_expansion_search(self.config.ef_search);
