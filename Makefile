@@ -23,8 +23,9 @@ $(BIN)/python:
 	# uv resolves and installs far faster than pip on a clean machine.
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
 
-$(DEPS): pyproject.toml | $(BIN)/python
-	$(BIN)/uv pip install --python $(BIN)/python -r pyproject.toml --extra dev
+$(DEPS): pyproject.toml requirements/cpu-overrides.txt | $(BIN)/python
+	$(BIN)/uv pip install --python $(BIN)/python -r pyproject.toml \
+		--extra dev --extra train --extra cpu --override requirements/cpu-overrides.txt
 	@touch $@
 
 $(EXT): $(DEPS) $(RUST_SOURCES)

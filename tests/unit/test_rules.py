@@ -83,6 +83,7 @@ def test_files_and_strings_load_the_same_rules(tmp_path: Path) -> None:
     from_yaml = RuleSet.from_file(str(tmp_path / "r.yaml"))
     for rs in (from_json, from_yaml, RuleSet.from_json(json.dumps(doc))):
         assert rs.rule_ids == [r["id"] for r in RULES]
+        assert rs.confidences == pytest.approx([r.get("confidence", 1.0) for r in RULES])
         assert rs.match("money back please").label == "refund"
     assert len(from_yaml) == 5
     assert from_yaml.risk_tags == ["finance", "legal", "pii"]

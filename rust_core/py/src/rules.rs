@@ -173,6 +173,12 @@ impl PyRuleSet {
         self.inner.rules().iter().map(|r| r.label.clone()).collect()
     }
 
+    /// Declared rule confidences, in file order.
+    #[getter]
+    fn confidences(&self) -> Vec<f32> {
+        self.inner.rules().iter().map(|r| r.confidence).collect()
+    }
+
     /// Every risk tag the rules can raise, sorted.
     #[getter]
     fn risk_tags(&self) -> Vec<String> {

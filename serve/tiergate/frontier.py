@@ -1,0 +1,191 @@
+"""The frontier tier: a large LLM behind an OpenAI-compatible API, or a simulator.
+
+The simulator stands in for a real provider in offline evaluation and
+benchmarks. Its accuracy, latency distribution and prices are explicit
+parameters, printed with every result it produces, and every result is
+labelled ``simulated`` so it can never pass for a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from tiergate._core import ConfigError
+
+
+@dataclass(frozen=True)
+class FrontierAnswer:
+    label: str | None  # None when the provider gave no usable label
+    cost: float  # US dollars
+    seconds: float
+    simulated: bool
+    error: str | None = None
+
+
+def estimate_tokens(text: str) -> int:
+    """~4 characters per token: the usual rule of thumb for English BPE vocabularies."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+def prompt_for(text: str, labels: Sequence[str], hints: str = "") -> list[dict[str, str]]:
+    system = (
+        "You label requests for an intent classifier. Answer with exactly one label "
+        "from the list, or 'oos' when none fits. Labels: " + ", ".join(labels)
+    )
+    user = text if not hints else f"{text}\n\n(cheaper tiers suggested: {hints})"
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+@dataclass(frozen=True)
+class SimulatorParams:
+    accuracy: float = 0.97
+    latency_median_ms: float = 900.0
+    latency_p95_ms: float = 2500.0
+    price_in_per_mtok: float = 2.50
+    price_out_per_mtok: float = 10.00
+    output_tokens: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.accuracy <= 1:
+            raise ConfigError(f"simulator accuracy must be in [0, 1], not {self.accuracy}")
+        if not 0 < self.latency_median_ms <= self.latency_p95_ms:
+            raise ConfigError("simulator latency needs 0 < median <= p95")
+
+    def describe(self) -> str:
+        return (
+            f"SIMULATED frontier: accuracy {self.accuracy:.3f}, latency lognormal "
+            f"median {self.latency_median_ms:.0f} ms / p95 {self.latency_p95_ms:.0f} ms, "
+            f"${self.price_in_per_mtok}/M input and ${self.price_out_per_mtok}/M output tokens"
+        )
+
+
+class FrontierSimulator:
+    """Answers the gold label with probability ``accuracy``, else a random other label."""
+
+    simulated = True
+
+    def __init__(self, labels: Sequence[str], params: SimulatorParams | None = None):
+        self.labels = list(labels)
+        self.params = params or SimulatorParams()
+        self.rng = np.random.default_rng(self.params.seed)
+        # Lognormal with the given median and 95th percentile.
+        self.mu = math.log(self.params.latency_median_ms / 1000)
+        self.sigma = (math.log(self.params.latency_p95_ms / 1000) - self.mu) / 1.6449
+
+    def cost_of(self, text: str) -> float:
+        tokens_in = sum(estimate_tokens(m["content"]) for m in prompt_for(text, self.labels))
+        p = self.params
+        return (tokens_in * p.price_in_per_mtok + p.output_tokens * p.price_out_per_mtok) / 1e6
+
+    def classify(self, texts: Sequence[str], gold: Sequence[str]) -> list[FrontierAnswer]:
+        out = []
+        for text, truth in zip(texts, gold, strict=True):
+            if self.rng.random() < self.params.accuracy or len(self.labels) < 2:
+                label = truth
+            else:
+                others = [x for x in self.labels if x != truth]
+                label = others[int(self.rng.integers(len(others)))]
+            seconds = float(self.rng.lognormal(self.mu, self.sigma))
+            out.append(FrontierAnswer(label, self.cost_of(text), seconds, simulated=True))
+        return out
+
+    def as_dict(self) -> dict[str, object]:
+        return {"simulated": True, **asdict(self.params)}
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One OpenAI-compatible chat-completions endpoint."""
+
+    name: str
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+    price_in_per_mtok: float = 0.0
+    price_out_per_mtok: float = 0.0
+    timeout_s: float = 30.0
+
+
+class OpenAIFrontier:
+    """A real provider: asks for one label with structured output; cost from reported usage."""
+
+    simulated = False
+
+    def __init__(self, labels: Sequence[str], provider: ProviderConfig):
+        from openai import OpenAI  # the maintained client for this API, retries included
+
+        self.labels = list(labels)
+        self.provider = provider
+        key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else "unused"
+        if provider.api_key_env and not key:
+            raise ConfigError(
+                f"provider {provider.name!r}: environment variable {provider.api_key_env} is unset"
+            )
+        self.client = OpenAI(
+            base_url=provider.base_url, api_key=key, timeout=provider.timeout_s, max_retries=1
+        )
+
+    def _schema(self) -> dict[str, object]:
+        return {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "label",
+                "strict": True,
+                "schema": {
+                    "type": "object",
+                    "properties": {"label": {"type": "string", "enum": self.labels}},
+                    "required": ["label"],
+                    "additionalProperties": False,
+                },
+            },
+        }
+
+    def classify_one(self, text: str, hints: str = "") -> FrontierAnswer:
+        import openai
+
+        started = time.perf_counter()
+        try:
+            resp = self.client.chat.completions.create(  # type: ignore[call-overload]
+                model=self.provider.model,
+                messages=prompt_for(text, self.labels, hints),
+                response_format=self._schema(),
+                temperature=0,
+                max_tokens=32,
+            )
+        except openai.OpenAIError as e:
+            return FrontierAnswer(None, 0.0, time.perf_counter() - started, False, str(e))
+        seconds = time.perf_counter() - started
+        usage = resp.usage
+        cost = 0.0
+        if usage is not None:
+            cost = (
+                usage.prompt_tokens * self.provider.price_in_per_mtok
+                + usage.completion_tokens * self.provider.price_out_per_mtok
+            ) / 1e6
+        content = resp.choices[0].message.content if resp.choices else None
+        label, error = self._parse(content)
+        return FrontierAnswer(label, cost, seconds, False, error)
+
+    def _parse(self, content: str | None) -> tuple[str | None, str | None]:
+        if not content:
+            return None, "empty answer"
+        try:
+            label = json.loads(content).get("label")
+        except (json.JSONDecodeError, AttributeError):
+            label = content.strip().strip('"')
+        if label not in self.labels:
+            return None, f"label {str(label)[:60]!r} is not in the label set"
+        return str(label), None
+
+    def classify(
+        self, texts: Sequence[str], gold: Sequence[str] | None = None
+    ) -> list[FrontierAnswer]:
+        return [self.classify_one(t) for t in texts]

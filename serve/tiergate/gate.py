@@ -1,0 +1,179 @@
+"""The confidence gate: which threshold turns "answer now" into "escalate".
+
+A tier answers when its calibrated confidence reaches the threshold of the
+request's risk domain, and escalates otherwise. Thresholds come from a target
+the user states (precision of what a tier accepts, or a cap on escalations),
+chosen on held-out data by a sweep that is kept and shown, so the choice is a
+measured trade-off rather than a guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from tiergate._core import ConfigError
+
+GENERAL = "general"
+# Risk domains whose mistakes cost more: their precision target is tightened
+# (half the allowed error rate) unless the user sets one explicitly.
+STRICT_DOMAINS = ("finance", "legal")
+SWEEP = tuple(round(float(t), 2) for t in np.arange(0.50, 0.995, 0.01))
+# A domain needs this many held-out examples for a threshold of its own;
+# below it the domain shares the general threshold (raised, never lowered).
+MIN_DOMAIN_SUPPORT = 50
+
+
+@dataclass(frozen=True)
+class Prices:
+    """What one request costs at each end of the cascade, in US dollars."""
+
+    frontier_per_request: float = 0.0015
+    local_per_request: float = 0.000002
+
+    def per_1k(self, escalation_rate: float) -> float:
+        return 1000 * (self.local_per_request + escalation_rate * self.frontier_per_request)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    threshold: float
+    accepted_accuracy: float  # accuracy of the answers the tier gives at this threshold
+    answered_share: float
+    escalation_rate: float
+    cost_per_1k: float
+    support: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def sweep(
+    confidence: npt.ArrayLike,
+    correct: npt.ArrayLike,
+    prices: Prices,
+    thresholds: tuple[float, ...] = SWEEP,
+) -> list[SweepPoint]:
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=bool)
+    n = max(len(conf), 1)
+    points = []
+    for t in thresholds:
+        accepted = conf >= t
+        answered = int(accepted.sum())
+        acc = float(ok[accepted].mean()) if answered else 1.0
+        escalation = 1.0 - answered / n
+        points.append(
+            SweepPoint(t, acc, answered / n, escalation, prices.per_1k(escalation), len(conf))
+        )
+    return points
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the user asks of each tier: a precision floor, an escalation cap, or both."""
+
+    precision: float | None = 0.99
+    max_escalation: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision is None and self.max_escalation is None:
+            raise ConfigError("give a target precision, a maximum escalation rate, or both")
+        for name, v in (("precision", self.precision), ("max_escalation", self.max_escalation)):
+            if v is not None and not 0 < v <= 1:
+                raise ConfigError(f"target {name} must be in (0, 1], not {v}")
+
+    def stricter(self) -> Target:
+        """Half the error rate, for high-stakes domains."""
+        if self.precision is None:
+            return self
+        return Target(1 - (1 - self.precision) / 2, self.max_escalation)
+
+
+def choose(points: list[SweepPoint], target: Target) -> tuple[float, str]:
+    """The threshold meeting the target, and a sentence saying why it was chosen.
+
+    With a precision target: the lowest threshold whose accepted accuracy
+    reaches it (answering as much as the target allows). With an escalation
+    cap: the highest threshold whose escalation rate stays under it. With both,
+    precision wins and the cap is reported as missed if it is. If nothing meets
+    a precision target the tier never answers (threshold above 1).
+    """
+    if target.precision is not None:
+        ok = [p for p in points if p.accepted_accuracy >= target.precision and p.answered_share > 0]
+        if not ok:
+            return 1.01, (
+                f"no threshold reaches precision {target.precision:.3f}: the tier escalates all"
+            )
+        best = min(ok, key=lambda p: p.threshold)
+        why = (
+            f"lowest threshold with accepted accuracy >= {target.precision:.3f} "
+            f"(got {best.accepted_accuracy:.4f}, answers {best.answered_share:.1%})"
+        )
+        if target.max_escalation is not None and best.escalation_rate > target.max_escalation:
+            why += f"; escalation {best.escalation_rate:.1%} exceeds the cap"
+        return best.threshold, why
+    assert target.max_escalation is not None
+    ok = [p for p in points if p.escalation_rate <= target.max_escalation]
+    if not ok:
+        return points[0].threshold, "no threshold meets the escalation cap; using the lowest"
+    best = max(ok, key=lambda p: p.threshold)
+    return best.threshold, (
+        f"highest threshold with escalation <= {target.max_escalation:.1%} "
+        f"(accepted accuracy {best.accepted_accuracy:.4f})"
+    )
+
+
+@dataclass
+class DomainGate:
+    """Per-domain thresholds of one tier, with the sweeps and reasons behind them."""
+
+    thresholds: dict[str, float]
+    reasons: dict[str, str]
+    sweeps: dict[str, list[SweepPoint]]
+
+    def threshold(self, domain: str) -> float:
+        return self.thresholds.get(domain, self.thresholds[GENERAL])
+
+    def accepts(self, confidence: npt.ArrayLike, domains: list[str]) -> npt.NDArray[np.bool_]:
+        t = np.array([self.threshold(d) for d in domains], dtype=np.float64)
+        out: npt.NDArray[np.bool_] = np.asarray(confidence, dtype=np.float64) >= t
+        return out
+
+
+def fit_domain_gate(
+    confidence: npt.ArrayLike,
+    correct: npt.ArrayLike,
+    domains: list[str],
+    target: Target,
+    prices: Prices,
+    domain_targets: dict[str, Target] | None = None,
+) -> DomainGate:
+    """Thresholds for the general population and each risk domain present."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=bool)
+    dom = np.asarray(domains, dtype=object)
+    explicit = domain_targets or {}
+    points = sweep(conf, ok, prices)
+    t_general, why = choose(points, target)
+    gate = DomainGate({GENERAL: t_general}, {GENERAL: why}, {GENERAL: points})
+    for domain in sorted(set(domains) - {GENERAL}):
+        mask = dom == domain
+        d_target = explicit.get(domain) or (
+            target.stricter() if domain in STRICT_DOMAINS else target
+        )
+        d_points = sweep(conf[mask], ok[mask], prices)
+        gate.sweeps[domain] = d_points
+        if int(mask.sum()) < MIN_DOMAIN_SUPPORT:
+            gate.thresholds[domain] = t_general
+            gate.reasons[domain] = (
+                f"only {int(mask.sum())} held-out examples: shares the general threshold"
+            )
+            continue
+        t, why = choose(d_points, d_target)
+        # A domain may be stricter than the population, never laxer.
+        gate.thresholds[domain] = max(t, t_general)
+        gate.reasons[domain] = why + ("" if t >= t_general else "; raised to the general one")
+    return gate

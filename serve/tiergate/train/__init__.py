@@ -1,0 +1,319 @@
+"""`tiergate train`: every local tier on the same labels, calibrated and gated.
+
+Order of work: load and split the data; copy the rules; fit the hashed linear
+tier; fine-tune the intent model; on the validation split fit each tier's
+calibration and choose its gate thresholds; measure calibration on the test
+split (never used for fitting); write the bundle and its reports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tiergate._core import ConfigError, RuleSet
+from tiergate.bundle import (
+    INTENT_DIR,
+    LINEAR_FILE,
+    REPORTS_DIR,
+    RULES_FILE,
+    save_linear,
+    write_manifest,
+)
+from tiergate.calibration import (
+    Calibrator,
+    Method,
+    expected_calibration_error,
+    reliability_table,
+    softmax,
+)
+from tiergate.data import Splits, texts
+from tiergate.gate import GENERAL, DomainGate, Prices, Target, fit_domain_gate
+from tiergate.tiers import RulesTier, answer_domains
+from tiergate.train.intent import IntentTrainConfig, train_intent
+from tiergate.train.linear import train_linear
+
+
+@dataclass
+class TrainOptions:
+    rules: Path | None = None
+    intent: IntentTrainConfig | None = field(default_factory=IntentTrainConfig)
+    calibration: Method = "temperature"
+    target: Target = field(default_factory=Target)
+    prices: Prices = field(default_factory=Prices)
+    seed: int = 0
+    linear_epochs: int = 30
+    progress: bool = True
+
+
+def _log(msg: str) -> None:
+    print(f"[tiergate train] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class _TierFit:
+    """What calibration and gating need from one tier on val and test."""
+
+    val_pred: np.ndarray
+    val_conf: np.ndarray
+    val_domains: list[str]
+    report: dict[str, Any]
+
+
+def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, Any]:
+    """Trains, calibrates and gates every tier; writes the bundle to ``out``."""
+    started = time.perf_counter()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty: choose a new --out directory")
+    labels = splits.labels
+    index = {label: i for i, label in enumerate(labels)}
+    y_train = np.array([index[e.label] for e in splits.train])
+    y_val = np.array([index[e.label] for e in splits.val])
+    y_test = np.array([index[e.label] for e in splits.test])
+    if len(splits.val) == 0:
+        raise ConfigError("calibration needs a validation split; the data gave none")
+    _log(splits.describe())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORTS_DIR).mkdir()
+    tiers: dict[str, dict[str, Any]] = {}
+    gates: dict[str, DomainGate] = {}
+    report: dict[str, Any] = {"data": splits.describe(), "tiers": {}}
+
+    # Rules: written, not learned; measured on val so their confidence is honest.
+    risk_val: list[list[str]] = [[] for _ in splits.val]
+    if options.rules is not None:
+        rules = RuleSet.from_file(options.rules)
+        shutil.copyfile(options.rules, out / RULES_FILE)
+        tier = RulesTier(rules, labels)
+        fired = tier.fit_precision(texts(splits.val), y_val)
+        val_out, risk_val = tier.match(texts(splits.val))
+        test_out, _ = tier.match(texts(splits.test))
+        tiers["rules"] = {"file": RULES_FILE, "precision": tier.precision}
+        declared = dict(zip(rules.rule_ids, rules.confidences, strict=True))
+        report["tiers"]["rules"] = {"rules": len(rules), "fired_on_val": fired}
+        report["tiers"]["rules"]["calibration"] = _rules_calibration_report(
+            tier, declared, texts(splits.test), y_test, out
+        )
+        val_out.domains = answer_domains(val_out.pred, labels, splits.label_domains, risk_val)
+        gates["rules"] = _gate(val_out.pred, val_out.confidence, y_val, val_out.domains, options)
+        del test_out
+
+    # Hashed linear tier.
+    _log(f"linear tier: fitting on {len(splits.train)} texts")
+    t0 = time.perf_counter()
+    model, coef, intercept, hashers = train_linear(
+        texts(splits.train), y_train, labels, epochs=options.linear_epochs, seed=options.seed
+    )
+    save_linear(out / LINEAR_FILE, coef, intercept, labels)
+    fit = _calibrate(
+        "linear",
+        np.asarray(model.decision_function(texts(splits.val)), dtype=np.float64),
+        np.asarray(model.decision_function(texts(splits.test)), dtype=np.float64),
+        y_val,
+        y_test,
+        options.calibration,
+        out,
+    )
+    tiers["linear"] = {
+        "file": LINEAR_FILE,
+        "hashers": hashers,
+        "calibration": fit.report["calibrator"],
+    }
+    fit.report["train_seconds"] = round(time.perf_counter() - t0, 1)
+    report["tiers"]["linear"] = fit.report
+    domains = answer_domains(fit.val_pred, labels, splits.label_domains, risk_val)
+    gates["linear"] = _gate(fit.val_pred, fit.val_conf, y_val, domains, options)
+    _log(f"linear tier: {fit.report['summary']}")
+
+    # Intent model.
+    if options.intent is not None:
+        cfg = options.intent
+        _log(
+            f"intent model: fine-tuning {cfg.base_model} for {cfg.steps(len(splits.train))} "
+            f"steps (batch {cfg.batch_size})"
+        )
+        t0 = time.perf_counter()
+        info = train_intent(
+            texts(splits.train), y_train, labels, out / INTENT_DIR, cfg, progress=options.progress
+        )
+        from tiergate.tiers import TransformersIntentModel
+
+        backend = TransformersIntentModel(out / INTENT_DIR, max_length=cfg.max_length)
+        fit = _calibrate(
+            "intent",
+            backend.logits(texts(splits.val)),
+            backend.logits(texts(splits.test)),
+            y_val,
+            y_test,
+            options.calibration,
+            out,
+        )
+        tiers["intent"] = {
+            "dir": INTENT_DIR,
+            "base_model": cfg.base_model,
+            "max_length": cfg.max_length,
+            "calibration": fit.report["calibrator"],
+        }
+        fit.report.update(info)
+        fit.report["train_seconds"] = round(time.perf_counter() - t0, 1)
+        report["tiers"]["intent"] = fit.report
+        domains = answer_domains(fit.val_pred, labels, splits.label_domains, risk_val)
+        gates["intent"] = _gate(fit.val_pred, fit.val_conf, y_val, domains, options)
+        _log(f"intent model: {fit.report['summary']}")
+
+    thresholds = {name: g.thresholds for name, g in gates.items()}
+    report["gate"] = {
+        "target": {
+            "precision": options.target.precision,
+            "max_escalation": options.target.max_escalation,
+        },
+        "prices": {
+            "frontier_per_request": options.prices.frontier_per_request,
+            "local_per_request": options.prices.local_per_request,
+        },
+        "thresholds": thresholds,
+        "reasons": {name: g.reasons for name, g in gates.items()},
+    }
+    _write_sweeps(out, gates)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    (out / REPORTS_DIR / "train.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_manifest(
+        out,
+        labels=labels,
+        label_domains=splits.label_domains,
+        tiers=tiers,
+        thresholds=thresholds,
+        extra={"training": {"data": splits.source, "seed": options.seed}},
+    )
+    _log(f"bundle written to {out} in {report['seconds']:.0f} s")
+    return report
+
+
+def _calibrate(
+    name: str,
+    val_logits: np.ndarray,
+    test_logits: np.ndarray,
+    y_val: np.ndarray,
+    y_test: np.ndarray,
+    method: Method,
+    out: Path,
+) -> _TierFit:
+    from tiergate.plots import reliability_diagram
+
+    calibrator = Calibrator.fit(val_logits, y_val, method)
+    raw = softmax(test_logits)
+    raw_pred, raw_conf = raw.argmax(axis=1), raw.max(axis=1)
+    cal_pred, cal_conf = calibrator.apply(test_logits)
+    before = expected_calibration_error(raw_conf, raw_pred == y_test)
+    after = expected_calibration_error(cal_conf, cal_pred == y_test)
+    val_pred, val_conf = calibrator.apply(val_logits)
+    reliability_diagram(
+        out / REPORTS_DIR / f"reliability_{name}.png",
+        f"{name} tier, test split",
+        {
+            "uncalibrated": reliability_table(raw_conf, raw_pred == y_test),
+            f"{method}": reliability_table(cal_conf, cal_pred == y_test),
+        },
+        {"uncalibrated": before, f"{method}": after},
+    )
+    accuracy = float(np.mean(cal_pred == y_test)) if len(y_test) else float("nan")
+    return _TierFit(
+        val_pred,
+        val_conf,
+        [],
+        {
+            "calibrator": calibrator.to_json(),
+            "ece_test_before": round(before, 4),
+            "ece_test_after": round(after, 4),
+            "test_accuracy_all": round(accuracy, 4),
+            "summary": (
+                f"test accuracy {accuracy:.4f}; ECE {before:.4f} -> {after:.4f} ({method})"
+            ),
+        },
+    )
+
+
+def _rules_calibration_report(
+    tier: RulesTier,
+    declared: dict[str, float],
+    test_texts: list[str],
+    y_test: np.ndarray,
+    out: Path,
+) -> dict[str, Any]:
+    from tiergate.plots import reliability_diagram
+
+    matches = tier.rules.match_batch(test_texts)
+    fired = [(i, m.rule_id) for i, m in enumerate(matches) if m.rule_id and m.label]
+    if not fired:
+        return {"fired_on_test": 0}
+    correct = np.array([y_test[i] == tier.label_index[matches[i].label or ""] for i, _ in fired])
+    before = np.array([declared[r] for _, r in fired])
+    after = np.array([tier.precision.get(r, declared[r]) for _, r in fired])
+    ece = {
+        "declared": expected_calibration_error(before, correct),
+        "measured": expected_calibration_error(after, correct),
+    }
+    reliability_diagram(
+        out / REPORTS_DIR / "reliability_rules.png",
+        "rules tier, test split (texts a rule answered)",
+        {
+            "declared": reliability_table(before, correct),
+            "measured": reliability_table(after, correct),
+        },
+        ece,
+    )
+    return {
+        "fired_on_test": len(fired),
+        "precision_on_test": round(float(correct.mean()), 4),
+        "ece_test_before": round(ece["declared"], 4),
+        "ece_test_after": round(ece["measured"], 4),
+    }
+
+
+def _gate(
+    pred: np.ndarray, conf: np.ndarray, y: np.ndarray, domains: list[str], options: TrainOptions
+) -> DomainGate:
+    return fit_domain_gate(conf, pred == y, domains, options.target, options.prices)
+
+
+def _write_sweeps(out: Path, gates: dict[str, DomainGate]) -> None:
+    from tiergate.plots import threshold_sweep
+
+    lines = [
+        "| tier | domain | threshold | accepted accuracy | answered | escalation | cost / 1k |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    rows: list[dict[str, Any]] = []
+    for tier, gate in gates.items():
+        for domain, points in gate.sweeps.items():
+            chosen = gate.thresholds.get(domain)
+            for p in points:
+                mark = (
+                    " **(chosen)**"
+                    if chosen is not None and abs(p.threshold - chosen) < 1e-9
+                    else ""
+                )
+                lines.append(
+                    f"| {tier} | {domain} | {p.threshold:.2f}{mark} | {p.accepted_accuracy:.4f} "
+                    f"| {p.answered_share:.1%} | {p.escalation_rate:.1%} | ${p.cost_per_1k:.4f} |"
+                )
+                rows.append({"tier": tier, "domain": domain, **p.as_dict()})
+    (out / REPORTS_DIR / "sweep.md").write_text("\n".join(lines) + "\n")
+    (out / REPORTS_DIR / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
+    threshold_sweep(
+        out / REPORTS_DIR / "sweep.png",
+        "gate sweep on the validation split (general domain)",
+        {tier: g.sweeps[GENERAL] for tier, g in gates.items()},
+        {tier: g.thresholds[GENERAL] for tier, g in gates.items()},
+    )
+
+
+ProgressFn = Callable[[str], None]
