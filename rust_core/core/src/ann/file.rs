@@ -86,7 +86,7 @@ fn payload(inner: &Inner) -> Vec<u8> {
             let level = g.level(s as u32);
             out.push(level as u8);
             for layer in 0..=level {
-                let links: Vec<u32> = g.neighbours(s as u32, layer).collect();
+                let links: Vec<u32> = g.neighbours(store, s as u32, layer).collect();
                 out.extend_from_slice(&(links.len() as u32).to_le_bytes());
                 for l in links {
                     out.extend_from_slice(&l.to_le_bytes());
@@ -117,15 +117,21 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self) -> std::result::Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     fn u64(&mut self) -> std::result::Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     fn f32(&mut self) -> std::result::Result<f32, String> {
-        Ok(f32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(f32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 }
 
@@ -219,7 +225,7 @@ fn read_payload(config: &AnnConfig, bytes: &[u8]) -> std::result::Result<Inner, 
     store.publish(n);
     if let Some(g) = &inner.graph {
         for (s, node) in lists.iter().enumerate() {
-            g.restore(s as u32, node);
+            g.restore(&inner.store, s as u32, node);
         }
         match entry {
             Some((slot, level)) if (slot as usize) < n => {
@@ -403,6 +409,108 @@ mod tests {
         assert_eq!(a.ids, b.ids);
         for (x, y) in a.scores.iter().zip(&b.scores) {
             assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+
+    fn vectors(n: usize, dim: usize) -> Vec<f32> {
+        (0..n * dim)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn graph_and_int8_round_trips_answer_identically() {
+        let dir = tmpdir("graph");
+        for storage in [Storage::F32, Storage::I8] {
+            let mut config = AnnConfig::new(12);
+            config.exact_below = 0;
+            config.storage = storage;
+            let idx = AnnIndex::new(config).unwrap();
+            let data = vectors(1500, 12);
+            idx.add(&(0..1500).collect::<Vec<_>>(), &data).unwrap();
+            idx.remove(&[3, 4, 5]).unwrap();
+            let path = dir.join(format!("{}.tgann", storage.name()));
+            idx.save(&path).unwrap();
+            let back = AnnIndex::load(&path).unwrap();
+            assert_eq!(
+                (back.len(), back.contains(3), back.contains(6)),
+                (1497, false, true)
+            );
+            let (a, b) = (
+                idx.search(&data[..40 * 12], 7, None).unwrap(),
+                back.search(&data[..40 * 12], 7, None).unwrap(),
+            );
+            assert_eq!(a, b, "{storage:?}");
+            assert_eq!(idx.get(6), back.get(6));
+        }
+    }
+
+    /// Rewrites `file` with `edit` applied to its payload and a fresh checksum,
+    /// as a forger (or a bug) would.
+    fn forged(file: &[u8], edit: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+        let header_len = u32::from_le_bytes(file[12..16].try_into().unwrap()) as usize;
+        let at = 16 + header_len + 8;
+        let mut payload = file[at..file.len() - 4].to_vec();
+        edit(&mut payload);
+        let mut out = file[..at - 8].to_vec();
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&payload);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn a_payload_that_passes_the_checksum_is_still_checked() {
+        let dir = tmpdir("forged");
+        let mut config = AnnConfig::new(4);
+        config.exact_below = 0;
+        let idx = AnnIndex::new(config).unwrap();
+        idx.add(&[7, 8, 9], &vectors(3, 4)).unwrap();
+        let path = dir.join("good.tgann");
+        idx.save(&path).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        // Payload: slots u64, graph u8, entry u32 + u8, then slot 0: id u64,
+        // state u8, 4 x f32, level u8, count u32, links.
+        let slot0 = 8 + 1 + 5;
+        let links_at = slot0 + 8 + 1 + 16 + 1;
+        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+            (
+                Box::new(|p| p[..8].copy_from_slice(&u64::MAX.to_le_bytes())),
+                "slots",
+            ),
+            (Box::new(|p| p[8] = 5), "graph flag"),
+            (Box::new(|p| p[slot0 + 8] = 9), "state 9"),
+            (
+                Box::new(|p| p[slot0 + 9..slot0 + 13].copy_from_slice(&f32::NAN.to_le_bytes())),
+                "not finite",
+            ),
+            (Box::new(|p| p[links_at - 1] = 200), "level 200"),
+            (
+                Box::new(|p| p[links_at..links_at + 4].copy_from_slice(&1000u32.to_le_bytes())),
+                "links at layer 0",
+            ),
+            (
+                Box::new(|p| p[links_at + 4..links_at + 8].copy_from_slice(&77u32.to_le_bytes())),
+                "links to slot 77",
+            ),
+            (
+                Box::new(|p| p[9..13].copy_from_slice(&50u32.to_le_bytes())),
+                "entry point 50",
+            ),
+            (Box::new(|p| p.truncate(p.len() - 3)), "ends in the middle"),
+            (Box::new(|p| p.push(0)), "follow the last slot"),
+            (
+                Box::new(|p| p[slot0..slot0 + 8].copy_from_slice(&9u64.to_le_bytes())),
+                "live twice",
+            ),
+        ];
+        for (i, (edit, expected)) in cases.into_iter().enumerate() {
+            let p = dir.join(format!("forged{i}.tgann"));
+            std::fs::write(&p, forged(&good, edit)).unwrap();
+            let e = AnnIndex::load(&p).unwrap_err();
+            assert!(matches!(e, Error::Format { .. }), "case {i}: {e}");
+            assert!(e.to_string().contains(expected), "case {i}: {e}");
         }
     }
 

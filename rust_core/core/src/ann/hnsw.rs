@@ -1,6 +1,8 @@
 //! The HNSW graph (Malkov & Yashunin, 2018) over the slots of a [`Store`],
-//! laid out like hnswlib: layer 0 in one flat array of fixed-size neighbour
-//! lists (`[count, 2M slots]` per node), upper layers allocated per node.
+//! laid out like hnswlib: a node's layer-0 list (`[count, 2M slots]`) sits in
+//! the store's block for the node, right before the codes the walk reads, so
+//! the one prefetch that brings a node's codes in brings its neighbours too;
+//! upper layers are allocated per node.
 //!
 //! Concurrency: searches take no lock. Every neighbour list is a run of
 //! atomic words; a writer changes a list only under that node's mutex (never
@@ -81,7 +83,6 @@ pub struct Graph {
     m0: usize,
     ef_construction: usize,
     level_mult: f64,
-    links0: Vec<AtomicU32>,
     levels: Vec<AtomicU8>,
     /// Lists of layers 1..=level, `[count, M slots]` each.
     upper: Vec<OnceLock<Box<[AtomicU32]>>>,
@@ -110,7 +111,6 @@ impl Graph {
             m0: 2 * m,
             ef_construction,
             level_mult: 1.0 / (m as f64).ln(),
-            links0: Vec::new(),
             levels: Vec::new(),
             upper: Vec::new(),
             locks: Vec::new(),
@@ -121,7 +121,6 @@ impl Graph {
     }
 
     pub fn grow(&mut self, slots: usize) {
-        self.links0.resize_with(slots * (1 + self.m0), Default::default);
         self.levels.resize_with(slots, Default::default);
         self.upper.resize_with(slots, Default::default);
         self.locks.resize_with(slots, Default::default);
@@ -139,10 +138,9 @@ impl Graph {
 
     /// The neighbour list of `slot` at `layer`: `[count, slots...]`, or empty
     /// if the node has no such layer.
-    fn list(&self, slot: u32, layer: usize) -> &[AtomicU32] {
+    fn list<'a>(&'a self, store: &'a Store, slot: u32, layer: usize) -> &'a [AtomicU32] {
         if layer == 0 {
-            let w = 1 + self.m0;
-            &self.links0[slot as usize * w..(slot as usize + 1) * w]
+            store.links0(slot as usize)
         } else {
             let w = 1 + self.m;
             match self.upper[slot as usize].get() {
@@ -153,8 +151,13 @@ impl Graph {
     }
 
     /// Neighbours of `slot` at `layer` (a snapshot; see the module doc).
-    pub fn neighbours(&self, slot: u32, layer: usize) -> impl Iterator<Item = u32> + '_ {
-        let list = self.list(slot, layer);
+    pub fn neighbours<'a>(
+        &'a self,
+        store: &'a Store,
+        slot: u32,
+        layer: usize,
+    ) -> impl Iterator<Item = u32> + 'a {
+        let list = self.list(store, slot, layer);
         let count = list
             .first()
             .map_or(0, |c| (c.load(Acquire) as usize).min(list.len() - 1));
@@ -164,8 +167,8 @@ impl Graph {
             .map(|s| s.load(Acquire))
     }
 
-    fn set_list(&self, slot: u32, layer: usize, nodes: &[u32]) {
-        let list = self.list(slot, layer);
+    fn set_list(&self, store: &Store, slot: u32, layer: usize, nodes: &[u32]) {
+        let list = self.list(store, slot, layer);
         assert!(nodes.len() < list.len(), "neighbour list overflow");
         for (cell, &n) in list[1..].iter().zip(nodes) {
             cell.store(n, Release);
@@ -189,7 +192,7 @@ impl Graph {
     fn greedy(&self, store: &Store, q: &[f32], mut cur: Near, layer: usize) -> Near {
         loop {
             let mut changed = false;
-            for n in self.neighbours(cur.slot, layer) {
+            for n in self.neighbours(store, cur.slot, layer) {
                 let sim = store.sim(q, n as usize);
                 if sim > cur.sim {
                     cur = Near { sim, slot: n };
@@ -229,15 +232,17 @@ impl Graph {
             }
         }
         let mut worst = results.peek().map_or(f32::NEG_INFINITY, |r| r.0.sim);
-        let lines = store.code_lines();
+        let lines = store.block_lines();
         let mut fresh: Vec<u32> = Vec::with_capacity(self.m0);
         while let Some(c) = candidates.pop() {
             if c.sim < worst && results.len() >= ef {
                 break;
             }
             fresh.clear();
-            for n in self.neighbours(c.slot, layer) {
+            for n in self.neighbours(store, c.slot, layer) {
                 if visited.insert(n) {
+                    // The first line holds the list count: fetching it for
+                    // every neighbour now measured faster than waiting.
                     store.prefetch(n as usize, 1);
                     fresh.push(n);
                 }
@@ -296,9 +301,9 @@ impl Graph {
             if keep.len() >= max {
                 break;
             }
-            let diverse = keep.iter().all(|&r| {
-                store.sim_between(c.slot as usize, r as usize, &mut buf) <= c.sim
-            });
+            let diverse = keep
+                .iter()
+                .all(|&r| store.sim_between(c.slot as usize, r as usize, &mut buf) <= c.sim);
             if diverse {
                 keep.push(c.slot);
             }
@@ -310,7 +315,7 @@ impl Graph {
     /// heuristic.
     fn link(&self, store: &Store, node: u32, new: u32, layer: usize) {
         let _guard = self.locks[node as usize].lock();
-        let list = self.list(node, layer);
+        let list = self.list(store, node, layer);
         let Some(max) = list.len().checked_sub(1) else {
             return;
         };
@@ -332,7 +337,7 @@ impl Graph {
             .collect();
         candidates.sort_unstable_by(|a, b| b.cmp(a));
         let keep = self.select(store, &candidates, max);
-        self.set_list(node, layer, &keep);
+        self.set_list(store, node, layer, &keep);
     }
 
     /// Links the published slot `slot` into the graph. Safe to call from
@@ -389,7 +394,7 @@ impl Graph {
         {
             let _guard = self.locks[slot as usize].lock();
             for (layer, keep) in &chosen {
-                self.set_list(slot, *layer, keep);
+                self.set_list(store, slot, *layer, keep);
             }
         }
         for (layer, keep) in &chosen {
@@ -406,7 +411,7 @@ impl Graph {
     }
 
     /// Restores a node from a file: its level and lists (already validated).
-    pub fn restore(&self, slot: u32, lists: &[Vec<u32>]) {
+    pub fn restore(&self, store: &Store, slot: u32, lists: &[Vec<u32>]) {
         let level = lists.len() - 1;
         self.levels[slot as usize].store(level as u8, Relaxed);
         if level > 0 {
@@ -414,7 +419,7 @@ impl Graph {
             let _ = self.upper[slot as usize].set(words.collect());
         }
         for (layer, nodes) in lists.iter().enumerate() {
-            self.set_list(slot, layer, nodes);
+            self.set_list(store, slot, layer, nodes);
         }
     }
 

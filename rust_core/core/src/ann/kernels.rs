@@ -213,19 +213,34 @@ mod portable {
 
     pub unsafe fn dot_f32(a: *const f32, b: *const f32, n: usize) -> f32 {
         // SAFETY: the caller guarantees `n` readable elements in both.
-        let (a, b) = unsafe { (std::slice::from_raw_parts(a, n), std::slice::from_raw_parts(b, n)) };
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts(a, n),
+                std::slice::from_raw_parts(b, n),
+            )
+        };
         lanes_dot!(n, |i| a[i] * b[i])
     }
 
     pub unsafe fn dot_f16(code: *const u16, q: *const f32, n: usize) -> f32 {
         // SAFETY: as above.
-        let (c, q) = unsafe { (std::slice::from_raw_parts(code, n), std::slice::from_raw_parts(q, n)) };
+        let (c, q) = unsafe {
+            (
+                std::slice::from_raw_parts(code, n),
+                std::slice::from_raw_parts(q, n),
+            )
+        };
         lanes_dot!(n, |i| super::f16_to_f32(c[i]) * q[i])
     }
 
     pub unsafe fn dot_i8(code: *const i8, q: *const f32, n: usize) -> f32 {
         // SAFETY: as above.
-        let (c, q) = unsafe { (std::slice::from_raw_parts(code, n), std::slice::from_raw_parts(q, n)) };
+        let (c, q) = unsafe {
+            (
+                std::slice::from_raw_parts(code, n),
+                std::slice::from_raw_parts(q, n),
+            )
+        };
         lanes_dot!(n, |i| f32::from(c[i]) * q[i])
     }
 
@@ -233,7 +248,11 @@ mod portable {
         for (r, o) in out.iter_mut().enumerate() {
             // SAFETY: the caller guarantees `out.len()` rows of `stride >= q.len()` bytes.
             let row = unsafe { std::slice::from_raw_parts(rows.add(r * stride), q.len()) };
-            *o = row.iter().zip(q).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
+            *o = row
+                .iter()
+                .zip(q)
+                .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                .sum();
         }
     }
 }
@@ -252,7 +271,8 @@ mod x86 {
             while i < n {
                 for (j, s) in acc.iter_mut().enumerate() {
                     let at = i + 16 * j;
-                    *s = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(at)), _mm512_loadu_ps(b.add(at)), *s);
+                    *s =
+                        _mm512_fmadd_ps(_mm512_loadu_ps(a.add(at)), _mm512_loadu_ps(b.add(at)), *s);
                 }
                 i += 64;
             }
@@ -366,7 +386,8 @@ mod x86 {
             while i < n {
                 for (j, s) in acc.iter_mut().enumerate() {
                     let at = i + 8 * j;
-                    *s = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(at)), _mm256_loadu_ps(b.add(at)), *s);
+                    *s =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(a.add(at)), _mm256_loadu_ps(b.add(at)), *s);
                 }
                 i += 32;
             }
@@ -473,9 +494,17 @@ mod tests {
             let c: Vec<i8> = a.iter().map(|&x| (x * 127.0).round() as i8).collect();
             let qi: Vec<i8> = q.iter().map(|&x| (x * 127.0).round() as i8).collect();
             let exact: f64 = a.iter().zip(&q).map(|(x, y)| *x as f64 * *y as f64).sum();
-            let via_h: f64 = h.iter().zip(&q).map(|(x, y)| f16_to_f32(*x) as f64 * *y as f64).sum();
+            let via_h: f64 = h
+                .iter()
+                .zip(&q)
+                .map(|(x, y)| f16_to_f32(*x) as f64 * *y as f64)
+                .sum();
             let via_c: f64 = c.iter().zip(&q).map(|(x, y)| *x as f64 * *y as f64).sum();
-            let ints: i32 = c.iter().zip(&qi).map(|(x, y)| i32::from(*x) * i32::from(*y)).sum();
+            let ints: i32 = c
+                .iter()
+                .zip(&qi)
+                .map(|(x, y)| i32::from(*x) * i32::from(*y))
+                .sum();
             let sum: i32 = c.iter().map(|&x| i32::from(x)).sum();
             for isa in isas() {
                 // SAFETY: every buffer holds `n` elements.

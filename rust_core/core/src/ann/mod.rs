@@ -170,19 +170,12 @@ struct Inner {
     slots: RwLock<HashMap<u64, u32>>,
 }
 
-/// The graph's copy of f32 vectors.
-fn traversal_codec() -> Codec {
-    match std::env::var("TIERGATE_ANN_CODEC").as_deref() {
-        Ok("i8") => Codec::I8,
-        _ => Codec::F16,
-    }
-}
-
 impl Inner {
     fn new(config: &AnnConfig, with_graph: bool) -> Self {
+        let links = 1 + 2 * config.connectivity;
         let store = match config.storage {
-            Storage::F32 => Store::new(config.dim, traversal_codec(), true),
-            Storage::I8 => Store::new(config.dim, Codec::I8, false),
+            Storage::F32 => Store::new(config.dim, Codec::F16, true, links),
+            Storage::I8 => Store::new(config.dim, Codec::I8, false, links),
         };
         let padded = store.padded;
         Inner {
@@ -252,10 +245,27 @@ impl Inner {
                         .map(|c| (c.sim, c.slot as usize))
                         .collect();
                 }
-                // The walk ranked by half precision; the answer is ranked exactly.
+                // The walk ranked by half precision; the answer is ranked
+                // exactly. A candidate more than twice the codes' error below
+                // the k-th cannot make the top k, so it is not re-scored.
+                let cut = match found.get(k - 1) {
+                    Some(kth) => {
+                        let q_norm = q.iter().map(|x| x * x).sum::<f32>().sqrt();
+                        kth.sim - 2.0 * self.store.sim_error(q_norm)
+                    }
+                    None => f32::NEG_INFINITY,
+                };
+                let close: Vec<usize> = found
+                    .iter()
+                    .take_while(|c| c.sim >= cut)
+                    .map(|c| c.slot as usize)
+                    .collect();
                 let mut top = flat::TopK::new(k);
-                for c in found {
-                    top.push(self.store.exact_sim(q, c.slot as usize), c.slot as usize);
+                for (i, &slot) in close.iter().enumerate() {
+                    if let Some(&next) = close.get(i + 1) {
+                        self.store.prefetch_exact(next);
+                    }
+                    top.push(self.store.exact_sim(q, slot), slot);
                 }
                 top.into_sorted()
             }
@@ -636,6 +646,193 @@ mod tests {
         idx.add(&[1], &[0.6, 0.8]).unwrap();
         let r = idx.search(&[0.6, 0.8], 1, None).unwrap();
         assert!((r.scores[0] - 1.0).abs() < 1e-5);
+    }
+
+    fn normalised(v: &[f32]) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    #[test]
+    fn removed_ids_are_never_returned_and_can_be_added_again() {
+        let dim = 16;
+        let data = rng_vectors(1000, dim, 4);
+        let mut config = AnnConfig::new(dim);
+        config.exact_below = 0;
+        let idx = AnnIndex::new(config).unwrap();
+        idx.add(&(0..1000).collect::<Vec<_>>(), &data).unwrap();
+        let removed: Vec<u64> = (0..1000).step_by(3).collect();
+        idx.remove(&removed).unwrap();
+        assert_eq!(idx.len(), 1000 - removed.len());
+        let r = idx.search(&data[..50 * dim], 10, Some(64)).unwrap();
+        assert!(r.ids.iter().all(|&i| i >= 0 && i % 3 != 0), "{:?}", r.ids);
+        // Each live query vector finds itself.
+        for q in (0..50).filter(|q| q % 3 != 0) {
+            assert_eq!(r.ids[q * 10], q as i64);
+        }
+        // Re-added under a new vector, an id is found by that vector only.
+        let fresh = rng_vectors(1, dim, 99);
+        idx.add(&[0], &fresh).unwrap();
+        assert!(idx.contains(0) && idx.len() == 1000 - removed.len() + 1);
+        let r = idx.search(&fresh, 1, None).unwrap();
+        assert_eq!(r.ids, vec![0]);
+        assert!((r.scores[0] - 1.0).abs() < 1e-5);
+        let got = idx.get(0).unwrap();
+        assert!((dot(&got, &normalised(&fresh)) - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn compaction_reclaims_removed_slots_and_keeps_the_rest() {
+        let dim = 8;
+        let data = rng_vectors(600, dim, 5);
+        let mut config = AnnConfig::new(dim);
+        config.exact_below = 100;
+        let idx = AnnIndex::new(config).unwrap();
+        idx.add(&(0..600).collect::<Vec<_>>(), &data).unwrap();
+        assert!(idx.inner.read().graph.is_some());
+        idx.remove(&(0..560).collect::<Vec<_>>()).unwrap();
+        {
+            let inner = idx.inner.read();
+            assert_eq!(inner.store.used(), 40, "removed slots are reclaimed");
+            assert!(
+                inner.graph.is_none(),
+                "40 entries are searched exactly again"
+            );
+        }
+        for i in 560..600 {
+            let q = &data[i as usize * dim..(i as usize + 1) * dim];
+            assert_eq!(idx.search(q, 1, None).unwrap().ids, vec![i]);
+        }
+        assert!(!idx.contains(3) && idx.contains(599) && idx.len() == 40);
+        // Growing past exact_below again builds a new graph.
+        idx.add(&(600..700).collect::<Vec<_>>(), &rng_vectors(100, dim, 6))
+            .unwrap();
+        assert!(idx.inner.read().graph.is_some());
+        assert_eq!(idx.len(), 140);
+    }
+
+    #[test]
+    fn searches_run_while_other_threads_insert() {
+        let dim = 24;
+        let n = 4000;
+        let data = rng_vectors(n, dim, 7);
+        let mut config = AnnConfig::new(dim);
+        config.exact_below = 0;
+        let idx = AnnIndex::new(config).unwrap();
+        idx.add(&(0..300).collect::<Vec<_>>(), &data[..300 * dim])
+            .unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Large batches take the parallel path, small ones the serial one.
+                let mut at = 300;
+                for size in [700, 10, 1000, 7, 990, 300, 393, 300].into_iter().cycle() {
+                    if at >= n {
+                        break;
+                    }
+                    let end = (at + size).min(n);
+                    let ids: Vec<u64> = (at as u64..end as u64).collect();
+                    idx.add(&ids, &data[at * dim..end * dim]).unwrap();
+                    at = end;
+                }
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            for t in 0..2 {
+                let (idx, data, done) = (&idx, &data, &done);
+                s.spawn(move || {
+                    let mut rounds = 0;
+                    while !done.load(std::sync::atomic::Ordering::SeqCst) || rounds < 3 {
+                        let q = &data[t * 8 * dim..(t + 1) * 8 * dim];
+                        let r = idx.search(q, 5, None).unwrap();
+                        for (j, (&id, &score)) in r.ids.iter().zip(&r.scores).enumerate() {
+                            assert!(id >= 0 && (id as usize) < n, "{id}");
+                            let v = &data[id as usize * dim..(id as usize + 1) * dim];
+                            let want = dot(&normalised(v), &normalised(&q[j / 5 * dim..][..dim]));
+                            assert!((score - want).abs() < 1e-4, "{score} vs {want}");
+                        }
+                        rounds += 1;
+                    }
+                });
+            }
+        });
+        assert_eq!(idx.len(), n);
+        let r = idx.search(&data[..200 * dim], 1, Some(64)).unwrap();
+        let found = r
+            .ids
+            .iter()
+            .enumerate()
+            .filter(|(i, &id)| id == *i as i64)
+            .count();
+        assert!(found >= 198, "{found} of 200 vectors find themselves");
+    }
+
+    #[test]
+    fn exact_search_is_exact_for_inner_product_and_near_ties() {
+        let dim = 40;
+        let base = rng_vectors(50, dim, 8);
+        let noise = rng_vectors(3000, dim, 9);
+        // Clusters of near-duplicates with norms from 0.1 to 10: many scores
+        // within the int8 error of each other.
+        let data: Vec<f32> = (0..3000)
+            .flat_map(|i| {
+                let scale = 0.1 + (i % 97) as f32 / 9.7;
+                let (b, e) = (&base[(i % 50) * dim..][..dim], &noise[i * dim..][..dim]);
+                b.iter().zip(e).map(move |(x, y)| scale * (x + 0.01 * y))
+            })
+            .collect();
+        let mut config = AnnConfig::new(dim);
+        config.metric = Metric::InnerProduct;
+        config.exact_below = 100_000;
+        let idx = AnnIndex::new(config).unwrap();
+        idx.add(&(0..3000).collect::<Vec<_>>(), &data).unwrap();
+        let queries = rng_vectors(30, dim, 10);
+        let r = idx.search(&queries, 10, None).unwrap();
+        for (qi, q) in queries.chunks(dim).enumerate() {
+            let mut truth: Vec<f64> = data
+                .chunks(dim)
+                .map(|v| v.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum())
+                .collect();
+            truth.sort_by(|a, b| b.total_cmp(a));
+            for j in 0..10 {
+                let got = r.scores[qi * 10 + j] as f64;
+                assert!(
+                    (got - truth[j]).abs() < 1e-4 * truth[j].abs().max(1.0),
+                    "{got} vs {}",
+                    truth[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn int8_storage_keeps_scores_close() {
+        let dim = 32;
+        let data = rng_vectors(500, dim, 11);
+        let mut config = AnnConfig::new(dim);
+        config.storage = Storage::I8;
+        for exact_below in [0, 10_000] {
+            config.exact_below = exact_below;
+            let idx = AnnIndex::new(config.clone()).unwrap();
+            idx.add(&(0..500).collect::<Vec<_>>(), &data).unwrap();
+            let r = idx.search(&data[..20 * dim], 1, None).unwrap();
+            assert!(
+                r.ids
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, &id)| id == *i as i64)
+                    .count()
+                    >= 19
+            );
+            assert!(
+                r.scores.iter().all(|s| (s - 1.0).abs() < 0.02),
+                "{:?}",
+                r.scores
+            );
+        }
     }
 
     #[test]

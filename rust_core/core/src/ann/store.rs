@@ -3,7 +3,9 @@
 //!
 //! Memory model, the one invariant the `unsafe` reads rely on: a slot's data
 //! (vector, codes, scale, id) is written once, with atomic stores, by the
-//! writer that was handed the slot, and never again; the writer then publishes
+//! writer that was handed the slot, and never again (the graph's links, which
+//! share the codes' block, change later but are only ever accessed as
+//! atomics, and the kernels never read them); the writer then publishes
 //! every slot below some bound with one Release store to `published`. The
 //! kernels read a slot's words with plain SIMD loads only after an Acquire load
 //! of `published` has shown the slot below it, so every such read happens after
@@ -18,6 +20,9 @@ use super::kernels::{f16_to_f32, f32_to_f16, prefetch, Isa, PAD};
 #[repr(C, align(64))]
 #[derive(Default)]
 pub struct Line([AtomicU32; 16]);
+
+// Lines are contiguous words with no padding (`Lines::words` relies on it).
+const _: () = assert!(std::mem::size_of::<Line>() == 64);
 
 /// One fixed-size record of whole 64-byte lines per slot.
 pub struct Lines {
@@ -41,11 +46,18 @@ impl Lines {
         self.stride * 64
     }
 
-    /// Stores `words` at the start of `slot`'s record.
-    pub fn write(&self, slot: usize, words: impl IntoIterator<Item = u32>) {
+    /// The words of `slot`'s record.
+    pub fn words(&self, slot: usize) -> &[AtomicU32] {
         let lines = &self.lines[slot * self.stride..(slot + 1) * self.stride];
-        for (w, v) in words.into_iter().enumerate() {
-            lines[w / 16].0[w % 16].store(v, Ordering::Relaxed);
+        // SAFETY: `Line` is `repr(C)` around `[AtomicU32; 16]` with no padding
+        // (asserted above), so the lines are `16 * stride` contiguous words.
+        unsafe { std::slice::from_raw_parts(lines.as_ptr().cast(), lines.len() * 16) }
+    }
+
+    /// Stores `words` into `slot`'s record from word `at` on.
+    pub fn write(&self, slot: usize, at: usize, words: impl IntoIterator<Item = u32>) {
+        for (cell, v) in self.words(slot)[at..].iter().zip(words) {
+            cell.store(v, Ordering::Relaxed);
         }
     }
 
@@ -102,7 +114,12 @@ pub struct Store {
     codec: Codec,
     /// f32 copies, unless the index stores int8 only.
     exact: Option<Lines>,
+    /// Per slot: the graph's layer-0 list (`links` words, padded to whole
+    /// lines), then the codes.
     codes: Lines,
+    links: usize,
+    /// Word offset of the codes in a `codes` record.
+    code_at: usize,
     scales: Vec<AtomicU32>,
     ids: Vec<AtomicU64>,
     states: Vec<AtomicU8>,
@@ -110,28 +127,38 @@ pub struct Store {
     used: AtomicUsize,
     published: AtomicUsize,
     live: AtomicUsize,
+    /// Largest norm of a stored vector, and largest distance between a
+    /// vector and its codes (f32 bits; non-negative floats order like their bits).
+    max_norm: AtomicU32,
+    max_code_error: AtomicU32,
 }
 
 impl Store {
-    pub fn new(dim: usize, codec: Codec, keep_f32: bool) -> Self {
+    /// `links` words per slot are kept for the graph's layer-0 list.
+    pub fn new(dim: usize, codec: Codec, keep_f32: bool, links: usize) -> Self {
         let padded = dim.div_ceil(PAD) * PAD;
         let code_bytes = match codec {
             Codec::F16 => padded * 2,
             Codec::I8 => padded,
         };
+        let code_at = links.div_ceil(16) * 16;
         Store {
             dim,
             padded,
             isa: Isa::detect(),
             codec,
             exact: keep_f32.then(|| Lines::new(padded * 4)),
-            codes: Lines::new(code_bytes),
+            codes: Lines::new(code_at * 4 + code_bytes),
+            links,
+            code_at,
             scales: Vec::new(),
             ids: Vec::new(),
             states: Vec::new(),
             used: AtomicUsize::new(0),
             published: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
+            max_norm: AtomicU32::new(0),
+            max_code_error: AtomicU32::new(0),
         }
     }
 
@@ -179,25 +206,65 @@ impl Store {
     pub fn write(&self, slot: usize, id: u64, v: &[f32]) {
         assert!(slot >= self.published() && slot < self.used());
         self.ids[slot].store(id, Ordering::Relaxed);
-        let padded = || v.iter().copied().chain(std::iter::repeat(0.0)).take(self.padded);
+        let padded = || {
+            v.iter()
+                .copied()
+                .chain(std::iter::repeat(0.0))
+                .take(self.padded)
+        };
         if let Some(e) = &self.exact {
-            e.write(slot, padded().map(f32::to_bits));
+            e.write(slot, 0, padded().map(f32::to_bits));
         }
         match self.codec {
             Codec::F16 => {
                 let halves: Vec<u16> = padded().map(f32_to_f16).collect();
                 self.codes.write(
                     slot,
-                    halves.chunks(2).map(|h| u32::from(h[0]) | (u32::from(h[1]) << 16)),
+                    self.code_at,
+                    halves
+                        .chunks(2)
+                        .map(|h| u32::from(h[0]) | (u32::from(h[1]) << 16)),
                 );
                 self.scales[slot].store(1.0f32.to_bits(), Ordering::Relaxed);
             }
             Codec::I8 => {
                 let (scale, codes) = quantise_i8(v);
-                self.codes.write(slot, pack_i8(&codes));
+                self.codes.write(slot, self.code_at, pack_i8(&codes));
                 self.scales[slot].store(scale.to_bits(), Ordering::Relaxed);
             }
         }
+        let (mut norm, mut error) = (0.0f64, 0.0f64);
+        for (&x, y) in v.iter().zip(self.decode(slot)) {
+            norm += f64::from(x).powi(2);
+            error += (f64::from(x) - f64::from(y)).powi(2);
+        }
+        let up = |x: f64| ((x.sqrt() * (1.0 + 1e-6)) as f32).to_bits();
+        self.max_norm.fetch_max(up(norm), Ordering::Relaxed);
+        self.max_code_error.fetch_max(up(error), Ordering::Relaxed);
+    }
+
+    /// The codes of `slot`, decoded.
+    fn decode(&self, slot: usize) -> impl Iterator<Item = f32> + '_ {
+        let scale = self.scale(slot);
+        (0..self.padded).map(move |i| match self.codec {
+            Codec::F16 => {
+                let word = self.codes.word(slot, self.code_at + i / 2);
+                f16_to_f32((word >> (16 * (i % 2))) as u16)
+            }
+            Codec::I8 => {
+                let word = self.codes.word(slot, self.code_at + i / 4);
+                f32::from((word >> (8 * (i % 4))) as u8 as i8) * scale
+            }
+        })
+    }
+
+    /// A bound of `|sim(q, v) - exact_sim(q, v)|` for any stored `v`, given
+    /// `|q|`: the codes' error, and the f32 rounding of both dot products.
+    pub fn sim_error(&self, q_norm: f32) -> f32 {
+        let norm = f32::from_bits(self.max_norm.load(Ordering::Relaxed));
+        let code = f32::from_bits(self.max_code_error.load(Ordering::Relaxed));
+        let rounding = 2.0 * super::flat::slack(self.padded) as f32 * (norm + code);
+        q_norm * (code + rounding) * 1.01
     }
 
     /// Makes every slot below `upto` readable (a Release store: see the module doc).
@@ -232,7 +299,10 @@ impl Store {
     }
 
     fn check_published(&self, slot: usize) {
-        assert!(slot < self.published(), "slot {slot} read before it was published");
+        assert!(
+            slot < self.published(),
+            "slot {slot} read before it was published"
+        );
     }
 
     /// Approximate similarity of the prepared query `q` to `slot`, from its codes.
@@ -244,7 +314,7 @@ impl Store {
     #[inline]
     fn sim_ptr(&self, q: *const f32, slot: usize) -> f32 {
         self.check_published(slot);
-        let code = self.codes.ptr(slot);
+        let code = self.code_ptr(slot);
         // SAFETY: the slot is published (checked above) and its record holds
         // `padded` codes; `q` points at `padded` f32 (callers pass prepared
         // queries or a published f32 record).
@@ -278,19 +348,31 @@ impl Store {
                 self.check_published(slot);
                 assert_eq!(q.len(), self.padded);
                 // SAFETY: published (checked), `padded` f32 in the record and in `q`.
-                unsafe { self.isa.dot_f32(e.ptr(slot).cast(), q.as_ptr(), self.padded) }
+                unsafe {
+                    self.isa
+                        .dot_f32(e.ptr(slot).cast(), q.as_ptr(), self.padded)
+                }
             }
             None => self.sim(q, slot),
         }
     }
 
-    /// Hints that `slot`'s codes will be read soon.
+    /// Hints that `slot`'s block (links, then codes) will be read soon.
     #[inline]
     pub fn prefetch(&self, slot: usize, lines: usize) {
         prefetch(self.codes.ptr(slot), lines.min(self.codes.stride));
     }
 
-    pub fn code_lines(&self) -> usize {
+    /// Hints that `slot`'s f32 copy will be read soon.
+    #[inline]
+    pub fn prefetch_exact(&self, slot: usize) {
+        if let Some(e) = &self.exact {
+            prefetch(e.ptr(slot), e.stride);
+        }
+    }
+
+    /// Lines in a slot's block (links and codes).
+    pub fn block_lines(&self) -> usize {
         self.codes.stride
     }
 
@@ -299,20 +381,7 @@ impl Store {
         out.clear();
         match (&self.exact, self.codec) {
             (Some(e), _) => out.extend((0..self.padded).map(|w| f32::from_bits(e.word(slot, w)))),
-            (None, Codec::I8) => {
-                let scale = self.scale(slot);
-                for w in 0..self.padded / 4 {
-                    let word = self.codes.word(slot, w).to_le_bytes();
-                    out.extend(word.iter().map(|&b| f32::from(b as i8) * scale));
-                }
-            }
-            (None, Codec::F16) => {
-                for w in 0..self.padded / 2 {
-                    let word = self.codes.word(slot, w);
-                    out.push(f16_to_f32(word as u16));
-                    out.push(f16_to_f32((word >> 16) as u16));
-                }
-            }
+            (None, _) => out.extend(self.decode(slot)),
         }
     }
 
@@ -322,14 +391,23 @@ impl Store {
             return v.into();
         }
         let (scale, codes) = quantise_i8(v);
-        codes.iter().map(|&c| f32::from(c) * scale).collect::<Vec<_>>().into()
+        codes
+            .iter()
+            .map(|&c| f32::from(c) * scale)
+            .collect::<Vec<_>>()
+            .into()
     }
 
     /// int8 codes and scale of `slot` (int8 codec only), for saving.
     pub fn codes_i8(&self, slot: usize) -> (f32, Vec<i8>) {
         let mut codes = Vec::with_capacity(self.padded);
         for w in 0..self.padded / 4 {
-            codes.extend(self.codes.word(slot, w).to_le_bytes().map(|b| b as i8));
+            codes.extend(
+                self.codes
+                    .word(slot, self.code_at + w)
+                    .to_le_bytes()
+                    .map(|b| b as i8),
+            );
         }
         codes.truncate(self.dim);
         (self.scale(slot), codes)
@@ -340,8 +418,18 @@ impl Store {
         assert!(self.codec == Codec::I8 && self.exact.is_none());
         assert!(slot >= self.published() && slot < self.used());
         self.ids[slot].store(id, Ordering::Relaxed);
-        self.codes.write(slot, pack_i8(codes));
+        self.codes.write(slot, self.code_at, pack_i8(codes));
         self.scales[slot].store(scale.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The graph's layer-0 list of `slot` (atomics: see `hnsw.rs`).
+    #[inline]
+    pub fn links0(&self, slot: usize) -> &[AtomicU32] {
+        &self.codes.words(slot)[..self.links]
+    }
+
+    fn code_ptr(&self, slot: usize) -> *const u8 {
+        self.codes.ptr(slot).wrapping_add(self.code_at * 4)
     }
 }
 
@@ -387,7 +475,7 @@ impl ExactCodes {
             norm += f64::from(x).powi(2);
         }
         let up = |x: f64| (x * (1.0 + 1e-6)) as f32;
-        self.codes.write(slot, pack_i8(&codes));
+        self.codes.write(slot, 0, pack_i8(&codes));
         self.sums[slot].store(codes.iter().map(|&c| i32::from(c)).sum(), Ordering::Relaxed);
         self.scales[slot].store(scale.to_bits(), Ordering::Relaxed);
         let err_q = resid.sqrt() + slack * (norm.sqrt() + coded.sqrt());
