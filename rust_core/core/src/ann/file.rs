@@ -242,10 +242,8 @@ fn read_payload(config: &AnnConfig, bytes: &[u8]) -> std::result::Result<Inner, 
     {
         let mut slots = inner.slots.write();
         for (s, &(id, state)) in states.iter().enumerate() {
-            if state == LIVE {
-                if id == u64::MAX || slots.insert(id, s as u32).is_some() {
-                    return Err(format!("id {id} is reserved or live twice"));
-                }
+            if state == LIVE && (id == u64::MAX || slots.insert(id, s as u32).is_some()) {
+                return Err(format!("id {id} is reserved or live twice"));
             }
             inner.store.set_state(s, state);
         }
@@ -474,34 +472,44 @@ mod tests {
         // state u8, 4 x f32, level u8, count u32, links.
         let slot0 = 8 + 1 + 5;
         let links_at = slot0 + 8 + 1 + 16 + 1;
-        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
-                Box::new(|p| p[..8].copy_from_slice(&u64::MAX.to_le_bytes())),
+                Box::new(move |p| p[..8].copy_from_slice(&u64::MAX.to_le_bytes())),
                 "slots",
             ),
-            (Box::new(|p| p[8] = 5), "graph flag"),
-            (Box::new(|p| p[slot0 + 8] = 9), "state 9"),
+            (Box::new(move |p| p[8] = 5), "graph flag"),
+            (Box::new(move |p| p[slot0 + 8] = 9), "state 9"),
             (
-                Box::new(|p| p[slot0 + 9..slot0 + 13].copy_from_slice(&f32::NAN.to_le_bytes())),
+                Box::new(move |p| {
+                    p[slot0 + 9..slot0 + 13].copy_from_slice(&f32::NAN.to_le_bytes())
+                }),
                 "not finite",
             ),
-            (Box::new(|p| p[links_at - 1] = 200), "level 200"),
+            (Box::new(move |p| p[links_at - 1] = 200), "level 200"),
             (
-                Box::new(|p| p[links_at..links_at + 4].copy_from_slice(&1000u32.to_le_bytes())),
+                Box::new(move |p| {
+                    p[links_at..links_at + 4].copy_from_slice(&1000u32.to_le_bytes())
+                }),
                 "links at layer 0",
             ),
             (
-                Box::new(|p| p[links_at + 4..links_at + 8].copy_from_slice(&77u32.to_le_bytes())),
+                Box::new(move |p| {
+                    p[links_at + 4..links_at + 8].copy_from_slice(&77u32.to_le_bytes())
+                }),
                 "links to slot 77",
             ),
             (
-                Box::new(|p| p[9..13].copy_from_slice(&50u32.to_le_bytes())),
+                Box::new(move |p| p[9..13].copy_from_slice(&50u32.to_le_bytes())),
                 "entry point 50",
             ),
-            (Box::new(|p| p.truncate(p.len() - 3)), "ends in the middle"),
-            (Box::new(|p| p.push(0)), "follow the last slot"),
             (
-                Box::new(|p| p[slot0..slot0 + 8].copy_from_slice(&9u64.to_le_bytes())),
+                Box::new(move |p| p.truncate(p.len() - 3)),
+                "ends in the middle",
+            ),
+            (Box::new(move |p| p.push(0)), "follow the last slot"),
+            (
+                Box::new(move |p| p[slot0..slot0 + 8].copy_from_slice(&9u64.to_le_bytes())),
                 "live twice",
             ),
         ];

@@ -78,6 +78,15 @@ impl Visited {
     }
 }
 
+/// What one layer search keeps: the `ef` best at `layer`, live ones only
+/// for queries (inserts link to removed nodes too, as hnswlib does).
+#[derive(Clone, Copy)]
+struct Beam {
+    ef: usize,
+    layer: usize,
+    live_only: bool,
+}
+
 pub struct Graph {
     m: usize,
     m0: usize,
@@ -212,11 +221,14 @@ impl Graph {
         store: &Store,
         q: &[f32],
         entries: &[Near],
-        ef: usize,
-        layer: usize,
+        beam: Beam,
         visited: &mut Visited,
-        live_only: bool,
     ) -> Vec<Near> {
+        let Beam {
+            ef,
+            layer,
+            live_only,
+        } = beam;
         let mut candidates: BinaryHeap<Near> = BinaryHeap::with_capacity(4 * ef);
         let mut results: BinaryHeap<Reverse<Near>> = BinaryHeap::with_capacity(ef + 1);
         for &e in entries {
@@ -283,7 +295,12 @@ impl Graph {
             cur = self.greedy(store, q, cur, layer);
         }
         let mut visited = self.take_visited(self.levels.len());
-        let found = self.search_layer(store, q, &[cur], ef, 0, &mut visited, true);
+        let beam = Beam {
+            ef,
+            layer: 0,
+            live_only: true,
+        };
+        let found = self.search_layer(store, q, &[cur], beam, &mut visited);
         self.give_back(visited);
         found
     }
@@ -377,15 +394,12 @@ impl Graph {
         let mut chosen = Vec::new();
         for layer in (0..=level.min(top)).rev() {
             visited.reset(self.levels.len());
-            let found = self.search_layer(
-                store,
-                &q,
-                &entries,
-                self.ef_construction,
+            let beam = Beam {
+                ef: self.ef_construction,
                 layer,
-                &mut visited,
-                false,
-            );
+                live_only: false,
+            };
+            let found = self.search_layer(store, &q, &entries, beam, &mut visited);
             chosen.push((layer, self.select(store, &found, self.m)));
             entries = found;
         }

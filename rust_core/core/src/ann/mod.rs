@@ -307,7 +307,7 @@ impl std::fmt::Debug for AnnIndex {
 /// Checks a row-major batch of vectors: shape, finiteness, and non-zero norm
 /// under cosine. Returns the number of rows; `what` names the argument in errors.
 pub fn check_vectors(vectors: &[f32], dim: usize, metric: Metric, what: &str) -> Result<usize> {
-    if vectors.len() % dim != 0 {
+    if !vectors.len().is_multiple_of(dim) {
         return Err(Error::input(format!(
             "{what} has {} values, not a multiple of dim={dim}",
             vectors.len()
@@ -797,12 +797,11 @@ mod tests {
                 .map(|v| v.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum())
                 .collect();
             truth.sort_by(|a, b| b.total_cmp(a));
-            for j in 0..10 {
-                let got = r.scores[qi * 10 + j] as f64;
+            for (got, want) in r.scores[qi * 10..(qi + 1) * 10].iter().zip(&truth) {
+                let got = f64::from(*got);
                 assert!(
-                    (got - truth[j]).abs() < 1e-4 * truth[j].abs().max(1.0),
-                    "{got} vs {}",
-                    truth[j]
+                    (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                    "{got} vs {want}"
                 );
             }
         }
