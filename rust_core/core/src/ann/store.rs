@@ -72,7 +72,9 @@ impl Lines {
     }
 }
 
-/// How the graph's copy of a vector is encoded.
+/// How the graph's copy of a vector is encoded. f32 indexes walk over f16:
+/// int8 codes measured only ~5% faster on the benchmark data at the same
+/// recall, with errors some 16 times larger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
     /// IEEE half precision: half the bytes of f32, relative error 2^-11.
