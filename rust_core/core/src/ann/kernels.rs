@@ -17,6 +17,7 @@ pub const PAD: usize = 64;
 
 /// The instruction set the kernels use on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub enum Isa {
     Avx512,
     Avx2,
@@ -125,7 +126,7 @@ impl Isa {
                 Isa::Avx512 => x86::scan_i8_avx512(q, rows, stride, sums, out),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => x86::scan_i8_avx2(q, rows, stride, out),
-                _ => portable::scan_i8(q, rows, stride, out),
+                _ => portable::scan_i8(q, rows, stride, sums, out),
             }
         }
     }
@@ -194,6 +195,7 @@ pub fn f16_to_f32(h: u16) -> f32 {
 }
 
 mod portable {
+    use std::sync::atomic::AtomicI32;
     /// Sixteen independent partial sums so the compiler can keep them in SIMD
     /// lanes (one running sum forces strict left-to-right order).
     macro_rules! lanes_dot {
@@ -244,7 +246,14 @@ mod portable {
         lanes_dot!(n, |i| f32::from(c[i]) * q[i])
     }
 
-    pub unsafe fn scan_i8(q: &[i8], rows: *const i8, stride: usize, out: &mut [i32]) {
+    /// Multiplies signed bytes directly, so the row sums are not needed.
+    pub unsafe fn scan_i8(
+        q: &[i8],
+        rows: *const i8,
+        stride: usize,
+        _sums: &[AtomicI32],
+        out: &mut [i32],
+    ) {
         for (r, o) in out.iter_mut().enumerate() {
             // SAFETY: the caller guarantees `out.len()` rows of `stride >= q.len()` bytes.
             let row = unsafe { std::slice::from_raw_parts(rows.add(r * stride), q.len()) };

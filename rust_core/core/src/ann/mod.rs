@@ -158,6 +158,8 @@ pub struct Neighbours {
 
 /// Batches at least this large are written and linked on every core.
 const PARALLEL_BATCH: usize = 256;
+/// Queries of one batch are split into tasks of at least this many.
+const QUERIES_PER_TASK: usize = 4;
 /// Removed slots are reclaimed (the index rebuilt from its live entries) once
 /// they number at least this many and at least as many as the live ones, so
 /// the rebuild costs at most about one insert per removal.
@@ -523,15 +525,33 @@ impl AnnIndex {
         };
         let ef = ef.unwrap_or(self.config.ef_search).max(k);
         let inner = self.inner.read();
-        let mut q = Vec::with_capacity(inner.store.padded);
-        for (i, query) in queries.chunks(self.config.dim).enumerate() {
+        let one = |query: &[f32], ids: &mut [i64], scores: &mut [f32]| {
+            let mut q = Vec::with_capacity(inner.store.padded);
             self.prepare_into(query, &mut q);
             q.resize(inner.store.padded, 0.0);
             let found = inner.nearest(&q, k, ef, self.config.exact_below);
             for (j, (score, slot)) in found.into_iter().enumerate() {
-                out.ids[i * k + j] = inner.store.id(slot) as i64;
-                out.scores[i * k + j] = score;
+                ids[j] = inner.store.id(slot) as i64;
+                scores[j] = score;
             }
+        };
+        let dim = self.config.dim;
+        if n < 2 * QUERIES_PER_TASK {
+            // Handing a small batch to the thread pool costs more than it saves.
+            for ((query, ids), scores) in queries
+                .chunks(dim)
+                .zip(out.ids.chunks_mut(k))
+                .zip(out.scores.chunks_mut(k))
+            {
+                one(query, ids, scores);
+            }
+        } else {
+            queries
+                .par_chunks(dim)
+                .zip(out.ids.par_chunks_mut(k))
+                .zip(out.scores.par_chunks_mut(k))
+                .with_min_len(QUERIES_PER_TASK)
+                .for_each(|((query, ids), scores)| one(query, ids, scores));
         }
         Ok(out)
     }
