@@ -164,6 +164,38 @@ def test_searches_run_while_another_thread_adds() -> None:
     assert (ids[:, 0] == np.arange(200)).mean() >= 0.99
 
 
+def test_removed_ids_are_never_returned_and_can_come_back() -> None:
+    data = unit_vectors(3000, 24, 12)
+    index = AnnIndex(24, exact_below=0)
+    index.add(np.arange(3000), data)
+    gone = np.arange(0, 3000, 2)
+    index.remove(gone)
+    ids, _ = index.search(data[:100], k=10, ef=64)
+    assert (ids % 2 == 1).all()
+    assert (ids[1::2, 0] == np.arange(1, 100, 2)).all()
+    # Removed, then added again under another vector: found by the new one.
+    index.add([0], data[1:2] * -1)
+    ids, scores = index.search(-data[1], k=1)
+    assert ids[0, 0] == 0
+    assert scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert len(index) == 1501
+    with pytest.raises(tiergate.InputError, match="reserved"):
+        index.add([2**64 - 1], data[:1])
+
+
+def test_removing_most_entries_reclaims_them_and_keeps_the_rest() -> None:
+    data = unit_vectors(5000, 16, 13)
+    index = AnnIndex(16, exact_below=1000)
+    index.add(np.arange(5000), data)
+    index.remove(np.arange(4900))
+    assert len(index) == 100
+    ids, _ = index.search(data[4900:], k=1)
+    assert (ids[:, 0] == np.arange(4900, 5000)).all()
+    index.add(np.arange(2000), data[:2000])
+    ids, _ = index.search(data[:200], k=1)
+    assert (ids[:, 0] == np.arange(200)).mean() >= 0.99
+
+
 def test_save_load_round_trip(tmp_path: Path) -> None:
     data = unit_vectors(3000, 16, 7)
     index = AnnIndex(16, exact_below=0, ef_search=80)
@@ -177,6 +209,14 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     for a, b in zip(index.search(data[:50], k=5), back.search(data[:50], k=5), strict=True):
         np.testing.assert_array_equal(a, b)
     assert not list(tmp_path.glob("*.tmp-write"))
+    # Small (exact) and int8 indexes come back the same way.
+    for small in (AnnIndex(16), AnnIndex(16, dtype="i8", exact_below=0)):
+        small.add(np.arange(500), data[:500])
+        small.save(path)
+        again = AnnIndex.load(path)
+        assert (again.dtype, len(again)) == (small.dtype, 500)
+        for a, b in zip(small.search(data[:30], k=3), again.search(data[:30], k=3), strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize(

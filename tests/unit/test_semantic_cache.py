@@ -69,6 +69,22 @@ def test_lru_capacity_per_namespace() -> None:
     assert cache.namespaces() == ["t", "u"]
 
 
+def test_long_churn_keeps_finding_the_live_entries() -> None:
+    # Thousands of evictions: the index reclaims removed slots as it goes.
+    dim = 16
+    vectors = np.random.default_rng(3).normal(size=(3000, dim)).astype(np.float32)
+    cache = SemanticCache(dim, threshold=0.999, capacity=100)
+    for i, v in enumerate(vectors):
+        cache.put("t", v, str(i).encode())
+    assert len(cache) == 100
+    assert cache.stats()["total"]["evictions"] == 2900
+    for i in range(2900, 3000):
+        hit = cache.get("t", vectors[i])
+        assert hit is not None
+        assert hit[0] == str(i).encode()
+    assert cache.get("t", vectors[0]) is None
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

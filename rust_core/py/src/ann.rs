@@ -41,7 +41,8 @@ pub fn rows(
 /// An approximate nearest-neighbour index over float32 vectors, keyed by
 /// uint64 ids: HNSW search, exact search while it holds fewer than
 /// ``exact_below`` entries. ``metric`` is 'cosine' or 'ip'; ``dtype`` 'f32' or
-/// 'i8' (int8 storage, cosine only). Searches may run while other threads add.
+/// 'i8' (int8 storage, cosine only). Searches may run while other threads add;
+/// a batch of queries is spread over every core.
 #[pyclass(module = "tiergate._core", frozen, name = "AnnIndex")]
 pub struct PyAnnIndex {
     inner: ann::AnnIndex,

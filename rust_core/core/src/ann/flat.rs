@@ -1,200 +1,139 @@
-//! Exact search for small indexes: a contiguous copy of the vectors scanned
-//! with an f32 SIMD dot product.
+//! Exact search for small indexes: an int8 scan that finds the few vectors
+//! that can be in the top k, then exact f32 scores for those only.
 //!
-//! The graph engine's own exact search goes through per-slot indirection and
-//! measured about three times slower than a plain matrix-vector product, and
-//! numkong's f32 dot accumulates in f64 (precision first), which measured
-//! 2.4x slower than numpy here; the kernel below is the usual eight-lane FMA
-//! loop, chosen at run time, with a portable fallback the compiler vectorises.
+//! Exact f32 search over 10,000 x 384 streams 15 MB per query, which on one
+//! core runs at memory bandwidth (0.54 ms measured, numpy 0.57 ms). The int8
+//! copy is a quarter of that, and AVX-512 VNNI multiplies 64 bytes per
+//! instruction. The result stays exactly the f32 top k:
+//!
+//! - every row `v` has int8 codes `c` and a scale `s`; the query `q` too
+//!   (`c_q`, `s_q`). The integer dot product is exact, and
+//!   `|q.v - s_q s (c_q.c)| <= |q| |v - s c| + |q - s_q c_q| |s c|`
+//!   (Cauchy-Schwarz, twice), plus the f32 rounding of both dot products
+//!   (`slack`, relative to `|q| |v|`);
+//! - the k rows with the best estimates are scored exactly; the k-th best of
+//!   those, `tau`, is a lower bound of the true k-th best score;
+//! - every row whose estimate plus its bound reaches `tau` is scored exactly,
+//!   and the top k of those is the answer: a row left out scores below `tau`.
+//!
+//! On clustered embeddings only a few dozen rows pass the bound. The search is
+//! single-threaded: callers run queries in parallel if they want to.
 
-use std::collections::HashMap;
+use super::store::{load_f32, ExactCodes, Store};
 
-#[derive(Debug, Default)]
-pub struct FlatStore {
-    dim: usize,
-    vectors: Vec<f32>,
-    ids: Vec<u64>,
-    slots: HashMap<u64, usize>,
+/// The relative rounding error of an f32 dot product of `n` terms
+/// (`gamma_n = n u / (1 - n u)`, u = 2^-24), with room for the estimate's own
+/// few roundings.
+pub fn slack(n: usize) -> f64 {
+    let nu = n as f64 * f64::powi(2.0, -24);
+    nu / (1.0 - nu) + 8.0 * f64::powi(2.0, -24)
 }
 
-impl FlatStore {
-    pub fn new(dim: usize) -> Self {
-        FlatStore {
-            dim,
-            ..FlatStore::default()
+/// Keeps the `k` best `(score, row)` pairs seen, best first.
+pub struct TopK {
+    k: usize,
+    best: Vec<(f32, usize)>,
+}
+
+impl TopK {
+    pub fn new(k: usize) -> Self {
+        TopK {
+            k,
+            best: Vec::with_capacity(k + 1),
         }
     }
 
-    /// Adds a vector already prepared for the metric (normalised for cosine).
-    pub fn push(&mut self, id: u64, vector: &[f32]) {
-        self.slots.insert(id, self.ids.len());
-        self.ids.push(id);
-        self.vectors.extend_from_slice(vector);
-    }
-
-    pub fn remove(&mut self, id: u64) {
-        let Some(slot) = self.slots.remove(&id) else {
+    #[inline]
+    pub fn push(&mut self, score: f32, row: usize) {
+        if self.best.len() == self.k && score <= self.best[self.k - 1].0 {
             return;
-        };
-        let last = self.ids.len() - 1;
-        if slot != last {
-            let moved = self.ids[last];
-            self.ids[slot] = moved;
-            self.slots.insert(moved, slot);
-            let (head, tail) = self.vectors.split_at_mut(last * self.dim);
-            head[slot * self.dim..(slot + 1) * self.dim].copy_from_slice(&tail[..self.dim]);
         }
-        self.ids.pop();
-        self.vectors.truncate(last * self.dim);
+        let at = self.best.partition_point(|b| b.0 >= score);
+        self.best.insert(at, (score, row));
+        self.best.truncate(self.k);
     }
 
-    /// The `k` highest dot products with `query` (prepared like the stored
-    /// vectors), best first, into `ids` / `scores` (which have `k` slots).
-    pub fn search(&self, query: &[f32], k: usize, ids: &mut [i64], scores: &mut [f32]) {
-        let mut all = vec![0.0f32; self.ids.len()];
-        scores_into(&self.vectors, query, &mut all);
-        // One pass with a small sorted buffer: after the first few rows almost
-        // every score falls below the k-th best and costs one comparison.
-        let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
-        for (row, &s) in all.iter().enumerate() {
-            if best.len() == k && s <= best[k - 1].0 {
+    pub fn is_full(&self) -> bool {
+        self.best.len() == self.k
+    }
+
+    pub fn into_sorted(self) -> Vec<(f32, usize)> {
+        self.best
+    }
+}
+
+impl ExactCodes {
+    /// The `k` live rows of `store` with the highest exact scores against the
+    /// prepared query `q`, best first.
+    pub fn search(&self, store: &Store, q: &[f32], k: usize) -> Vec<(f32, usize)> {
+        let rows = store.published();
+        if rows == 0 {
+            return Vec::new();
+        }
+        let amax = q.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let sq = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+        let qi: Vec<i8> = q
+            .iter()
+            .map(|&x| (x / sq).round().clamp(-127.0, 127.0) as i8)
+            .collect();
+        let (mut q_norm, mut q_resid) = (0.0f64, 0.0f64);
+        for (&x, &c) in q.iter().zip(&qi) {
+            q_norm += f64::from(x).powi(2);
+            q_resid += (f64::from(x) - f64::from(sq) * f64::from(c)).powi(2);
+        }
+        let (q_norm, q_resid) = (q_norm.sqrt() as f32, q_resid.sqrt() as f32);
+
+        let mut ints = vec![0i32; rows];
+        // SAFETY: rows below `published` were written before it was stored
+        // (see store.rs); each record is `stride_bytes >= padded` bytes.
+        unsafe {
+            store.isa.scan_i8(
+                &qi,
+                self.codes.ptr(0).cast(),
+                self.codes.stride_bytes(),
+                &self.sums[..rows],
+                &mut ints,
+            )
+        };
+        let estimate = |r: usize| sq * load_f32(&self.scales[r]) * ints[r] as f32;
+        let mut first = TopK::new(k);
+        for r in 0..rows {
+            if store.is_live(r) {
+                first.push(estimate(r), r);
+            }
+        }
+        let mut exact = TopK::new(k);
+        let mut tau = f32::NEG_INFINITY;
+        if first.is_full() {
+            for (_, r) in first.into_sorted() {
+                let s = store.exact_sim(q, r);
+                tau = if exact.best.is_empty() { s } else { tau.min(s) };
+                exact.push(s, r);
+            }
+        }
+        let scored: Vec<usize> = exact.best.iter().map(|b| b.1).collect();
+        for r in 0..rows {
+            if !store.is_live(r) {
                 continue;
             }
-            let at = best.partition_point(|b| b.0 >= s);
-            best.insert(at, (s, row));
-            best.truncate(k);
-        }
-        for (j, (s, row)) in best.into_iter().enumerate() {
-            ids[j] = self.ids[row] as i64;
-            scores[j] = s;
-        }
-    }
-}
-
-/// `out[r] = rows[r] . query` for every row of the row-major `rows`.
-pub fn scores_into(rows: &[f32], query: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            unsafe { scores_avx2(rows, query, out) };
-            return;
-        }
-    }
-    for (row, o) in rows.chunks_exact(query.len()).zip(out.iter_mut()) {
-        *o = dot_portable(row, query);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scores_avx2(rows: &[f32], query: &[f32], out: &mut [f32]) {
-    // One row at a time is already at one core's memory bandwidth here
-    // (blocking four rows per pass measured no faster).
-    for (row, o) in rows.chunks_exact(query.len()).zip(out.iter_mut()) {
-        // SAFETY: called only where the features are present (see above).
-        *o = unsafe { dot_avx2(row, query) };
-    }
-}
-
-/// Eight independent partial sums so the compiler can keep them in SIMD
-/// lanes (a single running sum forces strict left-to-right order).
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    // Four accumulators: one FMA chain would wait on its own latency.
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    // SAFETY: every load reads 8 floats below `n`, inside both slices.
-    unsafe {
-        while i + 32 <= n {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let at = i + 8 * j;
-                *a = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(at)), _mm256_loadu_ps(pb.add(at)), *a);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i)),
-                _mm256_loadu_ps(pb.add(i)),
-                acc[0],
-            );
-            i += 8;
-        }
-    }
-    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0.0f32; 8];
-    // SAFETY: `lanes` has room for 8 floats.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-    let tail: f32 = a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum();
-    lanes.iter().sum::<f32>() + tail
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dot_kernels_agree_with_a_scalar_sum() {
-        for n in [0, 1, 7, 8, 15, 16, 17, 384, 1000] {
-            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            if n > 0 {
-                let mut via_kernel = [0.0f32];
-                scores_into(&a, &b, &mut via_kernel);
-                assert!((via_kernel[0] as f64 - exact).abs() < 1e-3, "n={n}");
-            }
-            assert!((dot_portable(&a, &b) as f64 - exact).abs() < 1e-3, "n={n}");
-        }
-    }
-
-    #[test]
-    fn batch_scores_match_per_row_dots() {
-        for (rows, dim) in [(1, 8), (5, 16), (9, 384), (7, 12)] {
-            let data: Vec<f32> = (0..rows * dim).map(|i| (i as f32 * 0.013).sin()).collect();
-            let q: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.7).cos()).collect();
-            let mut out = vec![0.0f32; rows];
-            scores_into(&data, &q, &mut out);
-            for (r, o) in out.iter().enumerate() {
-                let want = dot_portable(&data[r * dim..(r + 1) * dim], &q);
-                assert!(
-                    (o - want).abs() < 1e-4,
-                    "rows={rows} dim={dim} r={r}: {o} vs {want}"
-                );
+            let bound = (q_norm * load_f32(&self.err_q[r]) + q_resid * load_f32(&self.err_r[r]))
+                * (1.0 + 1e-5);
+            if estimate(r) + bound >= tau && !scored.contains(&r) {
+                exact.push(store.exact_sim(q, r), r);
             }
         }
+        exact.into_sorted()
     }
+}
 
-    #[test]
-    fn top_k_after_removals() {
-        let mut f = FlatStore::new(2);
-        f.push(1, &[1.0, 0.0]);
-        f.push(2, &[0.0, 1.0]);
-        f.push(3, &[0.6, 0.8]);
-        f.remove(1);
-        let (mut ids, mut scores) = (vec![-1; 3], vec![f32::NEG_INFINITY; 3]);
-        f.search(&[1.0, 0.0], 3, &mut ids, &mut scores);
-        assert_eq!(ids, vec![3, 2, -1]);
-        assert!((scores[0] - 0.6).abs() < 1e-6);
-        assert_eq!(f.ids.len(), 2);
+/// Exact search by scoring every live row (a large index shrunk below its
+/// `exact_below`, whose int8 copy is no longer kept).
+pub fn scan(store: &Store, q: &[f32], k: usize) -> Vec<(f32, usize)> {
+    let mut top = TopK::new(k);
+    for r in 0..store.published() {
+        if store.is_live(r) {
+            top.push(store.exact_sim(q, r), r);
+        }
     }
+    top.into_sorted()
 }
