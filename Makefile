@@ -11,9 +11,11 @@ EXT    := $(VENV)/.extension-built
 export VIRTUAL_ENV := $(abspath $(VENV))
 # Release builds of the extension: the tests and the demo measure real speed.
 MATURIN_FLAGS ?= --release
+PROTOS := $(wildcard proto/tiergate/v1/*.proto)
+PROTO_OUT := $(PROTOS:proto/%.proto=serve/%_pb2.py)
 RUST_SOURCES := $(shell find rust_core -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml
 
-.PHONY: help serve test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
+.PHONY: help proto serve test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -28,9 +30,16 @@ $(DEPS): pyproject.toml requirements/cpu-overrides.txt | $(BIN)/python
 		--extra dev --extra train --extra cpu --override requirements/cpu-overrides.txt
 	@touch $@
 
-$(EXT): $(DEPS) $(RUST_SOURCES)
+$(EXT): $(DEPS) $(RUST_SOURCES) $(PROTO_OUT)
 	$(BIN)/maturin develop $(MATURIN_FLAGS) --uv
 	@touch $@
+
+# Python code generated from proto/ (not committed: it is build output).
+$(PROTO_OUT): $(PROTOS) $(DEPS)
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=serve --pyi_out=serve \
+		--grpc_python_out=serve $(PROTOS)
+
+proto: $(PROTO_OUT)  ## generate the gRPC code from proto/
 
 build: $(EXT)  ## build tiergate._core into .venv
 
@@ -45,7 +54,7 @@ lint-rust: | $(BIN)/python
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
-lint-python: $(DEPS)
+lint-python: $(DEPS) $(PROTO_OUT)
 	$(BIN)/ruff check serve tests benchmarks
 	$(BIN)/ruff format --check serve tests benchmarks
 	$(BIN)/mypy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -104,6 +105,34 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--sim-latency-median-ms", type=float, default=900.0)
     f.add_argument("--sim-latency-p95-ms", type=float, default=2500.0)
     e.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser(
+        "serve",
+        help="start the gRPC front end on a bundle or a policy file",
+        description="Serves tiergate.v1.Classifier (plus grpc.health.v1 and reflection). "
+        "Give --bundle for one task with default settings, or --policy for tasks, tenants, "
+        "quotas, risk routes and cache settings (hot-reloaded on change or SIGHUP).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", type=Path, help="a bundle written by tiergate train")
+    src.add_argument("--policy", type=Path, help="a policy YAML file (see tiergate.policy)")
+    s.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
+    s.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0: off)")
+    s.add_argument("--frontier-url", help="OpenAI-compatible base URL for escalations")
+    s.add_argument("--frontier-model", default="gpt-4o-mini")
+    s.add_argument("--frontier-key-env", help="environment variable holding the API key")
+    s.add_argument("--price-in", type=float, default=0.15, help="USD per million input tokens")
+    s.add_argument("--price-out", type=float, default=0.60, help="USD per million output tokens")
+    s.add_argument("--log-decisions", action="store_true", help="one JSON line per request")
+
+    k = sub.add_parser("classify", help="classify texts through a running server")
+    k.add_argument("texts", nargs="+", help="one or more texts")
+    k.add_argument("--address", default="127.0.0.1:50051")
+    k.add_argument("--api-key", help="tenant API key (default: $TIERGATE_API_KEY)")
+    k.add_argument("--task", default="")
+    k.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    k.add_argument("--json", action="store_true", help="print the full responses as JSON")
     return p
 
 
@@ -224,10 +253,87 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from tiergate.engine import Engine
+    from tiergate.frontier import ProviderConfig
+    from tiergate.metrics import Metrics
+    from tiergate.policy import default_policy, load_policy
+    from tiergate.server import (
+        AsyncFrontier,
+        Server,
+        build_runtimes,
+        decision_logger,
+        serve_forever,
+    )
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not args.log_decisions:
+        logging.getLogger("tiergate.decisions").setLevel(logging.WARNING)
+    policy = load_policy(args.policy) if args.policy else default_policy(args.bundle.resolve())
+    from tiergate.engine import in_process_runtime
+
+    print(f"loading {len(policy.tasks)} task(s): {', '.join(policy.tasks)}", file=sys.stderr)
+    runtimes = build_runtimes(policy, in_process_runtime)
+    first = next(iter(runtimes.values()))
+    frontier = None
+    if args.frontier_url:
+        provider = ProviderConfig("cli", args.frontier_url, args.frontier_model,
+                                  args.frontier_key_env, args.price_in, args.price_out)  # fmt: skip
+        frontier = AsyncFrontier(provider, first.labels)
+    metrics = Metrics()
+    dim = _embedding_dim(first)
+    engine = Engine(policy, runtimes, frontier=frontier, semantic_dim=dim)
+    engine.on_decision = decision_logger(lambda: engine.policy, metrics)
+    server = Server(engine, args.policy, metrics)
+    asyncio.run(serve_forever(server, args.address, args.metrics_port or None))
+    return 0
+
+
+def _embedding_dim(runtime: object) -> int | None:
+    backend = getattr(runtime, "backend", None)
+    model = getattr(backend, "model", None)
+    return int(model.config.hidden_size) if model is not None else None
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import os
+
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from tiergate.client import Client
+
+    key = args.api_key or os.environ.get("TIERGATE_API_KEY")
+    with Client(args.address, api_key=key) as client:
+        for text in args.texts:
+            try:
+                r = client.classify(text, task=args.task, timeout=args.timeout)
+            except grpc.RpcError as e:
+                print(f"{text!r}: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 1
+            if args.json:
+                print(json.dumps(MessageToDict(r), ensure_ascii=False))
+            else:
+                flags = (" cached" if r.cached else "") + (
+                    f" degraded ({r.degraded_reason})" if r.degraded else ""
+                )
+                print(f"{r.label}\t{r.confidence:.3f}\t{r.tier}{flags}\t{text}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        commands = {
+            "train": cmd_train,
+            "eval": cmd_eval,
+            "serve": cmd_serve,
+            "classify": cmd_classify,
+        }
+        return commands[args.command](args)
     except (TiergateError, FileNotFoundError) as e:
         print(f"tiergate {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -143,7 +143,10 @@ def evaluate(
             local_only,
             decided,
             prices.local_per_request * len(texts),
-            latency,
+            [
+                t - (answers[i].seconds if d == "frontier" else 0.0)
+                for i, (t, d) in enumerate(zip(latency, decided, strict=True))
+            ],
             local_mask,
         )
     )

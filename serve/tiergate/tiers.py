@@ -172,7 +172,18 @@ class TransformersIntentModel:
         self.max_length = max_length
 
     def logits(self, texts: Sequence[str]) -> npt.NDArray[np.float64]:
-        out = []
+        return self.infer(texts, embed=False)[0]
+
+    def infer(
+        self, texts: Sequence[str], *, embed: bool = True
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32] | None]:
+        """Logits and (optionally) unit-length sentence embeddings from one forward pass.
+
+        The embedding is the mean of the encoder's last hidden states over real
+        tokens, the pooling all-MiniLM-L6-v2 was trained with; it feeds the
+        semantic cache at no extra model cost.
+        """
+        out, vectors = [], []
         with self.torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(
@@ -182,11 +193,17 @@ class TransformersIntentModel:
                     max_length=self.max_length,
                     return_tensors="pt",
                 )
-                out.append(self.model(**enc).logits.float().numpy())
+                result = self.model(**enc, output_hidden_states=embed)
+                out.append(result.logits.float().numpy())
+                if embed:
+                    mask = enc["attention_mask"].unsqueeze(-1).float()
+                    pooled = (result.hidden_states[-1] * mask).sum(1) / mask.sum(1).clamp(min=1)
+                    pooled = self.torch.nn.functional.normalize(pooled, dim=1)
+                    vectors.append(pooled.float().numpy())
         if not out:
-            return np.zeros((0, len(self.labels)))
+            return np.zeros((0, len(self.labels))), None
         logits: npt.NDArray[np.float64] = np.concatenate(out).astype(np.float64)
-        return logits
+        return logits, (np.concatenate(vectors).astype(np.float32) if embed else None)
 
 
 class IntentTier:

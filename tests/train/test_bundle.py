@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import INTENTS
 from tiergate import ConfigError, FormatError
 from tiergate.bundle import load_bundle
 from tiergate.data import load_splits, texts
 from tiergate.train import TrainOptions, train_bundle
 from tiergate.train.linear import features
-
-from .conftest import INTENTS
 
 
 def copy(bundle: Path, tmp_path: Path) -> Path:

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
 
+from tests.conftest import INTENTS
+from tests.fake_openai import Script, fake_provider
 from tiergate.bundle import load_bundle
 from tiergate.cli import main
 from tiergate.data import load_splits, read_jsonl
 from tiergate.evaluate import cascade_route, run_tiers
 from tiergate.frontier import OpenAIFrontier, ProviderConfig
-
-from .conftest import INTENTS
 
 
 def test_cascade_decisions_respect_the_thresholds(full_bundle: Path) -> None:
@@ -64,45 +61,18 @@ def test_eval_cli_reports_every_configuration(full_bundle: Path, tmp_path: Path)
     assert (out / "cost_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
-class _FakeProvider(BaseHTTPRequestHandler):
-    """An OpenAI-compatible chat-completions endpoint with scripted answers."""
-
-    answers: ClassVar[dict[str, str]] = {}
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        text = body["messages"][-1]["content"]
-        label = self.answers.get(text, "no_such_label")
-        message = {"role": "assistant", "content": json.dumps({"label": label})}
-        payload = {
-            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105},
-        }  # fmt: skip
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def provider() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeProvider)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with fake_provider(SCRIPT) as url:
+        yield url
+
+
+SCRIPT = Script()
 
 
 def test_real_http_frontier_labels_and_prices(provider: str) -> None:
     labels = ["greeting", "refund"]
-    _FakeProvider.answers = {"hello": "greeting", "money back please": "refund"}
+    SCRIPT.answers = {"hello": "greeting", "money back please": "refund"}
     frontier = OpenAIFrontier(
         labels,
         ProviderConfig(

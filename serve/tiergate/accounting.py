@@ -1,0 +1,110 @@
+"""Per-tenant daily quotas: requests, escalations and spend.
+
+Spend is reserved before an escalation (at the estimated price) and settled
+after it with the price the provider reported, so concurrent requests can
+never push a tenant past its cap: a reservation that would cross the cap is
+refused up front. The ledger is touched only from the event loop (no await
+between check and update), and a lock makes it safe from threads too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tiergate.policy import Tenant
+
+DAY_S = 86_400.0
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class Usage:
+    day: int
+    requests: int = 0
+    escalations: int = 0
+    spent_usd: float = 0.0
+    reserved_usd: float = 0.0
+
+
+@dataclass
+class Reservation:
+    tenant: str
+    day: int
+    amount: float
+    settled: bool = field(default=False)
+
+
+class Ledger:
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.usage: dict[str, Usage] = {}
+        self.lock = threading.Lock()
+
+    def _today(self, tenant: str) -> Usage:
+        day = int(self.clock() // DAY_S)
+        u = self.usage.get(tenant)
+        if u is None or u.day != day:
+            u = self.usage[tenant] = Usage(day)
+        return u
+
+    def _retry_after(self) -> float:
+        return DAY_S - self.clock() % DAY_S
+
+    def admit(self, tenant: Tenant) -> None:
+        """Counts a request, or raises QuotaExceeded when the daily request quota is spent."""
+        with self.lock:
+            u = self._today(tenant.name)
+            cap = tenant.quota.requests_per_day
+            if cap is not None and u.requests >= cap:
+                raise QuotaExceeded(
+                    f"tenant {tenant.name!r} reached its quota of {cap} requests per day",
+                    self._retry_after(),
+                )
+            u.requests += 1
+
+    def reserve_escalation(self, tenant: Tenant, estimate_usd: float) -> Reservation:
+        """Reserves one escalation and its estimated cost, or raises QuotaExceeded."""
+        with self.lock:
+            u = self._today(tenant.name)
+            q = tenant.quota
+            if q.escalations_per_day is not None and u.escalations >= q.escalations_per_day:
+                raise QuotaExceeded(
+                    f"tenant {tenant.name!r} reached its quota of {q.escalations_per_day} "
+                    "escalations per day",
+                    self._retry_after(),
+                )
+            committed = u.spent_usd + u.reserved_usd + estimate_usd
+            if q.spend_per_day_usd is not None and committed > q.spend_per_day_usd:
+                raise QuotaExceeded(
+                    f"tenant {tenant.name!r} would pass its spend cap of "
+                    f"${q.spend_per_day_usd:.4f} per day",
+                    self._retry_after(),
+                )
+            u.escalations += 1
+            u.reserved_usd += estimate_usd
+            return Reservation(tenant.name, u.day, estimate_usd)
+
+    def settle(self, reservation: Reservation, actual_usd: float) -> None:
+        """Replaces the reserved amount with the actual cost (0 releases a failed call)."""
+        with self.lock:
+            if reservation.settled:
+                return
+            reservation.settled = True
+            u = self.usage.get(reservation.tenant)
+            if u is None or u.day != reservation.day:
+                return  # the day rolled over; yesterday's books are closed
+            u.reserved_usd = max(0.0, u.reserved_usd - reservation.amount)
+            u.spent_usd += actual_usd
+
+    def snapshot(self, tenant: str) -> Usage:
+        with self.lock:
+            u = self._today(tenant)
+            return Usage(u.day, u.requests, u.escalations, u.spent_usd, u.reserved_usd)

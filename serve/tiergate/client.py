@@ -1,0 +1,114 @@
+"""Python clients of the tiergate gRPC API, sync and asyncio.
+
+from tiergate.client import Client
+with Client("127.0.0.1:50051", api_key="...") as c:
+    answer = c.classify("where is my order", timeout=0.5)
+    print(answer.label, answer.tier, answer.confidence)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+
+import grpc
+
+from tiergate.v1 import classifier_pb2 as pb
+from tiergate.v1 import classifier_pb2_grpc as pb_grpc
+
+ClassifyResponse = pb.ClassifyResponse
+
+
+def _request(text: str, task: str, risk_tags: Sequence[str], force_tier: str, max_tier: str,
+             idempotency_key: str, client_id: str) -> pb.ClassifyRequest:  # fmt: skip
+    return pb.ClassifyRequest(
+        text=text,
+        task=task,
+        hints=pb.Hints(risk_tags=list(risk_tags), force_tier=force_tier, max_tier=max_tier),
+        idempotency_key=idempotency_key,
+        client_id=client_id,
+    )
+
+
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("x-api-key", api_key),) if api_key else ()
+
+
+class Client:
+    """Blocking client; errors raise grpc.RpcError with the server's status and message."""
+
+    def __init__(self, address: str, *, api_key: str | None = None):
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.ClassifierStub(self.channel)  # type: ignore[no-untyped-call]
+        self.metadata = _metadata(api_key)
+
+    def classify(self, text: str, *, task: str = "", risk_tags: Sequence[str] = (),
+                 force_tier: str = "", max_tier: str = "", idempotency_key: str = "",
+                 timeout: float | None = None) -> pb.ClassifyResponse:  # fmt: skip
+        msg = _request(text, task, risk_tags, force_tier, max_tier, idempotency_key, "")
+        response: pb.ClassifyResponse = self.stub.Classify(
+            msg, timeout=timeout, metadata=self.metadata
+        )
+        return response
+
+    def classify_batch(self, texts: Sequence[str], *, task: str = "",
+                       timeout: float | None = None) -> list[pb.ClassifyResponse]:  # fmt: skip
+        msg = pb.ClassifyBatchRequest(
+            requests=[_request(t, task, (), "", "", "", "") for t in texts]
+        )
+        response = self.stub.ClassifyBatch(msg, timeout=timeout, metadata=self.metadata)
+        return list(response.responses)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client (grpc.aio); use ``async with``."""
+
+    def __init__(self, address: str, *, api_key: str | None = None):
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = pb_grpc.ClassifierStub(self.channel)  # type: ignore[no-untyped-call]
+        self.metadata = _metadata(api_key)
+
+    async def classify(self, text: str, *, task: str = "", risk_tags: Sequence[str] = (),
+                       force_tier: str = "", max_tier: str = "", idempotency_key: str = "",
+                       timeout: float | None = None) -> pb.ClassifyResponse:  # fmt: skip
+        msg = _request(text, task, risk_tags, force_tier, max_tier, idempotency_key, "")
+        response: pb.ClassifyResponse = await self.stub.Classify(
+            msg, timeout=timeout, metadata=self.metadata
+        )
+        return response
+
+    async def classify_batch(
+        self, texts: Sequence[str], *, task: str = "", timeout: float | None = None
+    ) -> list[pb.ClassifyResponse]:
+        msg = pb.ClassifyBatchRequest(
+            requests=[_request(t, task, (), "", "", "", "") for t in texts]
+        )
+        response = await self.stub.ClassifyBatch(msg, timeout=timeout, metadata=self.metadata)
+        return list(response.responses)
+
+    def stream(self) -> grpc.aio.StreamStreamCall[pb.ClassifyRequest, pb.ClassifyResponse]:
+        """A ClassifyStream call: ``await call.write(ClassifyRequest)``, ``async for`` answers."""
+        call: grpc.aio.StreamStreamCall[pb.ClassifyRequest, pb.ClassifyResponse] = (
+            self.stub.ClassifyStream(metadata=self.metadata)
+        )
+        return call
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, v: BaseException | None,
+                        tb: TracebackType | None) -> None:  # fmt: skip
+        await self.close()

@@ -1,0 +1,537 @@
+"""The cascade engine: one request through the tiers, under its deadline and policy.
+
+Order: exact cache -> rules -> hashed linear -> intent model (batched, with
+the embedding) -> semantic cache -> frontier. The cheap tiers run inline in
+the front-end process (microseconds; no process or Ray hop); model calls from
+concurrent requests are gathered into micro-batches by :class:`MicroBatcher`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import unicodedata
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from tiergate._core import LinearModel, SemanticCache
+from tiergate.accounting import Ledger, QuotaExceeded
+from tiergate.bundle import Bundle, load_bundle
+from tiergate.calibration import Calibrator
+from tiergate.gate import GENERAL, DomainGate
+from tiergate.policy import Policy, Task, Tenant
+from tiergate.tiers import RulesTier, answer_domains
+
+LOCAL_TIERS = ("rules", "linear", "intent")
+ORDER = ("rules", "linear", "intent", "frontier")
+
+
+class RequestError(Exception):
+    """A request the engine refuses; ``code`` is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class Request:
+    text: str
+    tenant: Tenant
+    task: str = ""
+    risk_tags: Sequence[str] = ()
+    force_tier: str = ""
+    max_tier: str = ""
+    idempotency_key: str = ""
+    client_id: str = ""
+    deadline: float | None = None  # time.monotonic() by which the answer must leave
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def remaining_ms(self) -> float:
+        if self.deadline is None:
+            return float("inf")
+        return (self.deadline - time.monotonic()) * 1000
+
+
+@dataclass
+class Step:
+    tier: str
+    label: str = ""
+    confidence: float = 0.0
+    threshold: float = 0.0
+    accepted: bool = False
+    micros: int = 0
+    note: str = ""
+
+
+@dataclass
+class Decision:
+    label: str
+    confidence: float
+    tier: str
+    path: list[Step]
+    request_id: str
+    policy_version: str
+    cached: bool = False
+    cache: str = ""
+    cost_usd: float = 0.0
+    degraded: bool = False
+    degraded_reason: str = ""
+    risk_tags: list[str] = field(default_factory=list)
+    pending_review: bool = False
+    client_id: str = ""
+
+
+class ModelBackend(Protocol):
+    """The intent model: logits over the bundle's labels and unit embeddings, batched."""
+
+    labels: list[str]
+
+    def infer(
+        self, texts: Sequence[str], *, embed: bool = True
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32] | None]: ...
+
+
+class FrontierClient(Protocol):
+    async def classify(
+        self, text: str, labels: Sequence[str], hints: str
+    ) -> tuple[str | None, float, str | None]:
+        """(label or None, cost in USD, error) for one escalated request."""
+        ...
+
+    def estimate_cost(self, text: str, labels: Sequence[str]) -> float: ...
+
+
+def normalise(text: str) -> str:
+    """The exact-cache key: NFKC, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+class ExactCache:
+    """LRU with TTL of whole decisions, keyed by tenant, task, policy version and text."""
+
+    def __init__(self, capacity: int = 100_000, clock: Callable[[], float] = time.monotonic):
+        self.capacity = capacity
+        self.clock = clock
+        self.entries: OrderedDict[tuple[str, ...], tuple[float, Decision]] = OrderedDict()
+
+    def get(self, key: tuple[str, ...]) -> Decision | None:
+        hit = self.entries.get(key)
+        if hit is None:
+            return None
+        expires, decision = hit
+        if expires < self.clock():
+            del self.entries[key]
+            return None
+        self.entries.move_to_end(key)
+        return decision
+
+    def put(self, key: tuple[str, ...], decision: Decision, ttl_s: float) -> None:
+        if ttl_s <= 0 or self.capacity == 0:
+            return
+        self.entries[key] = (self.clock() + ttl_s, decision)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
+class LatencyTracker:
+    """Recent latencies per tier; the p95 decides whether a tier fits the budget left."""
+
+    def __init__(self, window: int = 512):
+        self.samples: dict[str, deque[float]] = {}
+        self.window = window
+
+    def record(self, tier: str, ms: float) -> None:
+        self.samples.setdefault(tier, deque(maxlen=self.window)).append(ms)
+
+    def p95(self, tier: str) -> float:
+        s = self.samples.get(tier)
+        if not s or len(s) < 5:
+            return 0.0  # unknown yet: try the tier
+        return float(np.percentile(s, 95))
+
+
+class MicroBatcher:
+    """Gathers concurrent model calls into batches (size- or wait-bounded).
+
+    A batch leaves when it is full, or ``max_wait_ms`` after its first
+    request, or sooner when a waiting request's deadline needs it to.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[str]], Awaitable[tuple[np.ndarray, np.ndarray | None]]],
+        max_batch: int = 64,
+        max_wait_ms: float = 2.0,
+    ):
+        self.run = run
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+        self.pending: list[tuple[str, asyncio.Future[tuple[np.ndarray, np.ndarray | None]]]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.batches = 0
+
+    async def submit(self, text: str, budget_ms: float) -> tuple[np.ndarray, np.ndarray | None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[np.ndarray, np.ndarray | None]] = loop.create_future()
+        self.pending.append((text, fut))
+        if len(self.pending) >= self.max_batch:
+            self._flush()
+        elif self.timer is None:
+            wait = min(self.max_wait_ms, max(0.0, budget_ms / 4)) / 1000
+            self.timer = loop.call_later(wait, self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        batch, self.pending = self.pending, []
+        if batch:
+            self.batches += 1
+            asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[str, asyncio.Future[Any]]]) -> None:
+        try:
+            logits, vectors = await self.run([t for t, _ in batch])
+        except Exception as e:  # every waiter learns of the failure
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        for i, (_, fut) in enumerate(batch):
+            if not fut.done():
+                fut.set_result((logits[i], None if vectors is None else vectors[i]))
+
+
+class TaskRuntime:
+    """One task's loaded bundle: its tiers, gates and model batcher."""
+
+    def __init__(self, task: Task, bundle: Bundle, backend: ModelBackend | None):
+        self.task = task
+        self.bundle = bundle
+        self.labels = bundle.labels
+        self.rules: RulesTier | None = None
+        if bundle.has("rules"):
+            self.rules = RulesTier(bundle.rules(), bundle.labels, bundle.rule_precision())
+        self.linear: LinearModel | None = bundle.linear_model() if bundle.has("linear") else None
+        self.calibrators: dict[str, Calibrator] = {
+            t: bundle.calibrator(t) for t in ("linear", "intent") if bundle.has(t)
+        }
+        self.gates: dict[str, DomainGate] = {}
+        for tier in LOCAL_TIERS:
+            thresholds = dict(bundle.thresholds.get(tier, {GENERAL: 1.01}))
+            thresholds.update(task.thresholds.get(tier, {}))
+            self.gates[tier] = DomainGate(thresholds, {}, {})
+        self.backend = backend if bundle.has("intent") else None
+        self.batcher: MicroBatcher | None = None
+        if self.backend is not None:
+            backend_ = self.backend
+
+            async def run(texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+                return await asyncio.to_thread(backend_.infer, texts)  # torch frees the GIL
+
+            self.batcher = MicroBatcher(run)
+
+
+RuntimeFactory = Callable[[Task], TaskRuntime]
+
+
+def in_process_runtime(task: Task) -> TaskRuntime:
+    """Loads a task's bundle with its intent model run in-process (PyTorch)."""
+    bundle = load_bundle(task.bundle)
+    backend: ModelBackend | None = None
+    if bundle.has("intent"):
+        from tiergate.tiers import TransformersIntentModel
+
+        backend = TransformersIntentModel(
+            bundle.intent_path(), max_length=int(bundle.tiers["intent"].get("max_length", 64))
+        )
+    return TaskRuntime(task, bundle, backend)
+
+
+class Engine:
+    def __init__(
+        self,
+        policy: Policy,
+        runtimes: dict[str, TaskRuntime],
+        *,
+        frontier: FrontierClient | None = None,
+        ledger: Ledger | None = None,
+        semantic_dim: int | None = None,
+        on_decision: Callable[[Request, Decision, float], None] | None = None,
+    ):
+        self.policy = policy
+        self.runtimes = runtimes
+        self.frontier = frontier
+        self.ledger = ledger or Ledger()
+        self.exact = ExactCache()
+        self.latency = LatencyTracker()
+        self.semantic = (
+            SemanticCache(
+                semantic_dim,
+                threshold=policy.semantic_threshold,
+                ttl_seconds=policy.semantic_ttl_s,
+                capacity=100_000,
+            )
+            if semantic_dim
+            else None
+        )
+        self.idempotent: OrderedDict[tuple[str, str], Decision] = OrderedDict()
+        self.review_queue: list[dict[str, Any]] = []
+        self.on_decision = on_decision
+
+    def swap_policy(self, policy: Policy, runtimes: dict[str, TaskRuntime]) -> None:
+        """Installs a validated policy; caches are keyed by version, so none is stale."""
+        self.policy, self.runtimes = policy, runtimes
+
+    def validate(self, req: Request) -> TaskRuntime:
+        policy = self.policy
+        task = req.task or policy.default_task
+        runtime = self.runtimes.get(task)
+        if runtime is None:
+            raise RequestError(
+                "INVALID_ARGUMENT", f"unknown task {task!r}; known: {sorted(self.runtimes)}"
+            )
+        if not req.text.strip():
+            raise RequestError("INVALID_ARGUMENT", "text is empty")
+        size = len(req.text.encode("utf-8", "surrogatepass"))
+        if size > policy.max_text_bytes:
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"text is {size} bytes; the limit is {policy.max_text_bytes}",
+            )
+        for name, tier in (("force_tier", req.force_tier), ("max_tier", req.max_tier)):
+            if tier and tier not in ORDER:
+                raise RequestError(
+                    "INVALID_ARGUMENT", f"hints.{name} {tier!r} is not one of {ORDER}"
+                )
+        return runtime
+
+    async def classify(self, req: Request) -> Decision:
+        started = time.perf_counter()
+        runtime = self.validate(req)
+        policy = self.policy
+        if req.idempotency_key:
+            key = (req.tenant.name, req.idempotency_key)
+            if key in self.idempotent:
+                return self.idempotent[key]
+        try:
+            self.ledger.admit(req.tenant)
+        except QuotaExceeded as e:
+            raise RequestError(
+                "RESOURCE_EXHAUSTED", str(e), retry_after_s=e.retry_after_s
+            ) from None
+        decision = await self._decide(req, runtime, policy)
+        if req.idempotency_key:
+            self.idempotent[(req.tenant.name, req.idempotency_key)] = decision
+            while len(self.idempotent) > 100_000:
+                self.idempotent.popitem(last=False)
+        if self.on_decision is not None:
+            self.on_decision(req, decision, time.perf_counter() - started)
+        return decision
+
+    async def _decide(self, req: Request, rt: TaskRuntime, policy: Policy) -> Decision:
+        path: list[Step] = []
+        labels = rt.labels
+        d = Decision("", 0.0, "", path, req.request_id, policy.version, client_id=req.client_id)
+        cache_key = (req.tenant.name, rt.task.name, policy.version, normalise(req.text))
+        start_at = ORDER.index(req.force_tier) if req.force_tier else 0
+        stop_at = ORDER.index(req.max_tier) if req.max_tier else len(ORDER) - 1
+
+        hit = self.exact.get(cache_key) if not req.force_tier else None
+        if hit is not None:
+            return Decision(
+                hit.label,
+                hit.confidence,
+                hit.tier,
+                [Step("exact_cache", hit.label, hit.confidence, 0.0, True, 0, "exact match")],
+                req.request_id,
+                policy.version,
+                True,
+                "exact",
+                0.0,
+                False,
+                "",
+                list(hit.risk_tags),
+                hit.pending_review,
+                req.client_id,
+            )
+
+        best: tuple[float, str, str] = (-1.0, "", "")  # (confidence, label, tier) below threshold
+        tags = list(req.risk_tags)
+        # Rules run even when skipped as a tier: their risk tags route the request.
+        t0 = time.perf_counter()
+        rule_pred, rule_conf = -1, 0.0
+        if rt.rules is not None:
+            out, rule_tags = rt.rules.match([req.text])
+            tags = sorted(set(tags) | set(rule_tags[0]))
+            rule_pred, rule_conf = int(out.pred[0]), float(out.confidence[0])
+        d.risk_tags = tags
+        action, why = policy.risk_action(tags)
+        if action == "review":
+            return self._review(req, d, why or "", t0)
+
+        def domain_of(pred: int) -> str:
+            return answer_domains(np.array([pred]), labels, rt.bundle.label_domains, [tags])[0]
+
+        def consider(tier: str, pred: int, conf: float, micros: int) -> bool:
+            nonlocal best
+            label = labels[pred] if pred >= 0 else ""
+            threshold = rt.gates[tier].threshold(domain_of(pred)) if pred >= 0 else 0.0
+            ok = pred >= 0 and conf >= threshold and action != "escalate"
+            note = "risk policy escalates" if action == "escalate" and pred >= 0 else ""
+            path.append(Step(tier, label, conf, threshold, ok, micros, note))
+            if pred >= 0 and conf > best[0]:
+                best = (conf, label, tier)
+            if ok:
+                d.label, d.confidence, d.tier = label, conf, tier
+            return ok
+
+        if (
+            rt.rules is not None
+            and start_at <= 0
+            and consider("rules", rule_pred, rule_conf, _us(t0))
+        ):
+            return self._finish(d, cache_key, rt, policy)
+        if rt.linear is not None and start_at <= 1 and stop_at >= 1:
+            t0 = time.perf_counter()
+            pred, conf = rt.calibrators["linear"].apply(rt.linear.decision_function([req.text]))
+            if consider("linear", int(pred[0]), float(conf[0]), _us(t0)):
+                return self._finish(d, cache_key, rt, policy)
+
+        vector = None
+        if rt.batcher is not None and start_at <= 2 and stop_at >= 2:
+            need, left = self.latency.p95("intent"), req.remaining_ms()
+            if need > left:
+                path.append(
+                    Step(
+                        "intent", note=f"skipped: p95 {need:.1f} ms exceeds the {left:.1f} ms left"
+                    )
+                )
+                return self._degrade(
+                    d, best, f"latency budget: intent model p95 {need:.1f} ms > {left:.1f} ms left"
+                )
+            t0 = time.perf_counter()
+            try:
+                logits, vector = await rt.batcher.submit(req.text, left)
+            except Exception as e:  # the tier is down: answer from what we have
+                path.append(Step("intent", note=f"failed: {type(e).__name__}: {e}"))
+                return self._degrade(d, best, "intent model unavailable")
+            self.latency.record("intent", (time.perf_counter() - t0) * 1000)
+            pred, conf = rt.calibrators["intent"].apply(logits[None, :])
+            if consider("intent", int(pred[0]), float(conf[0]), _us(t0)):
+                return self._finish(d, cache_key, rt, policy, vector)
+
+        namespace = f"{req.tenant.name}/{rt.task.name}/{policy.version}"
+        if self.semantic is not None and vector is not None and action != "escalate":
+            hit2 = self.semantic.get(namespace, vector)
+            if hit2 is not None:
+                label = hit2[0].decode()
+                path.append(
+                    Step(
+                        "semantic_cache",
+                        label,
+                        float(hit2[1]),
+                        policy.semantic_threshold,
+                        True,
+                        0,
+                        f"similarity {hit2[1]:.3f}",
+                    )
+                )
+                d.label, d.confidence, d.tier, d.cached, d.cache = (
+                    label,
+                    float(hit2[1]),
+                    "frontier",
+                    True,
+                    "semantic",
+                )
+                return d
+
+        if stop_at < 3:
+            return self._degrade(
+                d, best, f"hints.max_tier={req.max_tier} stops before the frontier"
+            )
+        return await self._escalate(req, d, rt, policy, best, cache_key, namespace, vector)
+
+    async def _escalate(self, req: Request, d: Decision, rt: TaskRuntime, policy: Policy,
+                        best: tuple[float, str, str], cache_key: tuple[str, ...], namespace: str,
+                        vector: np.ndarray | None) -> Decision:  # fmt: skip
+        if self.frontier is None:
+            d.path.append(Step("frontier", note="no frontier provider configured"))
+            return self._degrade(d, best, "frontier tier not configured")
+        need, left = self.latency.p95("frontier"), req.remaining_ms()
+        if need > left:
+            d.path.append(
+                Step("frontier", note=f"skipped: p95 {need:.0f} ms exceeds the {left:.0f} ms left")
+            )
+            return self._degrade(d, best, "latency budget: frontier p95 exceeds the time left")
+        estimate = self.frontier.estimate_cost(req.text, rt.labels)
+        try:
+            reservation = self.ledger.reserve_escalation(req.tenant, estimate)
+        except QuotaExceeded as e:
+            if req.tenant.on_quota == "reject":
+                raise RequestError(
+                    "RESOURCE_EXHAUSTED", str(e), retry_after_s=e.retry_after_s
+                ) from None
+            d.path.append(Step("frontier", note=f"quota: {e}"))
+            return self._degrade(d, best, f"quota reached: {e}")
+        t0 = time.perf_counter()
+        hints = ", ".join(f"{s.tier}: {s.label} ({s.confidence:.2f})" for s in d.path if s.label)
+        label, cost, error = await self.frontier.classify(req.text, rt.labels, hints)
+        self.ledger.settle(reservation, cost)
+        self.latency.record("frontier", (time.perf_counter() - t0) * 1000)
+        d.cost_usd = cost
+        if label is None:
+            d.path.append(Step("frontier", note=f"failed: {error}", micros=_us(t0)))
+            return self._degrade(d, best, f"frontier failed: {error}")
+        d.path.append(Step("frontier", label, 1.0, 0.0, True, _us(t0)))
+        d.label, d.confidence, d.tier = label, 1.0, "frontier"
+        cacheable = label not in rt.task.no_cache_labels
+        if self.semantic is not None and vector is not None and cacheable:
+            self.semantic.put(namespace, vector, label.encode())
+        if cacheable:
+            self.exact.put(cache_key, d, policy.exact_ttl_s)
+        return d
+
+    def _finish(self, d: Decision, key: tuple[str, ...], rt: TaskRuntime, policy: Policy,
+                vector: np.ndarray | None = None) -> Decision:  # fmt: skip
+        if d.label not in rt.task.no_cache_labels:
+            self.exact.put(key, d, policy.exact_ttl_s)
+        return d
+
+    def _degrade(self, d: Decision, best: tuple[float, str, str], reason: str) -> Decision:
+        d.degraded, d.degraded_reason = True, reason
+        if best[0] < 0:
+            raise RequestError("UNAVAILABLE", f"no tier could answer ({reason})")
+        d.confidence, d.label, d.tier = best
+        return d
+
+    def _review(self, req: Request, d: Decision, tag: str, t0: float) -> Decision:
+        self.review_queue.append(
+            {
+                "request_id": req.request_id,
+                "tenant": req.tenant.name,
+                "task": req.task,
+                "risk_tags": d.risk_tags,
+                "text": req.text,
+            }
+        )
+        d.path.append(
+            Step("review", "pending_review", 0.0, 0.0, True, _us(t0), f"risk tag {tag!r}")
+        )
+        d.label, d.tier, d.pending_review = "pending_review", "review", True
+        return d
+
+
+def _us(t0: float) -> int:
+    return int((time.perf_counter() - t0) * 1e6)

@@ -1,0 +1,38 @@
+"""Prometheus metrics of the front end, on their own registry (one per server)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+# Buckets from 50 µs (cheap tiers) to 10 s (frontier calls).
+LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tiergate_requests", "Answered requests by deciding tier and outcome",
+            ["tier", "outcome"], registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "tiergate_request_seconds", "Server-side latency by deciding tier",
+            ["tier"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.escalations = Counter(
+            "tiergate_escalations", "Requests sent to the frontier", registry=r
+        )
+        self.cache_hits = Counter(
+            "tiergate_cache_hits", "Answers from a cache", ["cache"], registry=r
+        )
+        self.spend = Counter(
+            "tiergate_spend_usd", "Frontier spend per tenant", ["tenant"], registry=r
+        )
+        self.errors = Counter(
+            "tiergate_errors", "Refused requests by gRPC status", ["code"], registry=r
+        )
+
+    def serve_http(self, port: int, address: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=address, registry=self.registry)

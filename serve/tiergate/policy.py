@@ -1,0 +1,254 @@
+"""The serving policy: one versioned YAML file, validated before it is used.
+
+Example::
+
+    version: "2026-11-23.1"          # echoed in every answer; part of cache keys
+    default_task: intents
+    tasks:
+      intents:
+        bundle: ../bundles/clinc     # relative to this file
+        thresholds: {linear: {general: 0.95}}   # override the bundle's
+        latency: {p95_ms: 50, p99_ms: 200}
+        no_cache_labels: [report_fraud]
+    risk:                            # what a risk tag does to a request
+      finance: gate                  # the stricter gate of the bundle (default)
+      legal: review                  # human review: answers pending_review
+    auth: {required: true}
+    tenants:
+      acme:
+        key_sha256: [<sha256 hex of the API key>]
+        quota: {requests_per_day: 100000, escalations_per_day: 2000, spend_per_day_usd: 5}
+        on_quota: degrade            # or reject (RESOURCE_EXHAUSTED)
+    cache: {exact_ttl_s: 3600, semantic_ttl_s: 3600, semantic_threshold: 0.95}
+    limits: {max_text_bytes: 16384, max_batch: 256}
+    log: {raw_text: false}
+
+Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tiergate._core import ConfigError
+
+RISK_ACTIONS = ("gate", "escalate", "review")
+TIERS = ("rules", "linear", "intent", "frontier")
+
+
+@dataclass(frozen=True)
+class Quota:
+    requests_per_day: int | None = None
+    escalations_per_day: int | None = None
+    spend_per_day_usd: float | None = None
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    key_sha256: tuple[str, ...] = ()
+    quota: Quota = field(default_factory=Quota)
+    on_quota: str = "degrade"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    bundle: Path
+    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    no_cache_labels: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Policy:
+    version: str
+    default_task: str
+    tasks: dict[str, Task]
+    risk: dict[str, str] = field(default_factory=dict)
+    auth_required: bool = False
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    exact_ttl_s: float = 3600.0
+    semantic_ttl_s: float = 3600.0
+    semantic_threshold: float = 0.95
+    max_text_bytes: int = 16_384
+    max_batch: int = 256
+    log_raw_text: bool = False
+    source: str = "<built-in>"
+
+    def tenant_for_key(self, key: str | None) -> Tenant | None:
+        """The tenant owning ``key``; None when unknown. Keys are compared as SHA-256."""
+        if not key:
+            return None
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        for tenant in self.tenants.values():
+            if digest in tenant.key_sha256:
+                return tenant
+        return None
+
+    def risk_action(self, tags: list[str]) -> tuple[str, str | None]:
+        """The strongest action any tag asks for (review > escalate > gate), and its tag."""
+        best, why = "gate", None
+        for tag in tags:
+            action = self.risk.get(tag, "gate")
+            if RISK_ACTIONS.index(action) > RISK_ACTIONS.index(best):
+                best, why = action, tag
+        return best, why
+
+
+def _check_keys(where: str, raw: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _mapping(where: str, raw: object) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, not {type(raw).__name__}")
+    return raw
+
+
+def _number(where: str, raw: object, *, minimum: float = 0.0) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw < minimum:
+        raise ConfigError(f"{where}: expected a number >= {minimum}, not {raw!r}")
+    return float(raw)
+
+
+def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Policy:
+    top = _mapping(source, raw)
+    _check_keys(
+        source,
+        top,
+        {"version", "default_task", "tasks", "risk", "auth", "tenants", "cache", "limits", "log"},
+    )
+    version = top.get("version")
+    if not isinstance(version, str | int | float) or not str(version).strip():
+        raise ConfigError(f"{source}: 'version' is required (any non-empty string)")
+    tasks: dict[str, Task] = {}
+    for name, t in _mapping(f"{source}: tasks", top.get("tasks")).items():
+        where = f"{source}: tasks.{name}"
+        t = _mapping(where, t)
+        _check_keys(where, t, {"bundle", "thresholds", "latency", "no_cache_labels"})
+        if not isinstance(t.get("bundle"), str):
+            raise ConfigError(f"{where}: 'bundle' (a directory path) is required")
+        thresholds: dict[str, dict[str, float]] = {}
+        for tier, domains in _mapping(f"{where}.thresholds", t.get("thresholds")).items():
+            if tier not in TIERS[:3]:
+                raise ConfigError(f"{where}.thresholds: unknown tier {tier!r}; use {TIERS[:3]}")
+            thresholds[tier] = {
+                str(d): _number(f"{where}.thresholds.{tier}.{d}", v)
+                for d, v in _mapping(f"{where}.thresholds.{tier}", domains).items()
+            }
+        latency = _mapping(f"{where}.latency", t.get("latency"))
+        _check_keys(f"{where}.latency", latency, {"p95_ms", "p99_ms"})
+        tasks[str(name)] = Task(
+            str(name),
+            (base_dir / t["bundle"]).resolve(),
+            thresholds,
+            _number(f"{where}.latency.p95_ms", latency["p95_ms"]) if "p95_ms" in latency else None,
+            _number(f"{where}.latency.p99_ms", latency["p99_ms"]) if "p99_ms" in latency else None,
+            frozenset(str(x) for x in t.get("no_cache_labels") or []),
+        )
+    if not tasks:
+        raise ConfigError(f"{source}: at least one task is required under 'tasks'")
+    default_task = str(top.get("default_task", next(iter(tasks))))
+    if default_task not in tasks:
+        raise ConfigError(f"{source}: default_task {default_task!r} is not one of {sorted(tasks)}")
+    risk = {str(k): str(v) for k, v in _mapping(f"{source}: risk", top.get("risk")).items()}
+    for tag, action in risk.items():
+        if action not in RISK_ACTIONS:
+            raise ConfigError(f"{source}: risk.{tag}: {action!r} is not one of {RISK_ACTIONS}")
+    auth = _mapping(f"{source}: auth", top.get("auth"))
+    _check_keys(f"{source}: auth", auth, {"required"})
+    tenants: dict[str, Tenant] = {}
+    for name, t in _mapping(f"{source}: tenants", top.get("tenants")).items():
+        where = f"{source}: tenants.{name}"
+        t = _mapping(where, t)
+        _check_keys(where, t, {"key_sha256", "quota", "on_quota"})
+        keys = tuple(str(k).lower() for k in t.get("key_sha256") or [])
+        for k in keys:
+            if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
+                raise ConfigError(f"{where}.key_sha256: {k[:12]!r}... is not a SHA-256 hex digest")
+        q = _mapping(f"{where}.quota", t.get("quota"))
+        _check_keys(
+            f"{where}.quota", q, {"requests_per_day", "escalations_per_day", "spend_per_day_usd"}
+        )
+        quota = Quota(
+            int(_number(f"{where}.quota.requests_per_day", q["requests_per_day"]))
+            if "requests_per_day" in q
+            else None,
+            int(_number(f"{where}.quota.escalations_per_day", q["escalations_per_day"]))
+            if "escalations_per_day" in q
+            else None,
+            _number(f"{where}.quota.spend_per_day_usd", q["spend_per_day_usd"])
+            if "spend_per_day_usd" in q
+            else None,
+        )
+        on_quota = str(t.get("on_quota", "degrade"))
+        if on_quota not in ("degrade", "reject"):
+            raise ConfigError(f"{where}.on_quota: {on_quota!r} is not 'degrade' or 'reject'")
+        tenants[str(name)] = Tenant(str(name), keys, quota, on_quota)
+    cache = _mapping(f"{source}: cache", top.get("cache"))
+    _check_keys(f"{source}: cache", cache, {"exact_ttl_s", "semantic_ttl_s", "semantic_threshold"})
+    limits = _mapping(f"{source}: limits", top.get("limits"))
+    _check_keys(f"{source}: limits", limits, {"max_text_bytes", "max_batch"})
+    log = _mapping(f"{source}: log", top.get("log"))
+    _check_keys(f"{source}: log", log, {"raw_text"})
+    threshold = _number(
+        f"{source}: cache.semantic_threshold", cache.get("semantic_threshold", 0.95)
+    )
+    if threshold > 1:
+        raise ConfigError(f"{source}: cache.semantic_threshold must be at most 1")
+    return Policy(
+        version=str(version),
+        default_task=default_task,
+        tasks=tasks,
+        risk=risk,
+        auth_required=bool(auth.get("required", False)),
+        tenants=tenants,
+        exact_ttl_s=_number(f"{source}: cache.exact_ttl_s", cache.get("exact_ttl_s", 3600)),
+        semantic_ttl_s=_number(
+            f"{source}: cache.semantic_ttl_s", cache.get("semantic_ttl_s", 3600)
+        ),
+        semantic_threshold=threshold,
+        max_text_bytes=int(
+            _number(
+                f"{source}: limits.max_text_bytes", limits.get("max_text_bytes", 16_384), minimum=1
+            )
+        ),
+        max_batch=int(
+            _number(f"{source}: limits.max_batch", limits.get("max_batch", 256), minimum=1)
+        ),
+        log_raw_text=bool(log.get("raw_text", False)),
+        source=source,
+    )
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no policy file at {path}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return parse_policy(raw, path.parent, str(path))
+
+
+def default_policy(bundle: Path) -> Policy:
+    """The embedded default: one task on one bundle, no auth, no quotas."""
+    return parse_policy(
+        {"version": "default", "tasks": {"default": {"bundle": str(bundle)}}},
+        Path.cwd(),
+        "<default>",
+    )

@@ -1,0 +1,359 @@
+"""The gRPC front end: tiergate.v1.Classifier, health, reflection, metrics, decision log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import orjson
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tiergate.engine import Decision, Engine, Request, RequestError, TaskRuntime, in_process_runtime
+from tiergate.frontier import OpenAIFrontier, ProviderConfig, estimate_tokens, prompt_for
+from tiergate.metrics import Metrics
+from tiergate.policy import Policy, Tenant, load_policy
+from tiergate.v1 import classifier_pb2 as pb
+from tiergate.v1 import classifier_pb2_grpc as pb_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+ANONYMOUS = Tenant("anonymous")
+log = logging.getLogger("tiergate.server")
+decisions_log = logging.getLogger("tiergate.decisions")
+
+
+def api_key(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        v = value.decode() if isinstance(value, bytes) else value
+        if key == "x-api-key":
+            return v
+        if key == "authorization" and v.lower().startswith("bearer "):
+            return v[7:].strip()
+    return None
+
+
+def to_proto(d: Decision) -> pb.ClassifyResponse:
+    return pb.ClassifyResponse(
+        label=d.label,
+        confidence=d.confidence,
+        tier=d.tier,
+        path=[
+            pb.TierStep(
+                tier=s.tier,
+                label=s.label,
+                confidence=s.confidence,
+                threshold=s.threshold,
+                accepted=s.accepted,
+                micros=s.micros,
+                note=s.note,
+            )
+            for s in d.path
+        ],
+        cached=d.cached,
+        cache=d.cache,
+        cost_usd=d.cost_usd,
+        degraded=d.degraded,
+        degraded_reason=d.degraded_reason,
+        policy_version=d.policy_version,
+        request_id=d.request_id,
+        risk_tags=d.risk_tags,
+        pending_review=d.pending_review,
+        client_id=d.client_id,
+    )
+
+
+class AsyncFrontier:
+    """Adapts the OpenAI-compatible client to the engine (issue 5 adds fallback, breakers)."""
+
+    def __init__(self, provider: ProviderConfig, labels: Sequence[str]):
+        self.client = OpenAIFrontier(labels, provider)
+        self.provider = provider
+
+    async def classify(
+        self, text: str, labels: Sequence[str], hints: str
+    ) -> tuple[str | None, float, str | None]:
+        self.client.labels = list(labels)
+        a = await asyncio.to_thread(self.client.classify_one, text, hints)
+        return a.label, a.cost, a.error
+
+    def estimate_cost(self, text: str, labels: Sequence[str]) -> float:
+        # Conservative: 1.5x the estimated prompt and the full output allowance.
+        tokens_in = 1.5 * sum(estimate_tokens(m["content"]) for m in prompt_for(text, labels))
+        return (
+            tokens_in * self.provider.price_in_per_mtok + 32 * self.provider.price_out_per_mtok
+        ) / 1e6
+
+
+class ClassifierService(pb_grpc.ClassifierServicer):
+    def __init__(self, engine: Engine, metrics: Metrics):
+        self.engine = engine
+        self.metrics = metrics
+
+    def _tenant(self, context: Context) -> Tenant:
+        key = api_key(context.invocation_metadata())
+        policy = self.engine.policy
+        tenant = policy.tenant_for_key(key)
+        if tenant is None:
+            if policy.auth_required:
+                raise RequestError(
+                    "UNAUTHENTICATED",
+                    "a valid API key is required (metadata x-api-key or authorization: Bearer)",
+                )
+            return ANONYMOUS
+        return tenant
+
+    def _request(self, msg: pb.ClassifyRequest, tenant: Tenant, context: Any) -> Request:
+        remaining = context.time_remaining()
+        return Request(
+            text=msg.text,
+            tenant=tenant,
+            task=msg.task,
+            risk_tags=list(msg.hints.risk_tags),
+            force_tier=msg.hints.force_tier,
+            max_tier=msg.hints.max_tier,
+            idempotency_key=msg.idempotency_key,
+            client_id=msg.client_id,
+            deadline=None if remaining is None else time.monotonic() + remaining,
+        )
+
+    async def _classify(
+        self, msg: pb.ClassifyRequest, tenant: Tenant, context: Any
+    ) -> pb.ClassifyResponse:
+        decision = await self.engine.classify(self._request(msg, tenant, context))
+        return to_proto(decision)
+
+    async def _abort(self, context: Context, e: RequestError) -> None:
+        self.metrics.errors.labels(e.code).inc()
+        if e.retry_after_s is not None:
+            context.set_trailing_metadata((("retry-after-s", f"{e.retry_after_s:.0f}"),))
+        await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+
+    async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
+        try:
+            return await self._classify(request, self._tenant(context), context)
+        except RequestError as e:
+            await self._abort(context, e)
+            raise  # unreachable: abort raises
+
+    async def ClassifyBatch(
+        self, request: pb.ClassifyBatchRequest, context: Context
+    ) -> pb.ClassifyBatchResponse:
+        try:
+            tenant = self._tenant(context)
+            n = len(request.requests)
+            if n > self.engine.policy.max_batch:
+                raise RequestError(
+                    "INVALID_ARGUMENT",
+                    f"batch of {n} exceeds the limit of {self.engine.policy.max_batch}",
+                )
+            for i, item in enumerate(request.requests):
+                try:
+                    self.engine.validate(self._request(item, tenant, context))
+                except RequestError as e:
+                    raise RequestError(e.code, f"requests[{i}]: {e.message}") from None
+            answers = await asyncio.gather(
+                *(self._classify(m, tenant, context) for m in request.requests)
+            )
+            return pb.ClassifyBatchResponse(responses=answers)
+        except RequestError as e:
+            await self._abort(context, e)
+            raise
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: Context
+    ) -> AsyncIterator[pb.ClassifyResponse]:
+        try:
+            tenant = self._tenant(context)
+        except RequestError as e:
+            await self._abort(context, e)
+            return
+        queue: asyncio.Queue[pb.ClassifyResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(msg: pb.ClassifyRequest) -> None:
+            try:
+                await queue.put(await self._classify(msg, tenant, context))
+            except RequestError as e:
+                self.metrics.errors.labels(e.code).inc()
+                code = getattr(grpc.StatusCode, e.code).value[0]
+                await queue.put(
+                    pb.ClassifyResponse(
+                        client_id=msg.client_id, error=pb.Error(code=code, message=e.message)
+                    )
+                )
+
+        async def reader() -> None:
+            async for msg in request_iterator:
+                t = asyncio.create_task(one(msg))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks))
+            await queue.put(None)
+
+        feeder = asyncio.create_task(reader())
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+        finally:
+            feeder.cancel()
+
+
+class Server:
+    """A running tiergate front end (gRPC + metrics), with policy hot reload."""
+
+    def __init__(self, engine: Engine, policy_path: Path | None, metrics: Metrics,
+                 runtime_factory: Any = in_process_runtime):  # fmt: skip
+        self.engine = engine
+        self.policy_path = policy_path
+        self.metrics = metrics
+        self.runtime_factory = runtime_factory
+        # Both bind to the running event loop, so start() creates them.
+        self.server: grpc.aio.Server | None = None
+        self.health: health.aio.HealthServicer | None = None
+        self.port = 0
+        self._mtime = policy_path.stat().st_mtime if policy_path else 0.0
+        self._watch: asyncio.Task[None] | None = None
+        self.reloads = {"ok": 0, "rejected": 0}
+
+    async def start(self, address: str = "127.0.0.1:0") -> int:
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
+        self.health = health.aio.HealthServicer()
+        service = ClassifierService(self.engine, self.metrics)
+        pb_grpc.add_ClassifierServicer_to_server(service, self.server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(address)
+        await self.server.start()
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.policy_path is not None:
+            self._watch = asyncio.create_task(self._watch_policy())
+        return self.port
+
+    def reload(self) -> bool:
+        """Loads, validates and installs the policy file; keeps the old one on any error."""
+        assert self.policy_path is not None
+        try:
+            policy = load_policy(self.policy_path)
+            runtimes = build_runtimes(policy, self.runtime_factory, self.engine.runtimes)
+        except Exception as e:  # any failure keeps the running policy
+            self.reloads["rejected"] += 1
+            log.error(
+                "policy reload rejected, keeping version %s: %s", self.engine.policy.version, e
+            )
+            return False
+        self.engine.swap_policy(policy, runtimes)
+        self.reloads["ok"] += 1
+        log.info("policy version %s installed from %s", policy.version, self.policy_path)
+        return True
+
+    async def _watch_policy(self) -> None:
+        assert self.policy_path is not None
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                mtime = self.policy_path.stat().st_mtime
+            except OSError:
+                continue
+            if mtime != self._mtime:
+                self._mtime = mtime
+                await asyncio.to_thread(self.reload)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+
+
+def build_runtimes(
+    policy: Policy, factory: Any, current: dict[str, TaskRuntime] | None = None
+) -> dict[str, TaskRuntime]:
+    """A runtime per task; bundles already loaded for the same path are reused."""
+    by_bundle = {rt.task.bundle: rt for rt in (current or {}).values()}
+    out: dict[str, TaskRuntime] = {}
+    for name, task in policy.tasks.items():
+        old = by_bundle.get(task.bundle)
+        if old is not None and old.bundle.created == _created(task.bundle):
+            out[name] = TaskRuntime(task, old.bundle, old.backend)
+        else:
+            out[name] = factory(task)
+    return out
+
+
+def _created(bundle: Path) -> str:
+    try:
+        return str(orjson.loads((bundle / "manifest.json").read_bytes()).get("created", ""))
+    except (OSError, orjson.JSONDecodeError):
+        return ""
+
+
+def decision_logger(policy_of: Any, metrics: Metrics) -> Any:
+    """The engine's on_decision hook: metrics and one JSON log line per request."""
+
+    def record(req: Request, d: Decision, seconds: float) -> None:
+        outcome = "degraded" if d.degraded else ("cached" if d.cached else "ok")
+        metrics.requests.labels(d.tier, outcome).inc()
+        metrics.latency.labels(d.tier).observe(seconds)
+        if d.cached:
+            metrics.cache_hits.labels(d.cache).inc()
+        if d.tier == "frontier" and not d.cached:
+            metrics.escalations.inc()
+        if d.cost_usd:
+            metrics.spend.labels(req.tenant.name).inc(d.cost_usd)
+        if decisions_log.isEnabledFor(logging.INFO):
+            line: dict[str, Any] = {
+                "request_id": d.request_id,
+                "tenant": req.tenant.name,
+                "task": req.task,
+                "label": d.label,
+                "tier": d.tier,
+                "confidence": round(d.confidence, 4),
+                "path": [
+                    [s.tier, s.label, round(s.confidence, 4), s.accepted, s.micros] for s in d.path
+                ],
+                "cached": d.cache or None,
+                "degraded": d.degraded_reason or None,
+                "policy_version": d.policy_version,
+                "cost_usd": d.cost_usd,
+                "latency_us": int(seconds * 1e6),
+                "risk_tags": d.risk_tags,
+            }
+            if policy_of().log_raw_text:
+                line["text"] = req.text
+            decisions_log.info(orjson.dumps(line).decode())
+
+    return record
+
+
+async def serve_forever(server: Server, address: str, metrics_port: int | None) -> None:
+    port = await server.start(address)
+    if metrics_port is not None:
+        server.metrics.serve_http(metrics_port)
+    host = address.rsplit(":", 1)[0]
+    print(
+        f"tiergate serving gRPC on {host}:{port} (policy {server.engine.policy.version}); "
+        f'try: tiergate classify --address {host}:{port} "where is my order"',
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if server.policy_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, server.reload))
+    await stop.wait()
+    print("tiergate: shutting down", flush=True)
+    await server.stop()

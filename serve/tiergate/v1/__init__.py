@@ -1,0 +1,1 @@
+"""Generated gRPC code for proto/tiergate/v1 (`make proto` writes it; not committed)."""

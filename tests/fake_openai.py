@@ -1,0 +1,64 @@
+"""A real HTTP server speaking the OpenAI chat-completions API, with scripted answers.
+
+Tests start it on loopback to stand in for a frontier provider.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Script:
+    answers: dict[str, str] = field(default_factory=dict)  # user text -> label
+    default: str = "no_such_label"
+    delay_s: float = 0.0
+    calls: int = 0
+    prompt_tokens: int = 100
+    completion_tokens: int = 5
+
+
+@contextmanager
+def fake_provider(script: Script) -> Iterator[str]:
+    """Yields the base URL (http://127.0.0.1:PORT/v1) of a provider following ``script``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            script.calls += 1
+            if script.delay_s:
+                time.sleep(script.delay_s)
+            text = body["messages"][-1]["content"].split("\n\n(cheaper tiers")[0]
+            label = script.answers.get(text, script.default)
+            message = {"role": "assistant", "content": json.dumps({"label": label})}
+            payload = {
+                "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+                "usage": {"prompt_tokens": script.prompt_tokens,
+                          "completion_tokens": script.completion_tokens,
+                          "total_tokens": script.prompt_tokens + script.completion_tokens},
+            }  # fmt: skip
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()

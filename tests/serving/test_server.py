@@ -1,0 +1,335 @@
+"""The gRPC front end over real loopback gRPC: answers, status codes, quotas, reload, caches."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from tests.fake_openai import Script, fake_provider
+from tiergate.client import Client
+from tiergate.engine import Engine, in_process_runtime
+from tiergate.frontier import ProviderConfig
+from tiergate.metrics import Metrics
+from tiergate.policy import load_policy
+from tiergate.server import AsyncFrontier, Server, build_runtimes, decision_logger
+from tiergate.v1 import classifier_pb2 as pb
+
+KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass
+class Running:
+    address: str
+    server: Server
+    engine: Engine
+    loop: asyncio.AbstractEventLoop
+
+    def client(self, key: str | None = None) -> Client:
+        return Client(self.address, api_key=key)
+
+
+def write_policy(path: Path, bundle: Path, **changes: Any) -> Path:
+    doc: dict[str, Any] = {
+        "version": "v1",
+        "tasks": {"intents": {"bundle": str(bundle)}},
+        "tenants": {
+            "a": {"key_sha256": [sha(KEY_A)]},
+            "b": {"key_sha256": [sha(KEY_B)]},
+        },
+        "risk": {"legal": "review"},
+        "limits": {"max_text_bytes": 2000, "max_batch": 8},
+    }
+    for key, value in changes.items():
+        doc[key] = value
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Any]:
+    """Starts a front end on a policy file in a background event loop; stops it after."""
+    running: list[Running] = []
+    threads: list[threading.Thread] = []
+
+    def _start(policy_path: Path, frontier_url: str | None = None, price: float = 1.0) -> Running:
+        policy = load_policy(policy_path)
+        runtimes = build_runtimes(policy, in_process_runtime)
+        first = next(iter(runtimes.values()))
+        frontier = None
+        if frontier_url:
+            provider = ProviderConfig("loopback", frontier_url, "m", None, price, price)
+            frontier = AsyncFrontier(provider, first.labels)
+        metrics = Metrics()
+        dim = first.backend.model.config.hidden_size if first.backend is not None else None  # type: ignore[attr-defined]
+        engine = Engine(policy, runtimes, frontier=frontier, semantic_dim=dim)
+        engine.on_decision = decision_logger(lambda: engine.policy, metrics)
+        server = Server(engine, policy_path, metrics)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        threads.append(thread)
+        port = asyncio.run_coroutine_threadsafe(server.start("127.0.0.1:0"), loop).result(30)
+        r = Running(f"127.0.0.1:{port}", server, engine, loop)
+        running.append(r)
+        return r
+
+    yield _start
+    for r, thread in zip(running, threads, strict=True):
+        asyncio.run_coroutine_threadsafe(r.server.stop(0.5), r.loop).result(10)
+        r.loop.call_soon_threadsafe(r.loop.stop)
+        thread.join(10)
+        r.loop.close()
+
+
+def escalate_everything(bundle: Path) -> dict[str, Any]:
+    """A task whose cheap tiers never accept: every request goes on to the next tier."""
+    never = {"general": 1.01}
+    return {"intents": {"bundle": str(bundle), "thresholds": {"rules": never, "linear": never}}}
+
+
+def code_of(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value.code()  # type: ignore[no-any-return]
+
+
+def test_classify_answers_with_the_path_it_took(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle))
+    with r.client() as c:
+        a = c.classify("I forgot my password, please reset it", timeout=5)
+    assert a.label == "reset_password"
+    assert a.tier in ("rules", "linear")
+    assert [s.tier for s in a.path][: len(a.path)] == ["rules", "linear"][: len(a.path)]
+    assert a.path[-1].accepted
+    assert a.path[-1].confidence >= a.path[-1].threshold
+    assert a.policy_version == "v1"
+    assert len(a.request_id) == 32
+    assert not a.degraded
+
+
+def test_status_codes(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
+    policy = write_policy(tmp_path / "p.yaml", linear_bundle, auth={"required": True})
+    r = start(policy)
+    with r.client(KEY_A) as c:
+        assert code_of(lambda: c.classify("   ", timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert (
+            code_of(lambda: c.classify("x" * 2001, timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert (
+            code_of(lambda: c.classify("hi", task="nope", timeout=5))
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            c.classify_batch(["hello", "", "bye"], timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "requests[1]: text is empty" in (e.value.details() or "")
+        with pytest.raises(grpc.RpcError) as e:
+            c.classify_batch(["hi"] * 9, timeout=5)
+        assert "exceeds the limit of 8" in (e.value.details() or "")
+        assert c.classify("hello there", timeout=5).label == "greeting"
+    with r.client() as anonymous:
+        assert (
+            code_of(lambda: anonymous.classify("hello", timeout=5))
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
+    with r.client("wrong") as wrong:
+        assert (
+            code_of(lambda: wrong.classify("hello", timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
+        )
+    # invalid UTF-8 never reaches the engine: gRPC's own protobuf parsing refuses it
+    channel = grpc.insecure_channel(r.address)
+    raw = channel.unary_unary("/tiergate.v1.Classifier/Classify")
+    with pytest.raises(grpc.RpcError):
+        raw(b"\x0a\x02\xff\xfe", timeout=5, metadata=(("x-api-key", KEY_A),))
+    channel.close()
+
+
+def test_request_quota_refuses_with_a_retry_hint(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    tenants = {"a": {"key_sha256": [sha(KEY_A)], "quota": {"requests_per_day": 3}}}
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tenants=tenants))
+    with r.client(KEY_A) as c:
+        for _ in range(3):
+            c.classify("hello", timeout=5)
+        with pytest.raises(grpc.RpcError) as e:
+            c.classify("hello", timeout=5)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "3 requests per day" in (e.value.details() or "")
+    trailers = dict(e.value.trailing_metadata() or ())  # type: ignore[attr-defined]
+    assert 0 < float(trailers["retry-after-s"]) <= 86_400
+
+
+def test_spend_cap_holds_under_concurrency(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
+    # Every text escalates (the gate never accepts); each call costs 105 tokens x $1/M.
+    tenants = {"a": {"key_sha256": [sha(KEY_A)], "quota": {"spend_per_day_usd": 0.002}}}
+    tasks = escalate_everything(linear_bundle)
+    script = Script(default="greeting", delay_s=0.05)
+    with fake_provider(script) as url:
+        r = start(
+            write_policy(tmp_path / "p.yaml", linear_bundle, tenants=tenants, tasks=tasks), url
+        )
+        with r.client(KEY_A) as c, ThreadPoolExecutor(16) as pool:
+            answers = list(
+                pool.map(lambda i: c.classify(f"hello number {i}", timeout=10), range(40))
+            )
+    usage = r.engine.ledger.snapshot("a")
+    escalated = [a for a in answers if a.tier == "frontier"]
+    degraded = [a for a in answers if a.degraded]
+    assert usage.spent_usd <= 0.002
+    assert usage.reserved_usd == pytest.approx(0.0, abs=1e-12)
+    assert len(escalated) == script.calls == usage.escalations
+    assert escalated
+    assert degraded
+    assert all("quota reached" in a.degraded_reason for a in degraded)
+    assert sum(a.cost_usd for a in escalated) == pytest.approx(usage.spent_usd)
+
+
+def test_caches_are_per_tenant(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
+    tasks = escalate_everything(linear_bundle)
+    script = Script(answers={"what time is it": "greeting"})
+    with fake_provider(script) as url:
+        r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks), url)
+        with r.client(KEY_A) as a, r.client(KEY_B) as b:
+            first = a.classify("what time is it", timeout=5)
+            again = a.classify("What  time is it", timeout=5)  # same after normalisation
+            other = b.classify("what time is it", timeout=5)
+    assert (first.tier, first.cached) == ("frontier", False)
+    assert (again.cached, again.cache, again.label) == (True, "exact", "greeting")
+    assert again.cost_usd == 0
+    assert not other.cached  # tenant b never sees tenant a's entry
+    assert script.calls == 2
+
+
+def test_review_route_and_idempotency(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle))
+    with r.client(KEY_A) as c:
+        a = c.classify("hello", risk_tags=["legal"], timeout=5)
+        one = c.classify("hello friend", idempotency_key="k1", timeout=5)
+        two = c.classify("hello friend", idempotency_key="k1", timeout=5)
+    assert (a.label, a.tier, a.pending_review) == ("pending_review", "review", True)
+    assert r.engine.review_queue[-1]["request_id"] == a.request_id
+    assert one.request_id == two.request_id
+    assert r.engine.ledger.snapshot("a").requests == 2
+
+
+def test_stream_answers_each_item_and_reports_bad_ones(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle))
+
+    async def run() -> list[pb.ClassifyResponse]:
+        from tiergate.client import AsyncClient
+
+        async with AsyncClient(r.address) as c:
+            call = c.stream()
+            for i, text in enumerate(["hello", "", "reset my password"]):
+                await call.write(pb.ClassifyRequest(text=text, client_id=str(i)))
+            await call.done_writing()
+            return [m async for m in call]
+
+    answers = {a.client_id: a for a in asyncio.run(run())}
+    assert set(answers) == {"0", "1", "2"}
+    assert answers["1"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert answers["0"].label == "greeting"
+    assert answers["2"].label == "reset_password"
+
+
+def test_policy_reload_under_load(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
+    path = write_policy(tmp_path / "p.yaml", linear_bundle)
+    r = start(path)
+    versions: list[str] = []
+    failures: list[Exception] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with r.client() as c:
+            while not stop.is_set():
+                try:
+                    versions.append(c.classify("hello", timeout=5).policy_version)
+                except grpc.RpcError as e:
+                    failures.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    write_policy(path, linear_bundle, version="v2")
+    deadline = time.monotonic() + 10
+    while r.engine.policy.version != "v2" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    path.write_text("version: v3\ntasks: {intents: {bundle: 12}}\n")  # invalid: rejected
+    deadline = time.monotonic() + 10
+    while r.server.reloads["rejected"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert r.server.reloads == {"ok": 1, "rejected": 1}
+    assert r.engine.policy.version == "v2"
+    assert versions[0] == "v1"
+    assert versions[-1] == "v2"
+    assert "v3" not in versions
+
+
+def test_health_reflection_and_metrics(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle))
+    channel = grpc.insecure_channel(r.address)
+    status = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="tiergate.v1.Classifier"), timeout=5
+    )
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
+    names = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert "tiergate.v1.Classifier" in names
+    channel.close()
+    with r.client() as c:
+        c.classify("hello", timeout=5)
+    sample = r.server.metrics.registry.get_sample_value
+    assert sample("tiergate_requests_total", {"tier": "linear", "outcome": "ok"}) or sample(
+        "tiergate_requests_total", {"tier": "rules", "outcome": "ok"}
+    )
+
+
+def test_short_deadline_degrades_instead_of_timing_out(
+    start: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    tasks = escalate_everything(full_bundle)
+    r = start(write_policy(tmp_path / "p.yaml", full_bundle, tasks=tasks))
+    with r.client() as c:
+        for i in range(8):  # the engine learns the intent model's latency
+            c.classify(f"hello there number {i}", timeout=30)
+        p95 = r.engine.latency.p95("intent")
+        # Half the model's p95: ample for the cheap tiers and loopback gRPC (~1 ms),
+        # too short for the model, so the engine must not even try it.
+        answer = c.classify("hello again", timeout=p95 / 2 / 1000)
+    assert p95 > 4.0, f"the intent model answered implausibly fast ({p95:.1f} ms)"
+    assert answer.degraded
+    assert "latency budget" in answer.degraded_reason
+    assert answer.tier == "linear"  # the best answer so far
+    assert any(s.tier == "intent" and s.note.startswith("skipped") for s in answer.path)
