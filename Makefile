@@ -1,5 +1,5 @@
 # The contributor's front door: every routine action is one target.
-#   make serve   set everything up and start tiergate (for now: a demo of the Rust tiers)
+#   make serve   set everything up and start tiergate on 127.0.0.1:50051
 #   make test    set everything up and run every check CI runs
 # Both create .venv and install all they need from PyPI and crates.io by name.
 
@@ -15,7 +15,7 @@ PROTOS := $(wildcard proto/tiergate/v1/*.proto)
 PROTO_OUT := $(PROTOS:proto/%.proto=serve/%_pb2.py)
 RUST_SOURCES := $(shell find rust_core -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml
 
-.PHONY: help proto serve test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
+.PHONY: help proto serve demo test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -43,7 +43,20 @@ proto: $(PROTO_OUT)  ## generate the gRPC code from proto/
 
 build: $(EXT)  ## build tiergate._core into .venv
 
-serve: $(EXT)  ## set up and run tiergate (demo of the Rust tiers until the server lands)
+# The embedded default: a small bundle trained on the example intents the
+# project ships (authored by us), served on localhost with the in-process tiers.
+DEMO_BUNDLE := .tiergate/demo-bundle
+EXAMPLES := serve/tiergate/examples
+
+$(DEMO_BUNDLE)/manifest.json: $(EXT) $(EXAMPLES)/intents.jsonl $(EXAMPLES)/intents_rules.yaml
+	rm -rf $(DEMO_BUNDLE)
+	$(BIN)/tiergate train --data $(EXAMPLES)/intents.jsonl --rules $(EXAMPLES)/intents_rules.yaml \
+		--out $(DEMO_BUNDLE) --max-steps 60 --batch-size 16 --learning-rate 3e-4 --target-precision 0.95
+
+serve: $(DEMO_BUNDLE)/manifest.json  ## set up, train the demo bundle if needed, serve gRPC on 127.0.0.1:50051
+	$(BIN)/tiergate serve --bundle $(DEMO_BUNDLE) --address 127.0.0.1:50051
+
+demo: $(EXT)  ## a short tour of the Rust tiers, no server
 	$(BIN)/python -m tiergate.demo
 
 test: lint test-rust build stubtest test-python  ## every check CI runs
@@ -80,4 +93,4 @@ fmt:  ## format Rust and Python in place
 	$(BIN)/ruff check --fix serve tests benchmarks
 
 clean:
-	rm -rf $(VENV) target bench-results
+	rm -rf $(VENV) target bench-results .tiergate

@@ -1,0 +1,242 @@
+"""The gRPC front end next to a bare grpc.aio echo server, same proto, same load.
+
+    python -m benchmarks.frontend [--bundle DIR] [--seconds 5] [--clients 2]
+
+Both servers run in their own process; load comes from separate client
+processes (closed loop, many calls in flight) so the client is not the
+bottleneck on its own. Reported: requests per second of each server at full
+load (and the ratio), then the front end at half of its own maximum rate
+(open loop) with server-side p50/p99 from its latency histogram. Texts are
+ones the cheap tiers decide, so no model runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TEXTS = [
+    "I want my money back", "please reset my password", "hello there", "where is my package",
+    "cancel my subscription", "I forgot my password", "hi!", "track my order please",
+]  # fmt: skip
+
+
+def _echo_server(port_q: Any) -> None:
+    import grpc
+
+    from tiergate.v1 import classifier_pb2 as pb
+    from tiergate.v1 import classifier_pb2_grpc as pb_grpc
+
+    class Echo(pb_grpc.ClassifierServicer):  # type: ignore[misc]
+        async def Classify(self, request: Any, context: Any) -> Any:
+            return pb.ClassifyResponse(label=request.text[:8], tier="echo")
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_ClassifierServicer_to_server(Echo(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        port_q.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def _tiergate_server(bundle: str, port_q: Any, stats_q: Any, cmd_q: Any) -> None:
+    from tiergate.engine import Engine, in_process_runtime
+    from tiergate.metrics import Metrics
+    from tiergate.policy import default_policy
+    from tiergate.server import Server, build_runtimes, decision_logger
+
+    async def main() -> None:
+        policy = default_policy(Path(bundle))
+        engine = Engine(policy, build_runtimes(policy, in_process_runtime))
+        metrics = Metrics()
+        engine.on_decision = decision_logger(lambda: engine.policy, metrics)
+        server = Server(engine, None, metrics)
+        port = await server.start("127.0.0.1:0")
+        port_q.put(port)
+        loop = asyncio.get_running_loop()
+        while True:
+            cmd = await loop.run_in_executor(None, cmd_q.get)
+            if cmd == "stop":
+                break
+            stats_q.put(_histogram(metrics))
+            metrics.latency.clear()
+
+    asyncio.run(main())
+
+
+def _histogram(metrics: Any) -> dict[str, float]:
+    buckets: dict[float, float] = {}
+    for family in metrics.latency.collect():
+        for s in family.samples:
+            if s.name.endswith("_bucket"):
+                le = float(s.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + s.value
+    return {str(k): v for k, v in sorted(buckets.items())}
+
+
+def _quantile(buckets: dict[str, float], q: float) -> float:
+    """Upper bound of the histogram bucket holding quantile q (seconds)."""
+    items = sorted((float(k), v) for k, v in buckets.items())
+    total = items[-1][1] if items else 0
+    for le, count in items:
+        if total and count >= q * total:
+            return le
+    return float("inf")
+
+
+def _client(port: int, seconds: float, concurrency: int, rate: float | None, out_q: Any) -> None:
+    import grpc
+
+    from tiergate.v1 import classifier_pb2 as pb
+    from tiergate.v1 import classifier_pb2_grpc as pb_grpc
+
+    async def main() -> None:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.ClassifierStub(channel)
+        done = 0
+        errors = 0
+        stop_at = time.perf_counter() + seconds
+
+        async def worker(i: int) -> None:
+            nonlocal done, errors
+            n = i
+            while time.perf_counter() < stop_at:
+                try:
+                    await stub.Classify(pb.ClassifyRequest(text=TEXTS[n % len(TEXTS)]), timeout=5)
+                    done += 1
+                except grpc.RpcError:
+                    errors += 1
+                n += 1
+
+        async def paced() -> None:
+            # Open loop: sends on a fixed schedule whatever the answers do.
+            nonlocal done, errors
+            interval = 1.0 / rate  # type: ignore[operator]
+            next_at = time.perf_counter()
+            pending: set[asyncio.Task[Any]] = set()
+            n = 0
+            while time.perf_counter() < stop_at:
+                next_at += interval
+                t = asyncio.create_task(
+                    stub.Classify(pb.ClassifyRequest(text=TEXTS[n % len(TEXTS)]), timeout=5)
+                )
+                pending.add(t)
+                t.add_done_callback(pending.discard)
+                n += 1
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            done = n - sum(isinstance(r, Exception) for r in results)
+
+        await stub.Classify(pb.ClassifyRequest(text="warm up"), timeout=10)
+        started = time.perf_counter()
+        if rate is None:
+            await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        else:
+            await paced()
+        out_q.put((done, errors, time.perf_counter() - started))
+        await channel.close()
+
+    asyncio.run(main())
+
+
+def drive(
+    port: int, seconds: float, clients: int, concurrency: int, rate: float | None = None
+) -> float:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    per_client_rate = None if rate is None else rate / clients
+    procs = [
+        ctx.Process(target=_client, args=(port, seconds, concurrency, per_client_rate, q))
+        for _ in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=seconds + 60) for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(done / elapsed for done, _, elapsed in results)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--bundle", default=".tiergate/demo-bundle", help="bundle to serve (rules + linear suffice)"
+    )
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per client")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not (Path(args.bundle) / "manifest.json").exists():
+        print(
+            f"no bundle at {args.bundle}: run `make serve` once or pass --bundle", file=sys.stderr
+        )
+        return 2
+    ctx = mp.get_context("spawn")
+    port_q, stats_q, cmd_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    echo = ctx.Process(target=_echo_server, args=(port_q,), daemon=True)
+    echo.start()
+    echo_port = port_q.get(timeout=60)
+    tg = ctx.Process(
+        target=_tiergate_server, args=(args.bundle, port_q, stats_q, cmd_q), daemon=True
+    )
+    tg.start()
+    tg_port = port_q.get(timeout=120)
+
+    print(f"closed loop: {args.clients} client processes x {args.concurrency} calls in flight, "
+          f"{args.seconds:.0f} s each", file=sys.stderr)  # fmt: skip
+    echo_rps = drive(echo_port, args.seconds, args.clients, args.concurrency)
+    print(f"  echo server: {echo_rps:,.0f} req/s", file=sys.stderr)
+    tg_rps = drive(tg_port, args.seconds, args.clients, args.concurrency)
+    print(f"  tiergate:    {tg_rps:,.0f} req/s", file=sys.stderr)
+    cmd_q.put("stats")
+    stats_q.get(timeout=30)  # reset the histogram before the open-loop run
+    half = tg_rps / 2
+    print(f"open loop at {half:,.0f} req/s (half of tiergate's maximum)", file=sys.stderr)
+    achieved = drive(tg_port, args.seconds, args.clients, args.concurrency, rate=half)
+    cmd_q.put("stats")
+    buckets = stats_q.get(timeout=30)
+    cmd_q.put("stop")
+    echo.terminate()
+    p50, p99 = _quantile(buckets, 0.5), _quantile(buckets, 0.99)
+    result = {
+        "echo_rps": echo_rps,
+        "tiergate_rps": tg_rps,
+        "ratio": tg_rps / echo_rps,
+        "target_ratio": 0.8,
+        "half_load_rps": achieved,
+        "server_p50_s_upper_bound": p50,
+        "server_p99_s_upper_bound": p99,
+        "target_p99_s": 0.001,
+        "cpus": os.cpu_count(),
+    }
+    print("| case | tiergate | bare grpc.aio echo | ratio | target | met |")
+    print("|---|---:|---:|---:|---|---|")
+    rps_met = "yes" if tg_rps >= 0.8 * echo_rps else "NO"
+    p99_met = "yes" if p99 <= 0.001 else "NO"
+    print(f"| requests/s, cheap tiers, closed loop | {tg_rps:,.0f} | {echo_rps:,.0f} | "
+          f"{tg_rps / echo_rps:.2f} | >= 0.80 | {rps_met} |")  # fmt: skip
+    print(f"| server p99 at {achieved:,.0f} req/s (half max) | <= {p99 * 1e3:.2f} ms | - | - "
+          f"| < 1 ms | {p99_met} |")  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
