@@ -331,6 +331,10 @@ class Engine:
             raise RequestError(
                 "RESOURCE_EXHAUSTED", str(e), retry_after_s=e.retry_after_s
             ) from None
+        # A task's p99 target bounds requests that came without a deadline (or a longer one).
+        if runtime.task.p99_ms is not None:
+            target = time.monotonic() + runtime.task.p99_ms / 1000
+            req.deadline = target if req.deadline is None else min(req.deadline, target)
         decision = await self._decide(req, runtime, policy)
         if req.idempotency_key:
             self.idempotent[(req.tenant.name, req.idempotency_key)] = decision
@@ -411,16 +415,11 @@ class Engine:
 
         vector = None
         if rt.batcher is not None and start_at <= 2 and stop_at >= 2:
-            need, left = self.latency.p95("intent"), req.remaining_ms()
-            if need > left:
-                path.append(
-                    Step(
-                        "intent", note=f"skipped: p95 {need:.1f} ms exceeds the {left:.1f} ms left"
-                    )
-                )
-                return self._degrade(
-                    d, best, f"latency budget: intent model p95 {need:.1f} ms > {left:.1f} ms left"
-                )
+            left = req.remaining_ms()
+            why = self._too_slow("intent", left, rt)
+            if why:
+                path.append(Step("intent", note=f"skipped: {why}"))
+                return self._degrade(d, best, f"latency budget: {why}")
             t0 = time.perf_counter()
             try:
                 logits, vector = await rt.batcher.submit(req.text, left)
@@ -469,12 +468,10 @@ class Engine:
         if self.frontier is None:
             d.path.append(Step("frontier", note="no frontier provider configured"))
             return self._degrade(d, best, "frontier tier not configured")
-        need, left = self.latency.p95("frontier"), req.remaining_ms()
-        if need > left:
-            d.path.append(
-                Step("frontier", note=f"skipped: p95 {need:.0f} ms exceeds the {left:.0f} ms left")
-            )
-            return self._degrade(d, best, "latency budget: frontier p95 exceeds the time left")
+        why = self._too_slow("frontier", req.remaining_ms(), rt)
+        if why:
+            d.path.append(Step("frontier", note=f"skipped: {why}"))
+            return self._degrade(d, best, f"latency budget: {why}")
         estimate = self.frontier.estimate_cost(req.text, rt.labels)
         try:
             reservation = self.ledger.reserve_escalation(req.tenant, estimate)
@@ -502,6 +499,17 @@ class Engine:
         if cacheable:
             self.exact.put(cache_key, d, policy.exact_ttl_s)
         return d
+
+    def _too_slow(self, tier: str, left_ms: float, rt: TaskRuntime) -> str | None:
+        """Why ``tier`` must be skipped (its recent p95 fits neither the time left nor the
+        task's p95 target), or None when it may run."""
+        need = self.latency.p95(tier)
+        if need > left_ms:
+            return f"{tier} p95 {need:.1f} ms exceeds the {left_ms:.1f} ms left"
+        target = rt.task.p95_ms
+        if target is not None and need > target:
+            return f"{tier} p95 {need:.1f} ms exceeds the task's p95 target of {target:g} ms"
+        return None
 
     def _finish(self, d: Decision, key: tuple[str, ...], rt: TaskRuntime, policy: Policy,
                 vector: np.ndarray | None = None) -> Decision:  # fmt: skip

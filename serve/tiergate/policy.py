@@ -8,7 +8,8 @@ Example::
       intents:
         bundle: ../bundles/clinc     # relative to this file
         thresholds: {linear: {general: 0.95}}   # override the bundle's
-        latency: {p95_ms: 50, p99_ms: 200}
+        latency: {p95_ms: 50, p99_ms: 200}   # skip tiers slower than p95_ms;
+                                     # p99_ms bounds every request's budget
         no_cache_labels: [report_fraud]
     risk:                            # what a risk tag does to a request
       finance: gate                  # the stricter gate of the bundle (default)

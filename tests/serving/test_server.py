@@ -333,3 +333,19 @@ def test_short_deadline_degrades_instead_of_timing_out(
     assert "latency budget" in answer.degraded_reason
     assert answer.tier == "linear"  # the best answer so far
     assert any(s.tier == "intent" and s.note.startswith("skipped") for s in answer.path)
+
+
+def test_task_latency_targets_bound_the_tiers(
+    start: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    tasks = escalate_everything(full_bundle)
+    tasks["intents"]["latency"] = {"p95_ms": 0.5, "p99_ms": 30_000}
+    r = start(write_policy(tmp_path / "p.yaml", full_bundle, tasks=tasks))
+    with r.client() as c:
+        answers = [c.classify(f"hello number {i}", timeout=30) for i in range(8)]
+    # the first calls measure the model; once its p95 is known to exceed 0.5 ms it is skipped
+    assert not answers[0].degraded or "not configured" in answers[0].degraded_reason
+    last = answers[-1]
+    assert last.degraded
+    assert "exceeds the task's p95 target of 0.5 ms" in last.degraded_reason
+    assert last.tier == "linear"
