@@ -6,8 +6,10 @@ Both servers run in their own process; load comes from separate client
 processes (closed loop, many calls in flight) so the client is not the
 bottleneck on its own. Reported: requests per second of each server at full
 load (and the ratio), then the front end at half of its own maximum rate
-(open loop) with server-side p50/p99 from its latency histogram. Texts are
-ones the cheap tiers decide, so no model runs.
+(open loop) with the server-side p99 from its latency histogram: the time
+from the servicer handing the request to the engine until the decision (gRPC
+transport and (de)serialisation excluded), as the upper bound of its bucket.
+Texts are ones the cheap tiers decide, so no model runs.
 """
 
 from __future__ import annotations
@@ -69,7 +71,6 @@ def _tiergate_server(bundle: str, port_q: Any, stats_q: Any, cmd_q: Any) -> None
             if cmd == "stop":
                 break
             stats_q.put(_histogram(metrics))
-            metrics.latency.clear()
 
     asyncio.run(main())
 
@@ -127,7 +128,7 @@ def _client(port: int, seconds: float, concurrency: int, rate: float | None, out
             n = 0
             while time.perf_counter() < stop_at:
                 next_at += interval
-                t = asyncio.create_task(
+                t = asyncio.ensure_future(
                     stub.Classify(pb.ClassifyRequest(text=TEXTS[n % len(TEXTS)]), timeout=5)
                 )
                 pending.add(t)
@@ -204,12 +205,13 @@ def main() -> int:
     tg_rps = drive(tg_port, args.seconds, args.clients, args.concurrency)
     print(f"  tiergate:    {tg_rps:,.0f} req/s", file=sys.stderr)
     cmd_q.put("stats")
-    stats_q.get(timeout=30)  # reset the histogram before the open-loop run
+    before = stats_q.get(timeout=30)  # the open-loop run is measured as a difference
     half = tg_rps / 2
     print(f"open loop at {half:,.0f} req/s (half of tiergate's maximum)", file=sys.stderr)
     achieved = drive(tg_port, args.seconds, args.clients, args.concurrency, rate=half)
     cmd_q.put("stats")
-    buckets = stats_q.get(timeout=30)
+    after = stats_q.get(timeout=30)
+    buckets = {k: v - before.get(k, 0.0) for k, v in after.items()}
     cmd_q.put("stop")
     echo.terminate()
     p50, p99 = _quantile(buckets, 0.5), _quantile(buckets, 0.99)
@@ -230,7 +232,7 @@ def main() -> int:
     p99_met = "yes" if p99 <= 0.001 else "NO"
     print(f"| requests/s, cheap tiers, closed loop | {tg_rps:,.0f} | {echo_rps:,.0f} | "
           f"{tg_rps / echo_rps:.2f} | >= 0.80 | {rps_met} |")  # fmt: skip
-    print(f"| server p99 at {achieved:,.0f} req/s (half max) | <= {p99 * 1e3:.2f} ms | - | - "
+    print(f"| server p99 (engine time) at {achieved:,.0f} req/s (half max) | <= {p99 * 1e3:.2f} ms | - | - "
           f"| < 1 ms | {p99_met} |")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,9 @@ concurrent requests are gathered into micro-batches by :class:`MicroBatcher`.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import unicodedata
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +24,9 @@ from tiergate._core import LinearModel, SemanticCache
 from tiergate.accounting import Ledger, QuotaExceeded
 from tiergate.bundle import Bundle, load_bundle
 from tiergate.calibration import Calibrator
-from tiergate.gate import GENERAL, DomainGate
+from tiergate.gate import GENERAL, STRICT_DOMAINS, DomainGate
 from tiergate.policy import Policy, Task, Tenant
-from tiergate.tiers import RulesTier, answer_domains
+from tiergate.tiers import RulesTier
 
 LOCAL_TIERS = ("rules", "linear", "intent")
 ORDER = ("rules", "linear", "intent", "frontier")
@@ -53,7 +53,7 @@ class Request:
     idempotency_key: str = ""
     client_id: str = ""
     deadline: float | None = None  # time.monotonic() by which the answer must leave
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=lambda: os.urandom(16).hex())
 
     def remaining_ms(self) -> float:
         if self.deadline is None:
@@ -227,6 +227,13 @@ class TaskRuntime:
         self.calibrators: dict[str, Calibrator] = {
             t: bundle.calibrator(t) for t in ("linear", "intent") if bundle.has(t)
         }
+        if self.linear is not None:
+            # The calibration temperature goes into the Rust model: one call gives the
+            # calibrated top-1 without a numpy round trip (the hot path of the front end).
+            self.linear = self.linear.with_temperature(self.calibrators["linear"].temperature)
+        self.rule_label = [bundle.labels.index(x) if x else -1 for x in
+                           (self.rules.rules.labels if self.rules else [])]  # fmt: skip
+        self.label_domains = bundle.label_domains
         self.gates: dict[str, DomainGate] = {}
         for tier in LOCAL_TIERS:
             thresholds = dict(bundle.thresholds.get(tier, {GENERAL: 1.01}))
@@ -377,16 +384,21 @@ class Engine:
         t0 = time.perf_counter()
         rule_pred, rule_conf = -1, 0.0
         if rt.rules is not None:
-            out, rule_tags = rt.rules.match([req.text])
-            tags = sorted(set(tags) | set(rule_tags[0]))
-            rule_pred, rule_conf = int(out.pred[0]), float(out.confidence[0])
+            m = rt.rules.rules.match(req.text)
+            if m.risk_tags:
+                tags = sorted(set(tags) | set(m.risk_tags))
+            if m.rule_id is not None and m.label is not None:
+                rule_pred = rt.rules.label_index[m.label]
+                rule_conf = rt.rules.precision.get(m.rule_id, m.confidence or 0.0)
         d.risk_tags = tags
         action, why = policy.risk_action(tags)
         if action == "review":
             return self._review(req, d, why or "", t0)
 
+        strict = next((t for t in STRICT_DOMAINS if t in tags), None)
+
         def domain_of(pred: int) -> str:
-            return answer_domains(np.array([pred]), labels, rt.bundle.label_domains, [tags])[0]
+            return strict or rt.label_domains.get(labels[pred], GENERAL)
 
         def consider(tier: str, pred: int, conf: float, micros: int) -> bool:
             nonlocal best
@@ -409,8 +421,9 @@ class Engine:
             return self._finish(d, cache_key, rt, policy)
         if rt.linear is not None and start_at <= 1 and stop_at >= 1:
             t0 = time.perf_counter()
-            pred, conf = rt.calibrators["linear"].apply(rt.linear.decision_function([req.text]))
-            if consider("linear", int(pred[0]), float(conf[0]), _us(t0)):
+            top, prob = rt.linear.top_k([req.text], 1)
+            lin_conf = float(rt.calibrators["linear"].map_confidence(prob[0, 0]))
+            if consider("linear", int(top[0, 0]), lin_conf, _us(t0)):
                 return self._finish(d, cache_key, rt, policy)
 
         vector = None
