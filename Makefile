@@ -15,7 +15,7 @@ PROTOS := $(wildcard proto/tiergate/v1/*.proto)
 PROTO_OUT := $(PROTOS:proto/%.proto=serve/%_pb2.py)
 RUST_SOURCES := $(shell find rust_core -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml
 
-.PHONY: help proto serve demo test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
+.PHONY: help proto serve demo bench-frontend test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -83,6 +83,9 @@ test-python: $(EXT)  ## pytest against the freshly built extension
 
 bench: $(EXT)  ## micro-benchmarks of the Rust tiers next to their baselines
 	$(BIN)/python -m benchmarks.micro --json bench-results/micro.json
+
+bench-frontend: $(DEMO_BUNDLE)/manifest.json  ## the gRPC front end next to a bare grpc.aio echo server
+	$(BIN)/python -m benchmarks.frontend --bundle $(DEMO_BUNDLE) --json bench-results/frontend.json
 
 bench-quick: $(EXT)  ## the same, under a minute
 	$(BIN)/python -m benchmarks.micro --quick --json bench-results/micro-quick.json

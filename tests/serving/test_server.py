@@ -349,3 +349,17 @@ def test_task_latency_targets_bound_the_tiers(
     assert last.degraded
     assert "exceeds the task's p95 target of 0.5 ms" in last.degraded_reason
     assert last.tier == "linear"
+
+
+def test_classify_command(
+    start: Any, linear_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tiergate.cli import main
+
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle, auth={"required": True}))
+    assert main(["classify", "--address", r.address, "--api-key", KEY_A, "hello there"]) == 0
+    assert capsys.readouterr().out.startswith("greeting\t")
+    assert main(["classify", "--address", r.address, "--api-key", KEY_A, "--json", "hi"]) == 0
+    assert '"policyVersion": "v1"' in capsys.readouterr().out
+    assert main(["classify", "--address", r.address, "hello"]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
