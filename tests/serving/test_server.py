@@ -363,3 +363,52 @@ def test_classify_command(
     assert '"policyVersion": "v1"' in capsys.readouterr().out
     assert main(["classify", "--address", r.address, "hello"]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_deadline_and_unavailable_codes(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle))
+    with r.client() as c:
+        assert (
+            code_of(lambda: c.classify("hello", timeout=1e-6)) == grpc.StatusCode.DEADLINE_EXCEEDED
+        )
+        # stopping at the rules tier with no rule matching leaves nobody to answer
+        with pytest.raises(grpc.RpcError) as e:
+            c.classify("what a lovely day", max_tier="rules", timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no tier could answer" in (e.value.details() or "")
+        assert c.classify("hello", timeout=5).label == "greeting"  # still serving
+
+
+def test_model_calls_are_batched(start: Any, full_bundle: Path, tmp_path: Path) -> None:
+    r = start(
+        write_policy(tmp_path / "p.yaml", full_bundle, tasks=escalate_everything(full_bundle))
+    )
+    with r.client() as c, ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: c.classify(f"order number {i}", timeout=60), range(32)))
+    runtime = r.engine.runtimes["intents"]
+    assert runtime.batcher is not None
+    visits = sum(any(s.tier == "intent" and s.label for s in a.path) for a in answers)
+    assert visits == 32
+    assert runtime.batcher.batches < visits  # concurrent misses shared forward passes
+
+
+def test_decision_log_lines(
+    start: Any, linear_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json as json_
+
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle))
+    with caplog.at_level("INFO", logger="tiergate.decisions"), r.client(KEY_A) as c:
+        answer = c.classify("my secret text says hello", timeout=5)
+    lines = [
+        json_.loads(rec.getMessage()) for rec in caplog.records if rec.name == "tiergate.decisions"
+    ]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["request_id"] == answer.request_id
+    assert line["tenant"] == "a"
+    assert line["policy_version"] == "v1"
+    assert line["path"][0][0] == "rules"
+    assert "text" not in line  # raw text only when the policy allows it
+    assert "secret" not in json_.dumps(line)
+    assert KEY_A not in json_.dumps(line)
