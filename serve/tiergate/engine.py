@@ -161,10 +161,12 @@ class LatencyTracker:
 
 
 class MicroBatcher:
-    """Gathers concurrent model calls into batches (size- or wait-bounded).
+    """Gathers concurrent model calls into batches; one batch runs at a time.
 
-    A batch leaves when it is full, or ``max_wait_ms`` after its first
-    request, or sooner when a waiting request's deadline needs it to.
+    While a batch runs, new requests queue and leave together as soon as it
+    ends (so batches grow with load). An idle batcher waits for company at
+    most ``max_wait_ms``, or a quarter of the tightest budget waiting, then
+    sends what it has; a full batch leaves at once.
     """
 
     def __init__(
@@ -178,27 +180,39 @@ class MicroBatcher:
         self.max_wait_ms = max_wait_ms
         self.pending: list[tuple[str, asyncio.Future[tuple[np.ndarray, np.ndarray | None]]]] = []
         self.timer: asyncio.TimerHandle | None = None
+        self.fire_at = float("inf")
+        self.busy = False
         self.batches = 0
 
     async def submit(self, text: str, budget_ms: float) -> tuple[np.ndarray, np.ndarray | None]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[np.ndarray, np.ndarray | None]] = loop.create_future()
         self.pending.append((text, fut))
-        if len(self.pending) >= self.max_batch:
+        if self.busy:
+            pass  # leaves with the next batch, when the running one ends
+        elif len(self.pending) >= self.max_batch:
             self._flush()
-        elif self.timer is None:
+        else:
             wait = min(self.max_wait_ms, max(0.0, budget_ms / 4)) / 1000
-            self.timer = loop.call_later(wait, self._flush)
+            fire_at = loop.time() + wait
+            if fire_at < self.fire_at:  # a tighter deadline brings the batch forward
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.fire_at = fire_at
+                self.timer = loop.call_at(fire_at, self._flush)
         return await fut
 
     def _flush(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        batch, self.pending = self.pending, []
-        if batch:
-            self.batches += 1
-            asyncio.get_running_loop().create_task(self._run(batch))
+        self.fire_at = float("inf")
+        if self.busy or not self.pending:
+            return
+        batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
+        self.busy = True
+        self.batches += 1
+        asyncio.get_running_loop().create_task(self._run(batch))
 
     async def _run(self, batch: list[tuple[str, asyncio.Future[Any]]]) -> None:
         try:
@@ -207,10 +221,13 @@ class MicroBatcher:
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(e)
-            return
-        for i, (_, fut) in enumerate(batch):
-            if not fut.done():
-                fut.set_result((logits[i], None if vectors is None else vectors[i]))
+        else:
+            for i, (_, fut) in enumerate(batch):
+                if not fut.done():
+                    fut.set_result((logits[i], None if vectors is None else vectors[i]))
+        finally:
+            self.busy = False
+            self._flush()
 
 
 class TaskRuntime:

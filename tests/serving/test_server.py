@@ -412,3 +412,33 @@ def test_decision_log_lines(
     assert "text" not in line  # raw text only when the policy allows it
     assert "secret" not in json_.dumps(line)
     assert KEY_A not in json_.dumps(line)
+
+
+def test_semantic_cache_is_per_tenant_and_per_policy_version(
+    start: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    tasks = escalate_everything(full_bundle)
+    tasks["intents"]["thresholds"]["intent"] = {"general": 1.01}
+    cache = {"semantic_threshold": 0.9}
+    script = Script(default="track_order")
+    path = tmp_path / "p.yaml"
+    with fake_provider(script) as url:
+        r = start(write_policy(path, full_bundle, tasks=tasks, cache=cache), url)
+        with r.client(KEY_A) as a, r.client(KEY_B) as b:
+            first = a.classify("where is my parcel right now", timeout=30)
+            near = a.classify("where is my parcel right now?", timeout=30)  # not an exact match
+            other = b.classify("where is my parcel right now?", timeout=30)
+            write_policy(path, full_bundle, tasks=tasks, cache=cache, version="v2")
+            deadline = time.monotonic() + 10
+            while r.engine.policy.version != "v2" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            after = a.classify("where is my parcel right now?", timeout=30)
+    assert (first.tier, first.cached) == ("frontier", False)
+    assert (near.cached, near.cache, near.label) == (True, "semantic", "track_order")
+    assert near.cost_usd == 0
+    assert near.path[-1].tier == "semantic_cache"
+    assert near.path[-1].confidence >= 0.9
+    assert not other.cached  # tenant b never sees tenant a's entries
+    assert not after.cached  # a new policy version never serves the old decisions
+    assert after.policy_version == "v2"
+    assert script.calls == 3
