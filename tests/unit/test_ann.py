@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tiergate
-from tiergate import AnnIndex
+from tiergate import AnnIndex, ConfigError, InputError
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -271,3 +271,19 @@ def test_fuzzed_queries_answer_or_raise_cleanly(queries: np.ndarray, k: int) -> 
 
 FUZZ_INDEX = AnnIndex(4)
 FUZZ_INDEX.add(np.arange(40), unit_vectors(40, 4, 11))
+
+
+def test_absurd_k_and_ef_are_errors_not_aborts() -> None:
+    idx = AnnIndex(4)
+    idx.add(np.array([1, 2], dtype=np.uint64), np.eye(4, dtype=np.float32)[:2])
+    q = np.ones((1, 4), dtype=np.float32)
+    with pytest.raises(InputError, match="k must be at most"):
+        idx.search(q, k=2**40)
+    with pytest.raises(InputError, match="ef must be at most"):
+        idx.search(q, k=1, ef=2**40)
+    with pytest.raises(ConfigError, match="at most"):
+        AnnIndex(4, ef_search=2**50)
+    ip = AnnIndex(2, metric="ip")
+    with pytest.raises(InputError, match="components must stay within"):
+        ip.add(np.array([1], dtype=np.uint64), np.array([[1e6, 0.0]], dtype=np.float32))
+    assert idx.search(q, k=2)[0].shape == (1, 2)

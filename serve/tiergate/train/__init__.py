@@ -35,7 +35,7 @@ from tiergate.calibration import (
     reliability_table,
     softmax,
 )
-from tiergate.data import Splits, texts
+from tiergate.data import OUT_OF_SCOPE, Splits, texts
 from tiergate.gate import GENERAL, DomainGate, Prices, Target, fit_domain_gate
 from tiergate.tiers import RulesTier, answer_domains
 from tiergate.train.intent import IntentTrainConfig, train_intent
@@ -78,6 +78,7 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
     y_train = np.array([index[e.label] for e in splits.train])
     y_val = np.array([index[e.label] for e in splits.val])
     y_test = np.array([index[e.label] for e in splits.test])
+    in_scope = y_test != index.get(OUT_OF_SCOPE, -1)
     if len(splits.val) == 0:
         raise ConfigError("calibration needs a validation split; the data gave none")
     _log(splits.describe())
@@ -121,6 +122,7 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
         y_test,
         options.calibration,
         out,
+        in_scope,
     )
     tiers["linear"] = {
         "file": LINEAR_FILE,
@@ -155,6 +157,7 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
             y_test,
             options.calibration,
             out,
+            in_scope,
         )
         tiers["intent"] = {
             "dir": INTENT_DIR,
@@ -205,6 +208,7 @@ def _calibrate(
     y_test: np.ndarray,
     method: Method,
     out: Path,
+    in_scope: np.ndarray,
 ) -> _TierFit:
     from tiergate.plots import reliability_diagram
 
@@ -225,6 +229,18 @@ def _calibrate(
         {"uncalibrated": before, f"{method}": after},
     )
     accuracy = float(np.mean(cal_pred == y_test)) if len(y_test) else float("nan")
+    # Out-of-scope texts are where classifiers are confidently wrong and the
+    # validation split may hold few of them: report in-scope figures apart.
+    ok = cal_pred == y_test
+    extra: dict[str, float] = {}
+    if in_scope.any() and not in_scope.all():
+        extra = {
+            "test_accuracy_in_scope": round(float(ok[in_scope].mean()), 4),
+            "ece_test_after_in_scope": round(
+                expected_calibration_error(cal_conf[in_scope], ok[in_scope]), 4
+            ),
+            "test_out_of_scope_share": round(float(1 - in_scope.mean()), 4),
+        }
     return _TierFit(
         val_pred,
         val_conf,
@@ -234,8 +250,15 @@ def _calibrate(
             "ece_test_before": round(before, 4),
             "ece_test_after": round(after, 4),
             "test_accuracy_all": round(accuracy, 4),
+            **extra,
             "summary": (
                 f"test accuracy {accuracy:.4f}; ECE {before:.4f} -> {after:.4f} ({method})"
+                + (
+                    f"; in scope: accuracy {extra['test_accuracy_in_scope']:.4f}, "
+                    f"ECE {extra['ece_test_after_in_scope']:.4f}"
+                    if extra
+                    else ""
+                )
             ),
         },
     )

@@ -139,11 +139,25 @@ impl<'a> Reader<'a> {
 fn read_payload(config: &AnnConfig, bytes: &[u8]) -> std::result::Result<Inner, String> {
     let mut r = Reader { bytes };
     let n = r.u64()?;
-    // Every slot takes at least 9 bytes plus its vector: a count the payload
+    // Every slot takes an id, a state and its vector: a count the payload
     // cannot hold is corrupt, and must not size an allocation.
-    let min_slot = 9 + config.dim as u64;
+    let dim = config.dim as u64;
+    let min_slot = 9 + match config.storage {
+        Storage::F32 => 4 * dim,
+        Storage::I8 => 4 + dim,
+    };
     if n.saturating_mul(min_slot) > bytes.len() as u64 || n >= u64::from(u32::MAX) {
         return Err(format!("payload claims {n} slots, more than it can hold"));
+    }
+    // Memory per slot (vector copies and a full link list) can far exceed its
+    // bytes on disk when dim is tiny and m large: bound what a file may make us
+    // allocate, so a forged file gets an error, not an out-of-memory kill.
+    let per_slot = 7 * dim + 8 * config.connectivity as u64 + 128;
+    let budget = (bytes.len() as u64).saturating_mul(64).max(256 << 20);
+    if n.saturating_mul(per_slot) > budget {
+        return Err(format!(
+            "payload claims {n} slots, which would need far more memory than its size justifies"
+        ));
     }
     let n = n as usize;
     let with_graph = match r.u8()? {
@@ -327,7 +341,7 @@ impl AnnIndex {
                 .try_into()
                 .expect("8 bytes"),
         );
-        if payload_at as u64 + payload_len != body.len() as u64 {
+        if (payload_at as u64).checked_add(payload_len) != Some(body.len() as u64) {
             return Err(bad(format!(
                 "payload should be {payload_len} bytes but the file holds {} (truncated or padded)",
                 body.len() - payload_at
@@ -520,6 +534,28 @@ mod tests {
             assert!(matches!(e, Error::Format { .. }), "case {i}: {e}");
             assert!(e.to_string().contains(expected), "case {i}: {e}");
         }
+    }
+
+    #[test]
+    fn a_forged_slot_count_cannot_demand_huge_memory() {
+        // dim 1 and m 256: each slot costs ~2 KB in memory but 13 bytes on disk.
+        let dir = tmpdir("huge");
+        let mut config = AnnConfig::new(1);
+        config.connectivity = 256;
+        let idx = AnnIndex::new(config).unwrap();
+        idx.add(&[1, 2], &[0.5, -0.5]).unwrap();
+        let path = dir.join("small.tgann");
+        idx.save(&path).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let bloated = forged(&good, |p| {
+            p.resize(4 << 20, 0);
+            let n = (p.len() / 13) as u64;
+            p[..8].copy_from_slice(&n.to_le_bytes());
+        });
+        let p = dir.join("bloated.tgann");
+        std::fs::write(&p, bloated).unwrap();
+        let e = AnnIndex::load(&p).unwrap_err().to_string();
+        assert!(e.contains("more memory than its size justifies"), "{e}");
     }
 
     #[test]

@@ -143,6 +143,11 @@ impl AnnConfig {
                 "ef_construction and ef_search must be positive",
             ));
         }
+        if self.ef_construction > MAX_EF || self.ef_search > MAX_EF {
+            return Err(Error::config(format!(
+                "ef_construction and ef_search must be at most {MAX_EF}"
+            )));
+        }
         if self.storage == Storage::I8 && self.metric != Metric::Cosine {
             return Err(Error::config(
                 "dtype 'i8' is only supported with metric 'cosine'",
@@ -151,6 +156,15 @@ impl AnnConfig {
         Ok(())
     }
 }
+
+/// Upper bound of ef and k: far beyond any useful setting, low enough that a
+/// mistaken value is an error rather than an allocation that aborts the process.
+pub const MAX_EF: usize = 1 << 16;
+/// Upper bound of queries x k in one search call (the result arrays' length).
+pub const MAX_RESULTS: usize = 1 << 27;
+/// Largest magnitude a component may have under `ip`: the graph walks f16
+/// copies, and beyond f16's range a value would become infinite.
+pub const MAX_IP_COMPONENT: f32 = 65_504.0;
 
 /// Search results for a batch of queries, row-major `(n_queries, k)`.
 /// Missing slots (fewer than `k` entries) have id -1 and score -inf.
@@ -331,6 +345,16 @@ pub fn check_vectors(vectors: &[f32], dim: usize, metric: Metric, what: &str) ->
                 "{what}[{row}, {col}] is {} (vectors must be finite)",
                 v[col]
             )));
+        }
+        if metric == Metric::InnerProduct {
+            if let Some(col) = v.iter().position(|x| x.abs() > MAX_IP_COMPONENT) {
+                return Err(Error::input(format!(
+                    "{what}[{row}, {col}] is {}: with metric 'ip' components must stay within \
+                     +/-{MAX_IP_COMPONENT} (the index walks half-precision copies; scale the \
+                     vectors down, which keeps their ranking)",
+                    v[col]
+                )));
+            }
         }
         if metric == Metric::Cosine && v.iter().all(|&x| x == 0.0) {
             return Err(Error::input(format!(
@@ -518,12 +542,25 @@ impl AnnIndex {
         if k == 0 {
             return Err(Error::input("k must be at least 1"));
         }
+        if k > MAX_EF {
+            return Err(Error::input(format!("k must be at most {MAX_EF}, not {k}")));
+        }
         if let Some(ef) = ef {
             if ef < k {
                 return Err(Error::input(format!("ef ({ef}) must be at least k ({k})")));
             }
+            if ef > MAX_EF {
+                return Err(Error::input(format!(
+                    "ef must be at most {MAX_EF}, not {ef}"
+                )));
+            }
         }
         let n = self.check_vectors(queries, "queries")?;
+        if n.saturating_mul(k) > MAX_RESULTS {
+            return Err(Error::input(format!(
+                "{n} queries x k={k} would return more than {MAX_RESULTS} results; split the batch"
+            )));
+        }
         let mut out = Neighbours {
             k,
             ids: vec![-1; n * k],
@@ -872,5 +909,28 @@ mod tests {
             idx.add(&[i as u64], v).unwrap();
         }
         assert_eq!(idx.len(), 500);
+    }
+
+    #[test]
+    fn oversized_k_ef_and_ip_values_are_errors_not_aborts() {
+        let idx = AnnIndex::new(AnnConfig::new(4)).unwrap();
+        idx.add(&[1, 2], &rng_vectors(2, 4, 5)).unwrap();
+        let q = rng_vectors(1, 4, 6);
+        let msg = |r: Result<Neighbours>| r.unwrap_err().to_string();
+        assert!(msg(idx.search(&q, 1, Some(1 << 40))).contains("ef must be at most"));
+        assert!(msg(idx.search(&q, 1 << 40, None)).contains("k must be at most"));
+        let many = rng_vectors(5000, 4, 7);
+        assert!(msg(idx.search(&many, MAX_EF, None)).contains("split the batch"));
+        let mut config = AnnConfig::new(4);
+        config.ef_construction = 1 << 50;
+        assert!(AnnIndex::new(config).is_err());
+        assert_eq!(idx.search(&q, 2, None).unwrap().ids.len(), 2); // still usable
+
+        let mut ip = AnnConfig::new(2);
+        ip.metric = Metric::InnerProduct;
+        let ip = AnnIndex::new(ip).unwrap();
+        let err = ip.add(&[1], &[1e5, 0.0]).unwrap_err().to_string();
+        assert!(err.contains("vectors[0, 0] is 100000"), "{err}");
+        ip.add(&[1], &[65_000.0, -65_000.0]).unwrap();
     }
 }
