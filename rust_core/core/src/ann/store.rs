@@ -310,6 +310,13 @@ impl Store {
     /// Approximate similarity of the prepared query `q` to `slot`, from its codes.
     #[inline]
     pub fn sim(&self, q: &[f32], slot: usize) -> f32 {
+        // The kernels read `padded` values through the pointer: a short query
+        // would be an out-of-bounds read, so this safe entry point checks.
+        assert_eq!(
+            q.len(),
+            self.padded,
+            "query is not padded to the record length"
+        );
         self.sim_ptr(q.as_ptr(), slot)
     }
 
