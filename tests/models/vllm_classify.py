@@ -6,6 +6,7 @@ point must be guarded by `if __name__ == "__main__"`.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -19,6 +20,10 @@ def main() -> None:
               enforce_eager=True)  # fmt: skip
     probs = [o.outputs.probs for o in llm.classify(texts)]
     print("RESULT " + json.dumps(probs), flush=True)
+    # Shut the engine down while the interpreter is whole: left to interpreter
+    # exit, vLLM's CPU teardown sometimes aborts ("terminate called ...").
+    del llm
+    gc.collect()
 
 
 if __name__ == "__main__":
