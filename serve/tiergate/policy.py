@@ -9,7 +9,8 @@ Example::
         bundle: ../bundles/clinc     # relative to this file
         thresholds: {linear: {general: 0.95}}   # override the bundle's
         latency: {p95_ms: 50, p99_ms: 200}   # skip tiers slower than p95_ms;
-                                     # p99_ms bounds every request's budget
+                                     # p99_ms bounds every request's budget;
+                                     # on_skip: degrade (default) or escalate
         no_cache_labels: [report_fraud]
     risk:                            # what a risk tag does to a request
       finance: gate                  # the stricter gate of the bundle (default)
@@ -65,6 +66,9 @@ class Task:
     p95_ms: float | None = None
     p99_ms: float | None = None
     no_cache_labels: frozenset[str] = frozenset()
+    # When a tier does not fit the budget: answer with the best so far
+    # ("degrade") or go on to the frontier if that fits ("escalate").
+    on_skip: str = "degrade"
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,12 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
                 for d, v in _mapping(f"{where}.thresholds.{tier}", domains).items()
             }
         latency = _mapping(f"{where}.latency", t.get("latency"))
-        _check_keys(f"{where}.latency", latency, {"p95_ms", "p99_ms"})
+        _check_keys(f"{where}.latency", latency, {"p95_ms", "p99_ms", "on_skip"})
+        on_skip = str(latency.get("on_skip", "degrade"))
+        if on_skip not in ("degrade", "escalate"):
+            raise ConfigError(
+                f"{where}.latency.on_skip: {on_skip!r} is not 'degrade' or 'escalate'"
+            )
         tasks[str(name)] = Task(
             str(name),
             (base_dir / t["bundle"]).resolve(),
@@ -157,6 +166,7 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
             _number(f"{where}.latency.p95_ms", latency["p95_ms"]) if "p95_ms" in latency else None,
             _number(f"{where}.latency.p99_ms", latency["p99_ms"]) if "p99_ms" in latency else None,
             frozenset(str(x) for x in t.get("no_cache_labels") or []),
+            on_skip,
         )
     if not tasks:
         raise ConfigError(f"{source}: at least one task is required under 'tasks'")
