@@ -18,8 +18,8 @@ class Metrics:
             ["tier", "outcome"], registry=r,
         )  # fmt: skip
         self.latency = Histogram(
-            "tiergate_request_seconds", "Server-side latency by deciding tier",
-            ["tier"], buckets=LATENCY_BUCKETS, registry=r,
+            "tiergate_request_seconds", "Server-side latency by deciding tier and outcome",
+            ["tier", "outcome"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.escalations = Counter(
             "tiergate_escalations", "Requests sent to the frontier", registry=r

@@ -316,7 +316,7 @@ def decision_logger(policy_of: Any, metrics: Metrics) -> Any:
         if pair is None:
             pair = children[key] = (
                 metrics.requests.labels(d.tier, outcome),
-                metrics.latency.labels(d.tier),
+                metrics.latency.labels(d.tier, outcome),
             )
         pair[0].inc()
         pair[1].observe(seconds)
