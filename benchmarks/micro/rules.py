@@ -85,11 +85,11 @@ class PythonRuleLoop:
         return (best["id"] if best else None), sorted(tags)
 
 
-def p50_single_call_us(rs: RuleSet, texts: list[str]) -> float:
+def p50_single_call_us(matcher: RuleSet | PythonRuleLoop, texts: list[str]) -> float:
     samples = []
     for t in texts:
         start = time.perf_counter_ns()
-        rs.match(t)
+        matcher.match(t)
         samples.append(time.perf_counter_ns() - start)
     return statistics.median(samples) / 1e3
 
@@ -114,6 +114,7 @@ def run(inputs: Inputs) -> list[Row]:
     )
     theirs = median_seconds(lambda: [loop.match(t) for t in sample], repeat=repeat) / len(sample)
     p50 = p50_single_call_us(ours, sample * 3)
+    p50_loop = p50_single_call_us(loop, sample)
 
     notes = {
         "rules": N_RULES,
@@ -127,7 +128,7 @@ def run(inputs: Inputs) -> list[Row]:
         Row("rules", "300 rules, match_batch()", "µs/text", ours_batch * 1e6,
             "Python re loop (300 patterns)", theirs * 1e6, target=">= 50x"),
         Row("rules", "300 rules, p50 of one match() call", "µs", p50,
-            "target", 2.0, target="<= 2 µs"),
+            "Python re loop, p50 of one call", p50_loop, target="<= 2 µs"),
     ]  # fmt: skip
     for row in rows[:2]:
         row.target_met = (row.ratio or 0) >= 50

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tiergate
-from tiergate import SemanticCache
+from tiergate import InputError, SemanticCache
 
 
 def test_similar_requests_hit_and_others_miss() -> None:
@@ -142,3 +142,14 @@ def test_no_lookup_ever_returns_another_tenants_value(ops: list[tuple[str, str, 
                 assert int(stored_slot) == slot
         for name, stats in cache.stats()["namespaces"].items():
             assert stats["entries"] <= 3, name
+
+
+def test_a_bad_vector_is_an_error_even_for_an_unknown_namespace() -> None:
+    cache = SemanticCache(4)
+    for namespace in ("nobody", "a"):
+        if namespace == "a":
+            cache.put("a", np.ones(4, dtype=np.float32), b"x")
+        with pytest.raises(InputError, match="one vector of dim 4"):
+            cache.get(namespace, np.ones((3, 4), dtype=np.float32))
+        with pytest.raises(InputError):
+            cache.get(namespace, np.full(4, np.nan, dtype=np.float32))

@@ -184,19 +184,20 @@ impl SemanticCache {
     /// Looks up the request embedded as `vector`: the value of the most
     /// similar live entry of `namespace` if its similarity reaches the threshold.
     pub fn get(&self, namespace: &str, vector: &[f32]) -> Result<Option<Hit>> {
+        // A bad vector is an error whether or not the namespace exists, never a miss.
+        if vector.len() != self.config.dim {
+            return Err(Error::input(format!(
+                "vector must be one vector of dim {}, not {} values",
+                self.config.dim,
+                vector.len()
+            )));
+        }
+        check_vectors(vector, self.config.dim, self.config.metric, "vector")?;
         let Some(ns) = self.namespace(namespace) else {
-            // Still validate the vector: a bad vector is an error, not a miss.
-            check_vectors(vector, self.config.dim, self.config.metric, "vector")?;
             self.unknown_misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
         let found = ns.index.search(vector, CANDIDATES, None)?;
-        if found.ids.len() != CANDIDATES {
-            return Err(Error::input(format!(
-                "vector must be one vector of dim {}",
-                self.config.dim
-            )));
-        }
         let now = (self.clock)();
         let mut state = ns.state.lock();
         let mut expired = Vec::new();
