@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import shutil
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -356,9 +358,11 @@ async def serve_forever(server: Server, address: str, metrics_port: int | None) 
     if metrics_port is not None:
         server.metrics.serve_http(metrics_port)
     host = address.rsplit(":", 1)[0]
+    # The command as this user can type it (make runs us without .venv/bin on PATH).
+    cli = "tiergate" if shutil.which("tiergate") else f"{sys.executable} -m tiergate"
     print(
         f"tiergate serving gRPC on {host}:{port} (policy {server.engine.policy.version}); "
-        f'try: tiergate classify --address {host}:{port} "where is my order"',
+        f'try: {cli} classify --address {host}:{port} "where is my order"',
         flush=True,
     )
     loop = asyncio.get_running_loop()
