@@ -53,17 +53,12 @@ def _echo_server(port_q: Any) -> None:
 
 
 def _tiergate_server(bundle: str, port_q: Any, stats_q: Any, cmd_q: Any) -> None:
-    from tiergate.engine import Engine, in_process_runtime
-    from tiergate.metrics import Metrics
     from tiergate.policy import default_policy
-    from tiergate.server import Server, build_runtimes, decision_logger
+    from tiergate.server import build_server
 
     async def main() -> None:
-        policy = default_policy(Path(bundle))
-        engine = Engine(policy, build_runtimes(policy, in_process_runtime))
-        metrics = Metrics()
-        engine.on_decision = decision_logger(lambda: engine.policy, metrics)
-        server = Server(engine, None, metrics)
+        server = build_server(default_policy(Path(bundle)))
+        metrics = server.metrics
         port = await server.start("127.0.0.1:0")
         port_q.put(port)
         loop = asyncio.get_running_loop()

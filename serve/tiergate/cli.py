@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tiergate._core import TiergateError
+
+if TYPE_CHECKING:
+    from tiergate.frontier import ProviderConfig
 
 EPILOG_TRAIN = """\
 examples:
@@ -202,12 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tiergate.bundle import load_bundle
     from tiergate.evaluate import evaluate, markdown, write_reports
-    from tiergate.frontier import (
-        FrontierSimulator,
-        OpenAIFrontier,
-        ProviderConfig,
-        SimulatorParams,
-    )
+    from tiergate.frontier import FrontierSimulator, OpenAIFrontier, SimulatorParams
     from tiergate.gate import Prices
 
     bundle = load_bundle(args.bundle)
@@ -222,18 +221,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             + (" ..." if len(unknown) > 5 else "")
         )
     frontier: FrontierSimulator | OpenAIFrontier
-    if args.frontier_url:
-        frontier = OpenAIFrontier(
-            bundle.labels,
-            ProviderConfig(
-                "cli",
-                args.frontier_url,
-                args.frontier_model,
-                args.frontier_key_env,
-                args.price_in,
-                args.price_out,
-            ),
-        )
+    provider = _provider(args)
+    if provider is not None:
+        frontier = OpenAIFrontier(bundle.labels, provider)
     else:
         params = SimulatorParams(
             accuracy=args.sim_accuracy,
@@ -257,45 +247,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from tiergate.engine import Engine
-    from tiergate.frontier import ProviderConfig
-    from tiergate.metrics import Metrics
     from tiergate.policy import default_policy, load_policy
-    from tiergate.server import (
-        AsyncFrontier,
-        Server,
-        build_runtimes,
-        decision_logger,
-        serve_forever,
-    )
+    from tiergate.server import build_server, serve_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not args.log_decisions:
         logging.getLogger("tiergate.decisions").setLevel(logging.WARNING)
     policy = load_policy(args.policy) if args.policy else default_policy(args.bundle.resolve())
-    from tiergate.engine import in_process_runtime
-
     print(f"loading {len(policy.tasks)} task(s): {', '.join(policy.tasks)}", file=sys.stderr)
-    runtimes = build_runtimes(policy, in_process_runtime)
-    first = next(iter(runtimes.values()))
-    frontier = None
-    if args.frontier_url:
-        provider = ProviderConfig("cli", args.frontier_url, args.frontier_model,
-                                  args.frontier_key_env, args.price_in, args.price_out)  # fmt: skip
-        frontier = AsyncFrontier(provider, first.labels)
-    metrics = Metrics()
-    dim = _embedding_dim(first)
-    engine = Engine(policy, runtimes, frontier=frontier, semantic_dim=dim)
-    engine.on_decision = decision_logger(lambda: engine.policy, metrics)
-    server = Server(engine, args.policy, metrics)
+    server = build_server(policy, args.policy, _provider(args))
     asyncio.run(serve_forever(server, args.address, args.metrics_port or None))
     return 0
 
 
-def _embedding_dim(runtime: object) -> int | None:
-    backend = getattr(runtime, "backend", None)
-    model = getattr(backend, "model", None)
-    return int(model.config.hidden_size) if model is not None else None
+def _provider(args: argparse.Namespace) -> ProviderConfig | None:
+    """The frontier provider named on the command line, if any."""
+    from tiergate.frontier import ProviderConfig
+
+    if not args.frontier_url:
+        return None
+    return ProviderConfig("cli", args.frontier_url, args.frontier_model,
+                          args.frontier_key_env, args.price_in, args.price_out)  # fmt: skip
 
 
 def cmd_classify(args: argparse.Namespace) -> int:

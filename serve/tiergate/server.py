@@ -284,6 +284,28 @@ class Server:
             await self.server.stop(grace)
 
 
+def build_server(
+    policy: Policy,
+    policy_path: Path | None = None,
+    provider: ProviderConfig | None = None,
+    runtime_factory: Any = in_process_runtime,
+) -> Server:
+    """The front end for ``policy``: tiers loaded, engine, metrics and decision log wired."""
+    runtimes = build_runtimes(policy, runtime_factory)
+    first = next(iter(runtimes.values()))
+    frontier = AsyncFrontier(provider, first.labels) if provider is not None else None
+    metrics = Metrics()
+    engine = Engine(policy, runtimes, frontier=frontier, semantic_dim=embedding_dim(first))
+    engine.on_decision = decision_logger(lambda: engine.policy, metrics)
+    return Server(engine, policy_path, metrics, runtime_factory)
+
+
+def embedding_dim(runtime: TaskRuntime) -> int | None:
+    """Width of the intent model's sentence embeddings (the semantic cache's dim), if any."""
+    model = getattr(runtime.backend, "model", None)
+    return int(model.config.hidden_size) if model is not None else None
+
+
 def build_runtimes(
     policy: Policy, factory: Any, current: dict[str, TaskRuntime] | None = None
 ) -> dict[str, TaskRuntime]:

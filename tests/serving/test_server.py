@@ -18,11 +18,10 @@ import yaml
 
 from tests.fake_openai import Script, fake_provider
 from tiergate.client import Client
-from tiergate.engine import Engine, in_process_runtime
+from tiergate.engine import Engine
 from tiergate.frontier import ProviderConfig
-from tiergate.metrics import Metrics
 from tiergate.policy import load_policy
-from tiergate.server import AsyncFrontier, Server, build_runtimes, decision_logger
+from tiergate.server import Server, build_server
 from tiergate.v1 import classifier_pb2 as pb
 
 KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
@@ -67,18 +66,11 @@ def start(tmp_path: Path) -> Iterator[Any]:
     threads: list[threading.Thread] = []
 
     def _start(policy_path: Path, frontier_url: str | None = None, price: float = 1.0) -> Running:
-        policy = load_policy(policy_path)
-        runtimes = build_runtimes(policy, in_process_runtime)
-        first = next(iter(runtimes.values()))
-        frontier = None
+        provider = None
         if frontier_url:
             provider = ProviderConfig("loopback", frontier_url, "m", None, price, price)
-            frontier = AsyncFrontier(provider, first.labels)
-        metrics = Metrics()
-        dim = first.backend.model.config.hidden_size if first.backend is not None else None  # type: ignore[attr-defined]
-        engine = Engine(policy, runtimes, frontier=frontier, semantic_dim=dim)
-        engine.on_decision = decision_logger(lambda: engine.policy, metrics)
-        server = Server(engine, policy_path, metrics)
+        server = build_server(load_policy(policy_path), policy_path, provider)
+        engine = server.engine
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()
