@@ -248,8 +248,6 @@ class TaskRuntime:
             # The calibration temperature goes into the Rust model: one call gives the
             # calibrated top-1 without a numpy round trip (the hot path of the front end).
             self.linear = self.linear.with_temperature(self.calibrators["linear"].temperature)
-        self.rule_label = [bundle.labels.index(x) if x else -1 for x in
-                           (self.rules.rules.labels if self.rules else [])]  # fmt: skip
         self.label_domains = bundle.label_domains
         self.gates: dict[str, DomainGate] = {}
         for tier in LOCAL_TIERS:
