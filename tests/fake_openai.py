@@ -28,10 +28,13 @@ class Script:
 def fake_provider(script: Script) -> Iterator[str]:
     """Yields the base URL (http://127.0.0.1:PORT/v1) of a provider following ``script``."""
 
+    lock = threading.Lock()
+
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            script.calls += 1
+            with lock:  # the server answers on several threads at once
+                script.calls += 1
             if script.delay_s:
                 time.sleep(script.delay_s)
             text = body["messages"][-1]["content"].split("\n\n(cheaper tiers")[0]

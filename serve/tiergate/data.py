@@ -76,8 +76,12 @@ def _example(path: Path, where: str, text: object, label: object) -> Example:
 def read_jsonl(path: Path) -> list[Example]:
     """One ``{"text": ..., "label": ...}`` object per line; blank lines are skipped."""
     out = []
-    with _open_text(path) as f:
-        for n, line in enumerate(f, start=1):
+    with _open_binary(path) as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _bad(path, f"line {n}", f"not valid UTF-8 (byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -92,16 +96,31 @@ def read_jsonl(path: Path) -> list[Example]:
 
 def read_csv(path: Path) -> list[Example]:
     """A CSV file with a header naming (at least) ``text`` and ``label`` columns."""
-    out = []
+    out: list[Example] = []
     with _open_text(path, newline="") as f:
         reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in ("text", "label") if c not in columns]
-        if missing:
-            raise _bad(path, "header", f"missing column(s) {missing}; found {columns}")
-        for n, row in enumerate(reader, start=2):
-            out.append(_example(path, f"line {n}", row["text"], row["label"]))
+        try:
+            columns = reader.fieldnames or []
+            missing = [c for c in ("text", "label") if c not in columns]
+            if missing:
+                raise _bad(path, "header", f"missing column(s) {missing}; found {columns}")
+            for row in reader:
+                out.append(_example(path, f"line {reader.line_num}", row["text"], row["label"]))
+        except UnicodeDecodeError as e:
+            # The decoder reads ahead, so the line is approximate; the byte offset is exact.
+            raise _bad(
+                path,
+                f"near line {reader.line_num + 1}",
+                f"not valid UTF-8 (byte {e.start} of a block)",
+            ) from None
     return out
+
+
+def _open_binary(path: Path):  # type: ignore[no-untyped-def]
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no dataset at {path}") from None
 
 
 def _open_text(path: Path, newline: str | None = None):  # type: ignore[no-untyped-def]

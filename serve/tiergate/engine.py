@@ -144,20 +144,32 @@ class ExactCache:
 
 
 class LatencyTracker:
-    """Recent latencies per tier; the p95 decides whether a tier fits the budget left."""
+    """Recent latencies per (task, tier); their p95 decides whether a tier fits the budget.
 
-    def __init__(self, window: int = 512):
-        self.samples: dict[str, deque[float]] = {}
+    Samples older than ``max_age_s`` are forgotten, so a tier that was skipped
+    for being slow is tried again later instead of staying off for good.
+    """
+
+    def __init__(self, window: int = 512, max_age_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+        self.samples: dict[str, deque[tuple[float, float]]] = {}
         self.window = window
+        self.max_age_s = max_age_s
+        self.clock = clock
 
-    def record(self, tier: str, ms: float) -> None:
-        self.samples.setdefault(tier, deque(maxlen=self.window)).append(ms)
+    def record(self, key: str, ms: float) -> None:
+        self.samples.setdefault(key, deque(maxlen=self.window)).append((self.clock(), ms))
 
-    def p95(self, tier: str) -> float:
-        s = self.samples.get(tier)
-        if not s or len(s) < 5:
-            return 0.0  # unknown yet: try the tier
-        return float(np.percentile(s, 95))
+    def p95(self, key: str) -> float:
+        s = self.samples.get(key)
+        if not s:
+            return 0.0
+        oldest = self.clock() - self.max_age_s
+        while s and s[0][0] < oldest:
+            s.popleft()
+        if len(s) < 5:
+            return 0.0  # too little recent evidence: try the tier
+        return float(np.percentile([ms for _, ms in s], 95))
 
 
 class MicroBatcher:
@@ -217,6 +229,8 @@ class MicroBatcher:
     async def _run(self, batch: list[tuple[str, asyncio.Future[Any]]]) -> None:
         try:
             logits, vectors = await self.run([t for t, _ in batch])
+            if len(logits) != len(batch) or (vectors is not None and len(vectors) != len(batch)):
+                raise RuntimeError(f"the model answered {len(logits)} rows for {len(batch)} texts")
         except Exception as e:  # every waiter learns of the failure
             for _, fut in batch:
                 if not fut.done():
@@ -253,6 +267,9 @@ class TaskRuntime:
         for tier in LOCAL_TIERS:
             thresholds = dict(bundle.thresholds.get(tier, {GENERAL: 1.01}))
             thresholds.update(task.thresholds.get(tier, {}))
+            # An override of "general" must not leave a stricter domain below it.
+            general = thresholds.get(GENERAL, 1.01)
+            thresholds = {d: max(t, general) for d, t in thresholds.items()}
             self.gates[tier] = DomainGate(thresholds, {}, {})
         self.backend = backend if bundle.has("intent") else None
         self.batcher: MicroBatcher | None = None
@@ -309,7 +326,9 @@ class Engine:
             else None
         )
         self.idempotent: OrderedDict[tuple[str, str], Decision] = OrderedDict()
-        self.review_queue: list[dict[str, Any]] = []
+        # Requests routed to human review: the newest 10,000, for a consumer to
+        # drain into the review system; raw text only when the policy allows it.
+        self.review_queue: deque[dict[str, Any]] = deque(maxlen=10_000)
         self.on_decision = on_decision
 
     def swap_policy(self, policy: Policy, runtimes: dict[str, TaskRuntime]) -> None:
@@ -374,7 +393,10 @@ class Engine:
         start_at = ORDER.index(req.force_tier) if req.force_tier else 0
         stop_at = ORDER.index(req.max_tier) if req.max_tier else len(ORDER) - 1
 
-        hit = self.exact.get(cache_key) if not req.force_tier else None
+        # Client risk tags can change the route (e.g. to review): such requests skip
+        # the exact cache, whose entries were decided without them.
+        use_exact = not req.force_tier and not req.risk_tags
+        hit = self.exact.get(cache_key) if use_exact else None
         if hit is not None:
             return Decision(
                 hit.label,
@@ -456,7 +478,7 @@ class Engine:
                 except Exception as e:  # the tier is down: answer from what we have
                     path.append(Step("intent", note=f"failed: {type(e).__name__}: {e}"))
                     return self._degrade(d, best, "intent model unavailable")
-                self.latency.record("intent", (time.perf_counter() - t0) * 1000)
+                self.latency.record(f"{rt.task.name}/intent", (time.perf_counter() - t0) * 1000)
                 pred, conf = rt.calibrators["intent"].apply(logits[None, :])
                 if consider("intent", int(pred[0]), float(conf[0]), _us(t0)):
                     return self._finish(d, cache_key, rt, policy, vector)
@@ -514,9 +536,26 @@ class Engine:
             return self._degrade(d, best, f"quota reached: {e}")
         t0 = time.perf_counter()
         hints = ", ".join(f"{s.tier}: {s.label} ({s.confidence:.2f})" for s in d.path if s.label)
-        label, cost, error = await self.frontier.classify(req.text, rt.labels, hints)
-        self.ledger.settle(reservation, cost)
-        self.latency.record("frontier", (time.perf_counter() - t0) * 1000)
+        cost = estimate  # charged if the call is cancelled mid-way: it may have been paid
+        try:
+            # Stop a little before the deadline so a degraded answer still reaches the caller.
+            left_s = req.remaining_ms() / 1000
+            limit = None if left_s == float("inf") else max(left_s - min(0.005, left_s / 10), 0.0)
+            label, cost, error = await asyncio.wait_for(
+                self.frontier.classify(req.text, rt.labels, hints), limit
+            )
+        except TimeoutError:
+            label, error = None, "no answer within the request's deadline"
+            if best[0] < 0:  # nothing else to answer with: the deadline is what failed
+                self.ledger.settle(reservation, cost)
+                raise RequestError(
+                    "DEADLINE_EXCEEDED", "no tier answered within the deadline"
+                ) from None
+        except Exception as e:  # a provider bug must not leak the reservation or crash
+            label, cost, error = None, 0.0, f"{type(e).__name__}: {e}"
+        finally:
+            self.ledger.settle(reservation, cost)
+        self.latency.record(f"{rt.task.name}/frontier", (time.perf_counter() - t0) * 1000)
         d.cost_usd = cost
         if label is None:
             d.path.append(Step("frontier", note=f"failed: {error}", micros=_us(t0)))
@@ -537,7 +576,7 @@ class Engine:
         task's p95 target; the frontier is exempt (escalations are slow by
         nature, and ``on_skip: escalate`` sends requests there on purpose).
         """
-        need = self.latency.p95(tier)
+        need = self.latency.p95(f"{rt.task.name}/{tier}")
         if need > left_ms:
             return f"{tier} p95 {need:.1f} ms exceeds the {left_ms:.1f} ms left"
         target = rt.task.p95_ms
@@ -559,15 +598,15 @@ class Engine:
         return d
 
     def _review(self, req: Request, d: Decision, tag: str, t0: float) -> Decision:
-        self.review_queue.append(
-            {
-                "request_id": req.request_id,
-                "tenant": req.tenant.name,
-                "task": req.task,
-                "risk_tags": d.risk_tags,
-                "text": req.text,
-            }
-        )
+        record: dict[str, Any] = {
+            "request_id": req.request_id,
+            "tenant": req.tenant.name,
+            "task": req.task or self.policy.default_task,
+            "risk_tags": d.risk_tags,
+        }
+        if self.policy.log_raw_text:
+            record["text"] = req.text
+        self.review_queue.append(record)
         d.path.append(
             Step("review", "pending_review", 0.0, 0.0, True, _us(t0), f"risk tag {tag!r}")
         )

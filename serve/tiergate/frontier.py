@@ -133,7 +133,7 @@ class OpenAIFrontier:
             base_url=provider.base_url, api_key=key, timeout=provider.timeout_s, max_retries=1
         )
 
-    def _schema(self) -> dict[str, object]:
+    def _schema(self, labels: Sequence[str]) -> dict[str, object]:
         return {
             "type": "json_schema",
             "json_schema": {
@@ -141,22 +141,27 @@ class OpenAIFrontier:
                 "strict": True,
                 "schema": {
                     "type": "object",
-                    "properties": {"label": {"type": "string", "enum": self.labels}},
+                    "properties": {"label": {"type": "string", "enum": list(labels)}},
                     "required": ["label"],
                     "additionalProperties": False,
                 },
             },
         }
 
-    def classify_one(self, text: str, hints: str = "") -> FrontierAnswer:
+    def classify_one(
+        self, text: str, hints: str = "", labels: Sequence[str] | None = None
+    ) -> FrontierAnswer:
+        """One escalation; ``labels`` replaces the client's label set for this call only."""
         import openai
+
+        labels = list(labels) if labels is not None else self.labels
 
         started = time.perf_counter()
         try:
             resp = self.client.chat.completions.create(  # type: ignore[call-overload]
                 model=self.provider.model,
-                messages=prompt_for(text, self.labels, hints),
-                response_format=self._schema(),
+                messages=prompt_for(text, labels, hints),
+                response_format=self._schema(labels),
                 temperature=0,
                 max_tokens=32,
             )
@@ -171,17 +176,17 @@ class OpenAIFrontier:
                 + usage.completion_tokens * self.provider.price_out_per_mtok
             ) / 1e6
         content = resp.choices[0].message.content if resp.choices else None
-        label, error = self._parse(content)
+        label, error = self._parse(content, labels)
         return FrontierAnswer(label, cost, seconds, False, error)
 
-    def _parse(self, content: str | None) -> tuple[str | None, str | None]:
+    def _parse(self, content: str | None, labels: Sequence[str]) -> tuple[str | None, str | None]:
         if not content:
             return None, "empty answer"
         try:
             label = json.loads(content).get("label")
         except (json.JSONDecodeError, AttributeError):
             label = content.strip().strip('"')
-        if label not in self.labels:
+        if label not in labels:
             return None, f"label {str(label)[:60]!r} is not in the label set"
         return str(label), None
 

@@ -82,8 +82,7 @@ class AsyncFrontier:
     async def classify(
         self, text: str, labels: Sequence[str], hints: str
     ) -> tuple[str | None, float, str | None]:
-        self.client.labels = list(labels)
-        a = await asyncio.to_thread(self.client.classify_one, text, hints)
+        a = await asyncio.to_thread(self.client.classify_one, text, hints, list(labels))
         return a.label, a.cost, a.error
 
     def estimate_cost(self, text: str, labels: Sequence[str]) -> float:
@@ -183,7 +182,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         async def one(msg: pb.ClassifyRequest) -> None:
             try:
                 await queue.put(await self._classify(msg, tenant, context))
-            except RequestError as e:
+            except Exception as exc:  # one item's failure must not hang the stream
+                e = exc if isinstance(exc, RequestError) else RequestError("INTERNAL", repr(exc))
+                if not isinstance(exc, RequestError):
+                    log.exception("stream item failed")
                 self.metrics.errors.labels(e.code).inc()
                 code = getattr(grpc.StatusCode, e.code).value[0]
                 await queue.put(
@@ -354,7 +356,7 @@ def decision_logger(policy_of: Any, metrics: Metrics) -> Any:
             line: dict[str, Any] = {
                 "request_id": d.request_id,
                 "tenant": req.tenant.name,
-                "task": req.task,
+                "task": req.task or policy_of().default_task,
                 "label": d.label,
                 "tier": d.tier,
                 "confidence": round(d.confidence, 4),

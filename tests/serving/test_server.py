@@ -316,7 +316,7 @@ def test_short_deadline_degrades_instead_of_timing_out(
     with r.client() as c:
         for i in range(8):  # the engine learns the intent model's latency
             c.classify(f"hello there number {i}", timeout=30)
-        p95 = r.engine.latency.p95("intent")
+        p95 = r.engine.latency.p95("intents/intent")
         # Half the model's p95: ample for the cheap tiers and loopback gRPC (~1 ms),
         # too short for the model, so the engine must not even try it.
         answer = c.classify("hello again", timeout=p95 / 2 / 1000)
@@ -363,11 +363,20 @@ def test_deadline_and_unavailable_codes(start: Any, linear_bundle: Path, tmp_pat
     with fake_provider(slow) as url:
         tasks = escalate_everything(linear_bundle)
         r2 = start(write_policy(tmp_path / "q.yaml", linear_bundle, tasks=tasks), url)
-        with r2.client() as c:
-            # the frontier's latency is not known yet: the call is made and outlives the deadline
+        with r2.client(KEY_A) as c:
+            # Only the frontier may answer, and it is slower than the deadline.
             with pytest.raises(grpc.RpcError) as e:
-                c.classify("hello", timeout=0.3)
+                c.classify("hello", force_tier="frontier", timeout=0.3)
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # With a local answer in hand, the same wait ends in a degraded answer in time.
+            answer = c.classify("hello there", timeout=0.5)
+        assert answer.degraded
+        assert "no answer within the request's deadline" in answer.degraded_reason
+        assert answer.tier in ("rules", "linear")
+        time.sleep(1.2)  # the abandoned provider calls finish; their reservations are settled
+        usage = r2.engine.ledger.snapshot("a")
+        assert usage.reserved_usd == pytest.approx(0.0, abs=1e-12)
+        assert usage.spent_usd > 0  # a call cut short may have been paid: it is charged
     with r.client() as c:
         # stopping at the rules tier with no rule matching leaves nobody to answer
         with pytest.raises(grpc.RpcError) as e:

@@ -56,9 +56,13 @@ def test_csv_without_label_column_is_rejected(tmp_path: Path) -> None:
 
 def test_invalid_utf8_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
-    path.write_bytes(b'{"text": "caf\xe9", "label": "x"}\n')
-    with pytest.raises(UnicodeDecodeError):
+    path.write_bytes(b'{"text": "ok", "label": "x"}\n{"text": "caf\xe9", "label": "x"}\n')
+    with pytest.raises(FormatError, match=r"line 2: not valid UTF-8"):
         read_jsonl(path)
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_bytes(b"text,label\nok,x\ncaf\xe9,x\n")
+    with pytest.raises(FormatError, match="not valid UTF-8"):
+        read_csv(csv_path)
 
 
 def test_unknown_extension_and_missing_file(tmp_path: Path) -> None:
