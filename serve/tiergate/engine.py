@@ -9,6 +9,7 @@ concurrent requests are gathered into micro-batches by :class:`MicroBatcher`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import time
 import unicodedata
@@ -263,14 +264,7 @@ class TaskRuntime:
             # calibrated top-1 without a numpy round trip (the hot path of the front end).
             self.linear = self.linear.with_temperature(self.calibrators["linear"].temperature)
         self.label_domains = bundle.label_domains
-        self.gates: dict[str, DomainGate] = {}
-        for tier in LOCAL_TIERS:
-            thresholds = dict(bundle.thresholds.get(tier, {GENERAL: 1.01}))
-            thresholds.update(task.thresholds.get(tier, {}))
-            # An override of "general" must not leave a stricter domain below it.
-            general = thresholds.get(GENERAL, 1.01)
-            thresholds = {d: max(t, general) for d, t in thresholds.items()}
-            self.gates[tier] = DomainGate(thresholds, {}, {})
+        self.gates = self._gates(task, bundle)
         self.backend = backend if bundle.has("intent") else None
         self.batcher: MicroBatcher | None = None
         if self.backend is not None:
@@ -280,6 +274,26 @@ class TaskRuntime:
                 return await asyncio.to_thread(backend_.infer, texts)  # torch frees the GIL
 
             self.batcher = MicroBatcher(run)
+
+    def for_task(self, task: Task) -> TaskRuntime:
+        """The same loaded tiers (and batcher) under another task's settings: what a policy
+        reload does for a bundle it already has, without reading the bundle again."""
+        clone = copy.copy(self)
+        clone.task = task
+        clone.gates = self._gates(task, self.bundle)
+        return clone
+
+    @staticmethod
+    def _gates(task: Task, bundle: Bundle) -> dict[str, DomainGate]:
+        gates: dict[str, DomainGate] = {}
+        for tier in LOCAL_TIERS:
+            thresholds = dict(bundle.thresholds.get(tier, {GENERAL: 1.01}))
+            thresholds.update(task.thresholds.get(tier, {}))
+            # An override of "general" must not leave a stricter domain below it.
+            general = thresholds.get(GENERAL, 1.01)
+            thresholds = {d: max(t, general) for d, t in thresholds.items()}
+            gates[tier] = DomainGate(thresholds, {}, {})
+        return gates
 
 
 RuntimeFactory = Callable[[Task], TaskRuntime]
@@ -309,8 +323,9 @@ class Engine:
         semantic_dim: int | None = None,
         on_decision: Callable[[Request, Decision, float], None] | None = None,
     ):
-        self.policy = policy
-        self.runtimes = runtimes
+        # (policy, runtimes) swap as one value: a request reads it once, so it never
+        # pairs one policy version with another's thresholds (reloads run on a thread).
+        self.state: tuple[Policy, dict[str, TaskRuntime]] = (policy, runtimes)
         self.frontier = frontier
         self.ledger = ledger or Ledger()
         self.exact = ExactCache()
@@ -331,17 +346,27 @@ class Engine:
         self.review_queue: deque[dict[str, Any]] = deque(maxlen=10_000)
         self.on_decision = on_decision
 
+    @property
+    def policy(self) -> Policy:
+        return self.state[0]
+
+    @property
+    def runtimes(self) -> dict[str, TaskRuntime]:
+        return self.state[1]
+
     def swap_policy(self, policy: Policy, runtimes: dict[str, TaskRuntime]) -> None:
         """Installs a validated policy; caches are keyed by version, so none is stale."""
-        self.policy, self.runtimes = policy, runtimes
+        self.state = (policy, runtimes)
 
-    def validate(self, req: Request) -> TaskRuntime:
-        policy = self.policy
+    def validate(
+        self, req: Request, state: tuple[Policy, dict[str, TaskRuntime]] | None = None
+    ) -> TaskRuntime:
+        policy, runtimes = state or self.state
         task = req.task or policy.default_task
-        runtime = self.runtimes.get(task)
+        runtime = runtimes.get(task)
         if runtime is None:
             raise RequestError(
-                "INVALID_ARGUMENT", f"unknown task {task!r}; known: {sorted(self.runtimes)}"
+                "INVALID_ARGUMENT", f"unknown task {task!r}; known: {sorted(runtimes)}"
             )
         if not req.text.strip():
             raise RequestError("INVALID_ARGUMENT", "text is empty")
@@ -360,8 +385,9 @@ class Engine:
 
     async def classify(self, req: Request) -> Decision:
         started = time.perf_counter()
-        runtime = self.validate(req)
-        policy = self.policy
+        state = self.state
+        runtime = self.validate(req, state)
+        policy = state[0]
         if req.idempotency_key:
             key = (req.tenant.name, req.idempotency_key)
             if key in self.idempotent:

@@ -311,15 +311,19 @@ def embedding_dim(runtime: TaskRuntime) -> int | None:
 def build_runtimes(
     policy: Policy, factory: Any, current: dict[str, TaskRuntime] | None = None
 ) -> dict[str, TaskRuntime]:
-    """A runtime per task; bundles already loaded for the same path are reused."""
+    """A runtime per task. A bundle is loaded once: tasks sharing it, and reloads of a
+    policy whose bundle did not change, reuse its tiers and model batcher."""
     by_bundle = {rt.task.bundle: rt for rt in (current or {}).values()}
+    fresh: dict[Path, TaskRuntime] = {}
     out: dict[str, TaskRuntime] = {}
     for name, task in policy.tasks.items():
-        old = by_bundle.get(task.bundle)
-        if old is not None and old.bundle.created == _created(task.bundle):
-            out[name] = TaskRuntime(task, old.bundle, old.backend)
+        old = fresh.get(task.bundle) or by_bundle.get(task.bundle)
+        if old is not None and (
+            task.bundle in fresh or old.bundle.created == _created(task.bundle)
+        ):
+            out[name] = old.for_task(task)
         else:
-            out[name] = factory(task)
+            out[name] = fresh[task.bundle] = factory(task)
     return out
 
 

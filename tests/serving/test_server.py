@@ -18,10 +18,10 @@ import yaml
 
 from tests.fake_openai import Script, fake_provider
 from tiergate.client import Client
-from tiergate.engine import Engine
+from tiergate.engine import Engine, in_process_runtime
 from tiergate.frontier import ProviderConfig
 from tiergate.policy import load_policy
-from tiergate.server import Server, build_server
+from tiergate.server import Server, build_runtimes, build_server
 from tiergate.v1 import classifier_pb2 as pb
 
 KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
@@ -471,3 +471,25 @@ def test_on_skip_escalate_sends_a_too_slow_model_tier_to_the_frontier(
         False,
     )
     assert script.calls == sum(a.tier == "frontier" and not a.cached for a in answers)
+
+
+def test_reload_reuses_loaded_tiers_and_shared_bundles_load_once(
+    linear_bundle: Path, tmp_path: Path
+) -> None:
+    tasks = {"one": {"bundle": str(linear_bundle)}, "two": {"bundle": str(linear_bundle),
+             "thresholds": {"linear": {"general": 0.99}}}}  # fmt: skip
+    path = write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks)
+    loads: list[str] = []
+
+    def counting_factory(task: Any) -> Any:
+        loads.append(task.name)
+        return in_process_runtime(task)
+
+    policy = load_policy(path)
+    runtimes = build_runtimes(policy, counting_factory)
+    assert loads == ["one"]  # "two" shares the bundle
+    assert runtimes["two"].linear is runtimes["one"].linear
+    assert runtimes["two"].gates["linear"].threshold("general") == 0.99
+    again = build_runtimes(load_policy(path), counting_factory, runtimes)
+    assert loads == ["one"]  # the reload read nothing from disk
+    assert again["one"].linear is runtimes["one"].linear
