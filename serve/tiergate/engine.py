@@ -15,6 +15,7 @@ import time
 import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -269,9 +270,13 @@ class TaskRuntime:
         self.batcher: MicroBatcher | None = None
         if self.backend is not None:
             backend_ = self.backend
+            # Its own thread (torch frees the GIL while it works): slow frontier calls
+            # on the default pool can never delay a model batch.
+            executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{task.name}")
 
             async def run(texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-                return await asyncio.to_thread(backend_.infer, texts)  # torch frees the GIL
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(executor, backend_.infer, texts)
 
             self.batcher = MicroBatcher(run)
 
@@ -340,7 +345,9 @@ class Engine:
             if semantic_dim
             else None
         )
-        self.idempotent: OrderedDict[tuple[str, str], Decision] = OrderedDict()
+        # Idempotency keys -> the first request's decision, in flight or done: a
+        # retry racing the original waits for it instead of deciding (and paying) twice.
+        self.idempotent: OrderedDict[tuple[str, str], asyncio.Future[Decision]] = OrderedDict()
         # Requests routed to human review: the newest 10,000, for a consumer to
         # drain into the review system; raw text only when the policy allows it.
         self.review_queue: deque[dict[str, Any]] = deque(maxlen=10_000)
@@ -388,10 +395,32 @@ class Engine:
         state = self.state
         runtime = self.validate(req, state)
         policy = state[0]
+        key = (req.tenant.name, req.idempotency_key)
         if req.idempotency_key:
-            key = (req.tenant.name, req.idempotency_key)
-            if key in self.idempotent:
-                return self.idempotent[key]
+            first = self.idempotent.get(key)
+            if first is not None:
+                return await asyncio.shield(first)
+            self.idempotent[key] = asyncio.get_running_loop().create_future()
+            while len(self.idempotent) > 100_000:
+                self.idempotent.popitem(last=False)
+        try:
+            decision = await self._admitted(req, runtime, policy)
+        except BaseException as e:
+            if req.idempotency_key:  # a failed first attempt may be retried under the same key
+                fut = self.idempotent.pop(key, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
+                    fut.exception()  # mark retrieved: waiters re-raise it, nobody else must
+            raise
+        if req.idempotency_key:
+            fut = self.idempotent.get(key)
+            if fut is not None and not fut.done():
+                fut.set_result(decision)
+        if self.on_decision is not None:
+            self.on_decision(req, decision, time.perf_counter() - started)
+        return decision
+
+    async def _admitted(self, req: Request, runtime: TaskRuntime, policy: Policy) -> Decision:
         try:
             self.ledger.admit(req.tenant)
         except QuotaExceeded as e:
@@ -402,14 +431,7 @@ class Engine:
         if runtime.task.p99_ms is not None:
             target = time.monotonic() + runtime.task.p99_ms / 1000
             req.deadline = target if req.deadline is None else min(req.deadline, target)
-        decision = await self._decide(req, runtime, policy)
-        if req.idempotency_key:
-            self.idempotent[(req.tenant.name, req.idempotency_key)] = decision
-            while len(self.idempotent) > 100_000:
-                self.idempotent.popitem(last=False)
-        if self.on_decision is not None:
-            self.on_decision(req, decision, time.perf_counter() - started)
-        return decision
+        return await self._decide(req, runtime, policy)
 
     async def _decide(self, req: Request, rt: TaskRuntime, policy: Policy) -> Decision:
         path: list[Step] = []

@@ -131,6 +131,22 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         decision = await self.engine.classify(self._request(msg, tenant, context))
         return to_proto(decision)
 
+    async def _classify_or_error(
+        self, msg: pb.ClassifyRequest, tenant: Tenant, context: Any
+    ) -> pb.ClassifyResponse:
+        """An answer, or a response carrying the item's error (batches and streams)."""
+        try:
+            return await self._classify(msg, tenant, context)
+        except Exception as exc:  # one item's failure must not sink the others
+            e = exc if isinstance(exc, RequestError) else RequestError("INTERNAL", repr(exc))
+            if not isinstance(exc, RequestError):
+                log.exception("batch or stream item failed")
+            self.metrics.errors.labels(e.code).inc()
+            code = getattr(grpc.StatusCode, e.code).value[0]
+            return pb.ClassifyResponse(
+                client_id=msg.client_id, error=pb.Error(code=code, message=e.message)
+            )
+
     async def _abort(self, context: Context, e: RequestError) -> None:
         self.metrics.errors.labels(e.code).inc()
         if e.retry_after_s is not None:
@@ -160,8 +176,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                     self.engine.validate(self._request(item, tenant, context))
                 except RequestError as e:
                     raise RequestError(e.code, f"requests[{i}]: {e.message}") from None
+            # Items were validated above; a later failure (a quota reached halfway, say)
+            # answers that item with its error, keeping the work done for the others.
             answers = await asyncio.gather(
-                *(self._classify(m, tenant, context) for m in request.requests)
+                *(self._classify_or_error(m, tenant, context) for m in request.requests)
             )
             return pb.ClassifyBatchResponse(responses=answers)
         except RequestError as e:
@@ -180,19 +198,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(msg: pb.ClassifyRequest) -> None:
-            try:
-                await queue.put(await self._classify(msg, tenant, context))
-            except Exception as exc:  # one item's failure must not hang the stream
-                e = exc if isinstance(exc, RequestError) else RequestError("INTERNAL", repr(exc))
-                if not isinstance(exc, RequestError):
-                    log.exception("stream item failed")
-                self.metrics.errors.labels(e.code).inc()
-                code = getattr(grpc.StatusCode, e.code).value[0]
-                await queue.put(
-                    pb.ClassifyResponse(
-                        client_id=msg.client_id, error=pb.Error(code=code, message=e.message)
-                    )
-                )
+            await queue.put(await self._classify_or_error(msg, tenant, context))
 
         async def reader() -> None:
             async for msg in request_iterator:

@@ -493,3 +493,33 @@ def test_reload_reuses_loaded_tiers_and_shared_bundles_load_once(
     again = build_runtimes(load_policy(path), counting_factory, runtimes)
     assert loads == ["one"]  # the reload read nothing from disk
     assert again["one"].linear is runtimes["one"].linear
+
+
+def test_concurrent_retries_with_one_idempotency_key_decide_once(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    script = Script(default="greeting", delay_s=0.3)
+    with fake_provider(script) as url:
+        tasks = escalate_everything(linear_bundle)
+        r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks), url)
+        with r.client(KEY_A) as c, ThreadPoolExecutor(5) as pool:
+            answers = list(
+                pool.map(lambda _: c.classify("hi", idempotency_key="k", timeout=10), range(5))
+            )
+    assert {a.request_id for a in answers} == {answers[0].request_id}
+    assert script.calls == 1
+    assert r.engine.ledger.snapshot("a").escalations == 1
+
+
+def test_a_quota_reached_inside_a_batch_fails_only_that_item(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    tenants = {"a": {"key_sha256": [sha(KEY_A)], "quota": {"requests_per_day": 2}}}
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tenants=tenants))
+    with r.client(KEY_A) as c:
+        answers = c.classify_batch(["hello", "hello there", "hi"], timeout=5)
+    errors = [a for a in answers if a.error.code]
+    assert len(answers) == 3
+    assert len(errors) == 1
+    assert errors[0].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert all(a.label == "greeting" for a in answers if not a.error.code)
