@@ -30,6 +30,7 @@ Unknown keys are errors (a typo must not silently fall back to a default).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,11 +92,12 @@ class Policy:
         """The tenant owning ``key``; None when unknown. Keys are compared as SHA-256."""
         if not key:
             return None
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        for tenant in self.tenants.values():
-            if digest in tenant.key_sha256:
-                return tenant
-        return None
+        return self._by_digest.get(hashlib.sha256(key.encode()).hexdigest())
+
+    @functools.cached_property
+    def _by_digest(self) -> dict[str, Tenant]:
+        # Built once per policy: a key lookup is one hash and one dict probe.
+        return {d: t for t in self.tenants.values() for d in t.key_sha256}
 
     def risk_action(self, tags: list[str]) -> tuple[str, str | None]:
         """The strongest action any tag asks for (review > escalate > gate), and its tag."""

@@ -12,7 +12,6 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,6 @@ class _TierFit:
 
     val_pred: np.ndarray
     val_conf: np.ndarray
-    val_domains: list[str]
     report: dict[str, Any]
 
 
@@ -96,7 +94,6 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
         tier = RulesTier(rules, labels)
         fired = tier.fit_precision(texts(splits.val), y_val)
         val_out, risk_val = tier.match(texts(splits.val))
-        test_out, _ = tier.match(texts(splits.test))
         tiers["rules"] = {"file": RULES_FILE, "precision": tier.precision}
         declared = dict(zip(rules.rule_ids, rules.confidences, strict=True))
         report["tiers"]["rules"] = {"rules": len(rules), "fired_on_val": fired}
@@ -105,7 +102,6 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
         )
         val_out.domains = answer_domains(val_out.pred, labels, splits.label_domains, risk_val)
         gates["rules"] = _gate(val_out.pred, val_out.confidence, y_val, val_out.domains, options)
-        del test_out
 
     # Hashed linear tier.
     _log(f"linear tier: fitting on {len(splits.train)} texts")
@@ -244,7 +240,6 @@ def _calibrate(
     return _TierFit(
         val_pred,
         val_conf,
-        [],
         {
             "calibrator": calibrator.to_json(),
             "ece_test_before": round(before, 4),
@@ -337,6 +332,3 @@ def _write_sweeps(out: Path, gates: dict[str, DomainGate]) -> None:
         {tier: g.sweeps[GENERAL] for tier, g in gates.items()},
         {tier: g.thresholds[GENERAL] for tier, g in gates.items()},
     )
-
-
-ProgressFn = Callable[[str], None]
