@@ -335,16 +335,8 @@ class Engine:
         self.ledger = ledger or Ledger()
         self.exact = ExactCache()
         self.latency = LatencyTracker()
-        self.semantic = (
-            SemanticCache(
-                semantic_dim,
-                threshold=policy.semantic_threshold,
-                ttl_seconds=policy.semantic_ttl_s,
-                capacity=100_000,
-            )
-            if semantic_dim
-            else None
-        )
+        self.semantic_dim = semantic_dim
+        self.semantic = self._semantic_cache(policy)
         # Idempotency keys -> the first request's decision, in flight or done: a
         # retry racing the original waits for it instead of deciding (and paying) twice.
         self.idempotent: OrderedDict[tuple[str, str], asyncio.Future[Decision]] = OrderedDict()
@@ -361,8 +353,28 @@ class Engine:
     def runtimes(self) -> dict[str, TaskRuntime]:
         return self.state[1]
 
+    def _semantic_cache(self, policy: Policy) -> SemanticCache | None:
+        if not self.semantic_dim:
+            return None
+        return SemanticCache(
+            self.semantic_dim,
+            threshold=policy.semantic_threshold,
+            ttl_seconds=policy.semantic_ttl_s,
+            capacity=100_000,
+        )
+
     def swap_policy(self, policy: Policy, runtimes: dict[str, TaskRuntime]) -> None:
-        """Installs a validated policy; caches are keyed by version, so none is stale."""
+        """Installs a validated policy; caches are keyed by version, so none is stale.
+
+        New semantic-cache settings take a new cache: entries of the old version
+        could never be served anyway (the namespace includes the version).
+        """
+        old = self.policy
+        if (policy.semantic_threshold, policy.semantic_ttl_s) != (
+            old.semantic_threshold,
+            old.semantic_ttl_s,
+        ):
+            self.semantic = self._semantic_cache(policy)
         self.state = (policy, runtimes)
 
     def validate(

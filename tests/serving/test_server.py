@@ -523,3 +523,16 @@ def test_a_quota_reached_inside_a_batch_fails_only_that_item(
     assert len(errors) == 1
     assert errors[0].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert all(a.label == "greeting" for a in answers if not a.error.code)
+
+
+def test_a_reload_applies_new_semantic_cache_settings(
+    start: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    path = write_policy(tmp_path / "p.yaml", full_bundle, cache={"semantic_threshold": 0.9})
+    r = start(path)
+    assert r.engine.semantic is not None
+    assert r.engine.semantic.threshold == pytest.approx(0.9)
+    write_policy(path, full_bundle, version="v2", cache={"semantic_threshold": 0.97})
+    assert r.server.reload()
+    assert r.engine.policy.version == "v2"
+    assert r.engine.semantic.threshold == pytest.approx(0.97)
