@@ -28,10 +28,7 @@ from tiergate.bundle import Bundle, load_bundle
 from tiergate.calibration import Calibrator
 from tiergate.gate import GENERAL, STRICT_DOMAINS, DomainGate
 from tiergate.policy import Policy, Task, Tenant
-from tiergate.tiers import RulesTier
-
-LOCAL_TIERS = ("rules", "linear", "intent")
-ORDER = ("rules", "linear", "intent", "frontier")
+from tiergate.tiers import LOCAL_TIERS, ORDER, RulesTier
 
 
 class RequestError(Exception):

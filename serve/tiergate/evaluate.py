@@ -21,6 +21,7 @@ from tiergate.data import OUT_OF_SCOPE, Example
 from tiergate.frontier import FrontierAnswer, FrontierSimulator, OpenAIFrontier
 from tiergate.gate import Prices
 from tiergate.tiers import (
+    LOCAL_TIERS,
     IntentTier,
     LinearTier,
     RulesTier,
@@ -28,8 +29,6 @@ from tiergate.tiers import (
     TransformersIntentModel,
     answer_domains,
 )
-
-ORDER = ("rules", "linear", "intent")
 
 
 def _log(msg: str) -> None:
@@ -87,7 +86,7 @@ def cascade_route(bundle: Bundle, outputs: dict[str, TierOutput]) -> tuple[np.nd
     pred = np.full(n, -1, dtype=np.int64)
     decided = ["frontier"] * n
     open_ = np.ones(n, dtype=bool)
-    for name in ORDER:
+    for name in LOCAL_TIERS:
         if name not in outputs:
             continue
         out = outputs[name]
@@ -122,7 +121,7 @@ def evaluate(
     latency = []
     for i, d in enumerate(decided):
         spent = 0.0
-        for name in ORDER:
+        for name in LOCAL_TIERS:
             if name in outputs:
                 spent += per_text[name]
             if name == d:
@@ -150,7 +149,7 @@ def evaluate(
             local_mask,
         )
     )
-    for name in ORDER:
+    for name in LOCAL_TIERS:
         if name not in outputs:
             continue
         out = outputs[name]

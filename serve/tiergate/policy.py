@@ -39,9 +39,9 @@ from typing import Any
 import yaml
 
 from tiergate._core import ConfigError
+from tiergate.tiers import LOCAL_TIERS
 
 RISK_ACTIONS = ("gate", "escalate", "review")
-TIERS = ("rules", "linear", "intent", "frontier")
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,8 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
             raise ConfigError(f"{where}: 'bundle' (a directory path) is required")
         thresholds: dict[str, dict[str, float]] = {}
         for tier, domains in _mapping(f"{where}.thresholds", t.get("thresholds")).items():
-            if tier not in TIERS[:3]:
-                raise ConfigError(f"{where}.thresholds: unknown tier {tier!r}; use {TIERS[:3]}")
+            if tier not in LOCAL_TIERS:
+                raise ConfigError(f"{where}.thresholds: unknown tier {tier!r}; use {LOCAL_TIERS}")
             thresholds[tier] = {
                 str(d): _number(f"{where}.thresholds.{tier}.{d}", v)
                 for d, v in _mapping(f"{where}.thresholds.{tier}", domains).items()

@@ -19,7 +19,10 @@ from tiergate._core import ConfigError, LinearModel, RuleSet
 from tiergate.calibration import Calibrator
 from tiergate.gate import GENERAL, STRICT_DOMAINS
 
-TIER_NAMES = ("rules", "linear", "intent")
+# The cascade's tiers in the order a request meets them: the single definition
+# the engine, the policy parser and the evaluation share.
+LOCAL_TIERS = ("rules", "linear", "intent")
+ORDER = (*LOCAL_TIERS, "frontier")
 
 
 @dataclass

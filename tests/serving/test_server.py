@@ -88,6 +88,11 @@ def start(tmp_path: Path) -> Iterator[Any]:
         r.loop.close()
 
 
+def tenant_a_with(quota: dict[str, float]) -> dict[str, Any]:
+    """The tenants section for tenant a (KEY_A) with the given daily quota."""
+    return {"a": {"key_sha256": [sha(KEY_A)], "quota": quota}}
+
+
 def escalate_everything(bundle: Path) -> dict[str, Any]:
     """A task whose cheap tiers never accept: every request goes on to the next tier."""
     never = {"general": 1.01}
@@ -156,7 +161,7 @@ def test_status_codes(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
 def test_request_quota_refuses_with_a_retry_hint(
     start: Any, linear_bundle: Path, tmp_path: Path
 ) -> None:
-    tenants = {"a": {"key_sha256": [sha(KEY_A)], "quota": {"requests_per_day": 3}}}
+    tenants = tenant_a_with({"requests_per_day": 3})
     r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tenants=tenants))
     with r.client(KEY_A) as c:
         for _ in range(3):
@@ -171,7 +176,7 @@ def test_request_quota_refuses_with_a_retry_hint(
 
 def test_spend_cap_holds_under_concurrency(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
     # Every text escalates (the gate never accepts); each call costs 105 tokens x $1/M.
-    tenants = {"a": {"key_sha256": [sha(KEY_A)], "quota": {"spend_per_day_usd": 0.002}}}
+    tenants = tenant_a_with({"spend_per_day_usd": 0.002})
     tasks = escalate_everything(linear_bundle)
     script = Script(default="greeting", delay_s=0.05)
     with fake_provider(script) as url:
@@ -514,7 +519,7 @@ def test_concurrent_retries_with_one_idempotency_key_decide_once(
 def test_a_quota_reached_inside_a_batch_fails_only_that_item(
     start: Any, linear_bundle: Path, tmp_path: Path
 ) -> None:
-    tenants = {"a": {"key_sha256": [sha(KEY_A)], "quota": {"requests_per_day": 2}}}
+    tenants = tenant_a_with({"requests_per_day": 2})
     r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tenants=tenants))
     with r.client(KEY_A) as c:
         answers = c.classify_batch(["hello", "hello there", "hi"], timeout=5)
