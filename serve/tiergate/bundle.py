@@ -65,7 +65,9 @@ class Bundle:
 
     def calibrator(self, tier: str) -> Calibrator:
         return Calibrator.from_json(
-            self.tiers[tier].get("calibration"), f"{self.path / MANIFEST}: tiers.{tier}"
+            self.tiers[tier].get("calibration"),
+            f"{self.path / MANIFEST}: tiers.{tier}",
+            len(self.labels),
         )
 
     def gate(self, tier: str) -> DomainGate:
@@ -78,8 +80,15 @@ class Bundle:
     def rule_precision(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.tiers["rules"].get("precision", {}).items()}
 
-    def linear_model(self) -> LinearModel:
-        return load_linear(self.path / LINEAR_FILE, self.tiers["linear"], self.labels)
+    def linear_model(self, *, calibrated: bool = False) -> LinearModel:
+        """The linear tier's weights; ``calibrated`` bakes its calibration into the model so
+        that one Rust call returns calibrated probabilities (the front end's hot path)."""
+        if not calibrated:
+            return load_linear(self.path / LINEAR_FILE, self.tiers["linear"], self.labels)
+        cal = self.calibrator("linear")
+        return load_linear(
+            self.path / LINEAR_FILE, self.tiers["linear"], self.labels, cal.temperature, cal.bias
+        )
 
     def intent_path(self) -> Path:
         return self.path / INTENT_DIR
@@ -95,7 +104,15 @@ def save_linear(path: Path, coef: np.ndarray, intercept: np.ndarray, labels: lis
         )
 
 
-def load_linear(path: Path, settings: dict[str, Any], labels: list[str]) -> LinearModel:
+def load_linear(
+    path: Path,
+    settings: dict[str, Any],
+    labels: list[str],
+    temperature: float = 1.0,
+    bias: tuple[int | None, float] = (None, 0.0),
+) -> LinearModel:
+    """Loads the weights; a bias b on column i after the division by the temperature T
+    is the same model with T * b added to that column's intercept."""
     try:
         with np.load(path, allow_pickle=False) as z:
             coef, intercept, file_labels = z["coef"], z["intercept"], [str(x) for x in z["labels"]]
@@ -109,7 +126,13 @@ def load_linear(path: Path, settings: dict[str, Any], labels: list[str]) -> Line
             kwargs: dict[str, Any] = dict(params)
             kwargs["ngram_range"] = tuple(kwargs.get("ngram_range", (1, 1)))  # JSON has lists
             hashers.append(FeatureHasher(**kwargs))
-        return LinearModel(hashers, coef, intercept, labels)
+        column, value = bias
+        if column is not None:
+            if column >= len(intercept):
+                raise FormatError(f"{path}: calibration bias on column {column}, which it lacks")
+            intercept = intercept.copy()
+            intercept[column] += temperature * value
+        return LinearModel(hashers, coef, intercept, labels, temperature=temperature)
     except (ValueError, TypeError, KeyError) as e:
         raise FormatError(f"{path}: {e}") from None
 
@@ -188,7 +211,7 @@ def load_bundle(path: str | Path) -> Bundle:
             raise FormatError(f"{root / rel}: tier {tier!r} is enabled but its file is not listed")
     if "intent" in tiers:
         _check_intent_labels(root / INTENT_DIR / "config.json", labels)
-    return Bundle(
+    bundle = Bundle(
         root,
         labels,
         dict(m.get("label_domains", {})),
@@ -197,6 +220,14 @@ def load_bundle(path: str | Path) -> Bundle:
         str(m.get("created", "")),
         m,
     )
+    # Parse every calibration now, so a broken one fails the load, not the first request.
+    calibrators = {t: bundle.calibrator(t) for t in ("linear", "intent") if t in tiers}
+    if "intent" in calibrators and calibrators["intent"].mix > 0 and "linear" not in tiers:
+        raise FormatError(
+            f"{manifest_path}: tiers.intent mixes in the linear tier's answer, "
+            "but the bundle has no linear tier"
+        )
+    return bundle
 
 
 def _check_intent_labels(config_path: Path, labels: list[str]) -> None:

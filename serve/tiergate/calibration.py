@@ -9,6 +9,20 @@ number has to be calibrated. Three methods, all fitted on held-out data:
 - ``platt``: a logistic fit of correctness on the logit of the top-1 probability.
 - ``isotonic``: a monotone step function of the top-1 probability; the most
   flexible, and the most data-hungry.
+
+Two refinements apply under every method, each fitted by the same held-out
+negative log-likelihood:
+
+- an **out-of-scope bias**: when the label set has a "none of these" label, it
+  is a class with few training examples standing for everything else, so the
+  model under-predicts it. One additive bias on its logit, fitted jointly with
+  the temperature, corrects that prior (logit adjustment) and is what makes a
+  tier say "out of scope" instead of a confident wrong intent.
+- a **mix** with an earlier tier's calibrated probabilities (a linear opinion
+  pool): the intent model's answer blends in the linear tier's, which the
+  cascade has already computed. Two classifiers that err differently are
+  better calibrated together than either alone. The weight is fitted; 0 means
+  no mix.
 """
 
 from __future__ import annotations
@@ -37,24 +51,64 @@ def softmax(logits: npt.ArrayLike, temperature: float = 1.0) -> FloatArray:
     return out
 
 
-def _nll(logits: FloatArray, y: IntArray, temperature: float) -> float:
-    p = softmax(logits, temperature)[np.arange(len(y)), y]
+def scaled_softmax(
+    logits: npt.ArrayLike, temperature: float, bias_index: int | None = None, bias: float = 0.0
+) -> FloatArray:
+    """``softmax(logits / T + bias)``, the bias on one column (the out-of-scope label)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    if bias_index is not None and bias:
+        z = z.copy()
+        z[:, bias_index] += bias
+    return softmax(z)
+
+
+def _nll(probs: FloatArray, y: IntArray) -> float:
+    p = probs[np.arange(len(y)), y]
     return float(-np.mean(np.log(np.clip(p, 1e-12, 1.0))))
 
 
 def fit_temperature(logits: npt.ArrayLike, y: npt.ArrayLike) -> float:
     """The temperature minimising the NLL of ``softmax(logits / T)`` on (logits, y)."""
-    from scipy.optimize import minimize_scalar
+    return fit_scaling(logits, y)[0]
+
+
+def fit_scaling(
+    logits: npt.ArrayLike, y: npt.ArrayLike, bias_index: int | None = None
+) -> tuple[float, float]:
+    """(temperature, bias on column ``bias_index``) minimising the held-out NLL.
+
+    Without a bias column this is plain temperature scaling (bias 0).
+    """
+    from scipy.optimize import minimize, minimize_scalar
 
     z = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(y, dtype=np.int64)
     # Search log T: the NLL is smooth and unimodal there, and T stays positive.
-    result = minimize_scalar(
-        lambda log_t: _nll(z, labels, float(np.exp(log_t))),
-        bounds=(np.log(0.01), np.log(100.0)),
+    lo, hi = np.log(0.01), np.log(100.0)
+    alone = minimize_scalar(
+        lambda log_t: _nll(softmax(z, float(np.exp(log_t))), labels),
+        bounds=(lo, hi),
         method="bounded",
     )
-    return float(np.exp(result.x))
+    if bias_index is None or not np.any(labels == bias_index):
+        return float(np.exp(alone.x)), 0.0
+    joint = minimize(
+        lambda x: _nll(scaled_softmax(z, float(np.exp(x[0])), bias_index, float(x[1])), labels),
+        np.array([float(alone.x), 0.0]),
+        method="L-BFGS-B",
+        bounds=[(lo, hi), (-20.0, 20.0)],
+    )
+    return float(np.exp(joint.x[0])), float(joint.x[1])
+
+
+def fit_mix(probs: FloatArray, other: FloatArray, y: npt.ArrayLike) -> float:
+    """The weight w in [0, 0.9] of ``other`` minimising the NLL of ``(1-w) probs + w other``."""
+    labels = np.asarray(y, dtype=np.int64)
+    # A grid, not an optimiser: the NLL is flat near its minimum and a round
+    # weight reads better in the manifest.
+    grid = np.round(np.arange(0.0, 0.91, 0.05), 2)
+    losses = [_nll((1 - w) * probs + w * other, labels) for w in grid]
+    return float(grid[int(np.argmin(losses))])
 
 
 def expected_calibration_error(
@@ -96,53 +150,102 @@ def reliability_table(
 
 @dataclass
 class Calibrator:
-    """A fitted calibration of a tier's logits; serialisable to the bundle manifest."""
+    """A fitted calibration of a tier's logits; serialisable to the bundle manifest.
+
+    ``params`` always holds ``temperature``; optionally ``bias_index`` and
+    ``bias`` (the out-of-scope correction), ``mix`` (the weight of the earlier
+    tier's probabilities), and the top-1 mapping of ``platt`` (a, b) or
+    ``isotonic`` (x, y).
+    """
 
     method: Method = "temperature"
     params: dict[str, Any] = field(default_factory=lambda: {"temperature": 1.0})
 
     @classmethod
-    def fit(cls, logits: npt.ArrayLike, y: npt.ArrayLike, method: Method) -> Calibrator:
+    def fit(
+        cls,
+        logits: npt.ArrayLike,
+        y: npt.ArrayLike,
+        method: Method,
+        *,
+        bias_index: int | None = None,
+        mix_with: npt.ArrayLike | None = None,
+    ) -> Calibrator:
+        """Fits on held-out (logits, y); ``mix_with`` gives the earlier tier's calibrated
+        probabilities on the same examples, to fit a mix weight."""
+        if method not in METHODS:
+            raise ConfigError(f"calibration method must be one of {METHODS}, not {method!r}")
         z = np.asarray(logits, dtype=np.float64)
         labels = np.asarray(y, dtype=np.int64)
         if len(z) == 0:
             raise ConfigError("calibration needs at least one held-out example")
-        if method == "temperature":
-            return cls("temperature", {"temperature": fit_temperature(z, labels)})
-        probs = softmax(z)
+        temperature, bias = fit_scaling(z, labels, bias_index)
+        params: dict[str, Any] = {"temperature": temperature}
+        if bias_index is not None and bias:
+            params.update(bias_index=int(bias_index), bias=bias)
+        cal = cls(method, params)
+        probs = cal.probabilities(z)
+        if mix_with is not None:
+            other = np.asarray(mix_with, dtype=np.float64)
+            params["mix"] = fit_mix(probs, other, labels)
+            probs = cal.probabilities(z, other)
         conf = probs.max(axis=1)
         correct = (probs.argmax(axis=1) == labels).astype(np.float64)
         if method == "platt":
             from sklearn.linear_model import LogisticRegression
 
-            x = _logit(conf).reshape(-1, 1)
             if correct.min() == correct.max():  # one class only: nothing to fit
-                return cls("platt", {"a": 1.0, "b": 0.0})
-            fit = LogisticRegression(C=1e4).fit(x, correct)
-            return cls("platt", {"a": float(fit.coef_[0, 0]), "b": float(fit.intercept_[0])})
-        if method == "isotonic":
+                params.update(a=1.0, b=0.0)
+            else:
+                fit = LogisticRegression(C=1e4).fit(_logit(conf).reshape(-1, 1), correct)
+                params.update(a=float(fit.coef_[0, 0]), b=float(fit.intercept_[0]))
+        elif method == "isotonic":
             from sklearn.isotonic import IsotonicRegression
 
             iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(conf, correct)
-            return cls(
-                "isotonic",
-                {"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()},
-            )
-        raise ConfigError(f"calibration method must be one of {METHODS}, not {method!r}")
+            params.update(x=iso.X_thresholds_.tolist(), y=iso.y_thresholds_.tolist())
+        return cal
 
     @property
     def temperature(self) -> float:
-        """The softmax temperature (1 for the methods that map the top-1 value)."""
-        return float(self.params["temperature"]) if self.method == "temperature" else 1.0
+        return float(self.params.get("temperature", 1.0))
 
-    def apply(self, logits: npt.ArrayLike) -> tuple[IntArray, FloatArray]:
+    @property
+    def bias(self) -> tuple[int | None, float]:
+        """(column, value) of the out-of-scope bias; (None, 0) when there is none."""
+        if "bias_index" not in self.params:
+            return None, 0.0
+        return int(self.params["bias_index"]), float(self.params["bias"])
+
+    @property
+    def mix(self) -> float:
+        """Weight of the earlier tier's probabilities in this tier's answer."""
+        return float(self.params.get("mix", 0.0))
+
+    def probabilities(
+        self, logits: npt.ArrayLike, mix_with: npt.ArrayLike | None = None
+    ) -> FloatArray:
+        """The calibrated distribution over labels, before any top-1 mapping."""
+        index, bias = self.bias
+        probs = scaled_softmax(logits, self.temperature, index, bias)
+        if self.mix > 0:
+            if mix_with is None:
+                raise ConfigError("this calibration mixes in the earlier tier's probabilities")
+            probs = (1 - self.mix) * probs + self.mix * np.asarray(mix_with, dtype=np.float64)
+        return probs
+
+    def apply(
+        self, logits: npt.ArrayLike, mix_with: npt.ArrayLike | None = None
+    ) -> tuple[IntArray, FloatArray]:
         """(top-1 class, calibrated confidence) per row of logits."""
-        probs = softmax(logits, self.temperature)
+        return self.apply_probabilities(self.probabilities(logits, mix_with))
+
+    def apply_probabilities(self, probs: FloatArray) -> tuple[IntArray, FloatArray]:
         pred = probs.argmax(axis=1).astype(np.int64)
         return pred, self.map_confidence(probs.max(axis=1))
 
     def map_confidence(self, top1: npt.ArrayLike) -> FloatArray:
-        """Calibrated confidence from the top-1 probability at this calibrator's temperature."""
+        """Calibrated confidence from the top-1 probability of ``probabilities``."""
         conf = np.asarray(top1, dtype=np.float64)
         if self.method == "platt":
             out: FloatArray = 1.0 / (
@@ -158,7 +261,7 @@ class Calibrator:
         return {"method": self.method, **self.params}
 
     @classmethod
-    def from_json(cls, raw: object, where: str) -> Calibrator:
+    def from_json(cls, raw: object, where: str, n_labels: int | None = None) -> Calibrator:
         if not isinstance(raw, dict) or raw.get("method") not in METHODS:
             raise FormatError(f"{where}: calibration must name a method in {METHODS}")
         params = {k: v for k, v in raw.items() if k != "method"}
@@ -166,8 +269,23 @@ class Calibrator:
         missing = [k for k in needed[raw["method"]] if k not in params]
         if missing:
             raise FormatError(f"{where}: calibration {raw['method']!r} lacks {missing}")
-        if raw["method"] == "temperature" and not float(params["temperature"]) > 0:
+        try:
+            temperature = float(params.get("temperature", 1.0))
+            bias = float(params.get("bias", 0.0))
+            mix = float(params.get("mix", 0.0))
+        except (TypeError, ValueError):
+            raise FormatError(f"{where}: calibration parameters must be numbers") from None
+        if not temperature > 0:
             raise FormatError(f"{where}: temperature must be positive")
+        if ("bias_index" in params) != ("bias" in params):
+            raise FormatError(f"{where}: bias_index and bias go together")
+        index = params.get("bias_index", 0)
+        if not isinstance(index, int) or index < 0 or (n_labels is not None and index >= n_labels):
+            raise FormatError(f"{where}: bias_index {index!r} is not a label column")
+        if not np.isfinite(bias):
+            raise FormatError(f"{where}: bias must be a finite number")
+        if not 0.0 <= mix < 1.0:
+            raise FormatError(f"{where}: mix must be in [0, 1)")
         return cls(raw["method"], params)
 
 

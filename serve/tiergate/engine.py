@@ -253,14 +253,14 @@ class TaskRuntime:
         self.rules: RulesTier | None = None
         if bundle.has("rules"):
             self.rules = RulesTier(bundle.rules(), bundle.labels, bundle.rule_precision())
-        self.linear: LinearModel | None = bundle.linear_model() if bundle.has("linear") else None
         self.calibrators: dict[str, Calibrator] = {
             t: bundle.calibrator(t) for t in ("linear", "intent") if bundle.has(t)
         }
-        if self.linear is not None:
-            # The calibration temperature goes into the Rust model: one call gives the
-            # calibrated top-1 without a numpy round trip (the hot path of the front end).
-            self.linear = self.linear.with_temperature(self.calibrators["linear"].temperature)
+        # The calibration goes into the Rust model: one call gives the calibrated
+        # top-1 without a numpy round trip (the hot path of the front end).
+        self.linear: LinearModel | None = (
+            bundle.linear_model(calibrated=True) if bundle.has("linear") else None
+        )
         self.label_domains = bundle.label_domains
         self.gates = self._gates(task, bundle)
         self.backend = backend if bundle.has("intent") else None
@@ -536,7 +536,10 @@ class Engine:
                     path.append(Step("intent", note=f"failed: {type(e).__name__}: {e}"))
                     return self._degrade(d, best, "intent model unavailable")
                 self.latency.record(f"{rt.task.name}/intent", (time.perf_counter() - t0) * 1000)
-                pred, conf = rt.calibrators["intent"].apply(logits[None, :])
+                mix = None
+                if rt.calibrators["intent"].mix > 0 and rt.linear is not None:
+                    mix = rt.linear.predict_proba([req.text])
+                pred, conf = rt.calibrators["intent"].apply(logits[None, :], mix)
                 if consider("intent", int(pred[0]), float(conf[0]), _us(t0)):
                     return self._finish(d, cache_key, rt, policy, vector)
 

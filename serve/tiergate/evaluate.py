@@ -69,7 +69,8 @@ def run_tiers(
             bundle.intent_path(), max_length=int(bundle.tiers["intent"].get("max_length", 64))
         )
         intent = IntentTier(backend, bundle.calibrator("intent"), bundle.label_domains)
-        outputs["intent"] = intent.predict(texts)
+        linear_out = outputs.get("linear")
+        outputs["intent"] = intent.predict(texts, linear_out.probs if linear_out else None)
         _log(f"intent model: {outputs['intent'].seconds * 1e3 / max(1, len(texts)):.2f} ms/text")
     # A strict risk tag raised by the rules applies to every tier's answer.
     for name in ("linear", "intent"):

@@ -50,23 +50,41 @@ class SweepPoint:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Earlier:
+    """What the cascade's earlier tiers already answered, in one population of held-out
+    examples: a later tier's threshold is chosen so that *all* local answers together
+    meet the target, not each tier on its own."""
+
+    answered: int = 0
+    correct: int = 0
+    total: int = 0  # the whole population, answered earlier or not
+
+
 def sweep(
     confidence: npt.ArrayLike,
     correct: npt.ArrayLike,
     prices: Prices,
     thresholds: tuple[float, ...] = SWEEP,
+    earlier: Earlier | None = None,
 ) -> list[SweepPoint]:
+    """Per threshold, the local answers so far: earlier tiers' plus this tier's.
+
+    ``confidence``/``correct`` cover the examples that reach this tier.
+    """
     conf = np.asarray(confidence, dtype=np.float64)
     ok = np.asarray(correct, dtype=bool)
-    n = max(len(conf), 1)
+    before = earlier or Earlier(total=len(conf))
+    n = max(before.total, 1)
     points = []
     for t in thresholds:
         accepted = conf >= t
-        answered = int(accepted.sum())
-        acc = float(ok[accepted].mean()) if answered else 1.0
+        answered = before.answered + int(accepted.sum())
+        right = before.correct + int(ok[accepted].sum())
+        acc = right / answered if answered else 1.0
         escalation = 1.0 - answered / n
         points.append(
-            SweepPoint(t, acc, answered / n, escalation, prices.per_1k(escalation), len(conf))
+            SweepPoint(t, acc, answered / n, escalation, prices.per_1k(escalation), before.total)
         )
     return points
 
@@ -150,13 +168,28 @@ def fit_domain_gate(
     target: Target,
     prices: Prices,
     domain_targets: dict[str, Target] | None = None,
+    earlier: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
 ) -> DomainGate:
-    """Thresholds for the general population and each risk domain present."""
+    """Thresholds for the general population and each risk domain present.
+
+    ``earlier``: (answered, correct) masks over the same examples from the tiers
+    before this one. Those examples never reach this tier, but count towards
+    the precision the target asks of the local answers together.
+    """
     conf = np.asarray(confidence, dtype=np.float64)
     ok = np.asarray(correct, dtype=bool)
     dom = np.asarray(domains, dtype=object)
+    done = np.zeros(len(conf), dtype=bool) if earlier is None else np.asarray(earlier[0], bool)
+    done_ok = np.zeros(len(conf), dtype=bool) if earlier is None else np.asarray(earlier[1], bool)
     explicit = domain_targets or {}
-    points = sweep(conf, ok, prices)
+
+    def sweep_of(mask: npt.NDArray[np.bool_]) -> list[SweepPoint]:
+        taken = mask & done
+        before = Earlier(int(taken.sum()), int((taken & done_ok).sum()), int(mask.sum()))
+        open_ = mask & ~done
+        return sweep(conf[open_], ok[open_], prices, earlier=before)
+
+    points = sweep_of(np.ones(len(conf), dtype=bool))
     t_general, why = choose(points, target)
     gate = DomainGate({GENERAL: t_general}, {GENERAL: why}, {GENERAL: points})
     for domain in sorted(set(domains) - {GENERAL}):
@@ -164,7 +197,7 @@ def fit_domain_gate(
         d_target = explicit.get(domain) or (
             target.stricter() if domain in STRICT_DOMAINS else target
         )
-        d_points = sweep(conf[mask], ok[mask], prices)
+        d_points = sweep_of(mask)
         gate.sweeps[domain] = d_points
         if int(mask.sum()) < MIN_DOMAIN_SUPPORT:
             gate.thresholds[domain] = t_general

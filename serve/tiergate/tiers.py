@@ -31,6 +31,8 @@ class TierOutput:
     confidence: npt.NDArray[np.float64]  # calibrated; 0 where pred is -1
     domains: list[str]  # risk domain of each request as this tier sees it
     seconds: float = 0.0  # wall time of the batch
+    # The calibrated distribution, kept where a later tier mixes it into its own.
+    probs: npt.NDArray[np.float64] | None = None
 
     def __len__(self) -> int:
         return len(self.pred)
@@ -140,10 +142,11 @@ class LinearTier:
         import time
 
         started = time.perf_counter()
-        pred, conf = self.calibrator.apply(self.logits(texts))
+        probs = self.calibrator.probabilities(self.logits(texts))
+        pred, conf = self.calibrator.apply_probabilities(probs)
         seconds = time.perf_counter() - started
         domains = answer_domains(pred, self.model.labels, self.label_domains)
-        return TierOutput(pred, conf, domains, seconds)
+        return TierOutput(pred, conf, domains, seconds, probs)
 
 
 class IntentBackend(Protocol):
@@ -219,11 +222,15 @@ class IntentTier:
         self.calibrator = calibrator
         self.label_domains = label_domains
 
-    def predict(self, texts: Sequence[str]) -> TierOutput:
+    def predict(
+        self, texts: Sequence[str], linear_probs: npt.NDArray[np.float64] | None = None
+    ) -> TierOutput:
+        """``linear_probs``: the linear tier's calibrated distribution on the same texts,
+        needed when the calibration mixes it in."""
         import time
 
         started = time.perf_counter()
-        pred, conf = self.calibrator.apply(self.backend.logits(texts))
+        pred, conf = self.calibrator.apply(self.backend.logits(texts), linear_probs)
         seconds = time.perf_counter() - started
         domains = answer_domains(pred, self.backend.labels, self.label_domains)
         return TierOutput(pred, conf, domains, seconds)

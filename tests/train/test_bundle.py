@@ -122,3 +122,30 @@ def test_training_refuses_to_overwrite_and_unknown_rule_labels(
         train_bundle(
             splits, tmp_path / "new", TrainOptions(rules=rules, intent=None, progress=False)
         )
+
+
+def test_calibration_baked_into_the_linear_model_matches_the_calibrator(
+    linear_bundle: Path, tmp_path: Path
+) -> None:
+    """The front end scores with the calibration folded into the Rust model's weights;
+    it must give the calibrator's distribution, bias on the out-of-scope column included."""
+    root = copy(linear_bundle, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["tiers"]["linear"]["calibration"].update(bias_index=2, bias=1.7)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    bundle = load_bundle(root)
+    sample = texts(load_splits(INTENTS).test)
+    cal = bundle.calibrator("linear")
+    expected = cal.probabilities(bundle.linear_model().decision_function(sample))
+    baked = bundle.linear_model(calibrated=True).predict_proba(sample)
+    assert np.allclose(baked, expected, atol=1e-5)
+    # and the bias did something: column 2's score moved by T * bias, the others not at all
+    shift = bundle.linear_model(calibrated=True).decision_function(sample) - (
+        bundle.linear_model().decision_function(sample)
+    )
+    assert np.allclose(shift[:, 2], cal.temperature * 1.7, atol=1e-4)
+    assert np.allclose(np.delete(shift, 2, axis=1), 0.0)
+    manifest["tiers"]["linear"]["calibration"]["bias_index"] = 10_000
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match="not a label column"):
+        load_bundle(root)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tiergate import FormatError
+from tiergate import ConfigError, FormatError
 from tiergate.calibration import (
     Calibrator,
     expected_calibration_error,
+    fit_scaling,
     fit_temperature,
     reliability_table,
     softmax,
@@ -67,3 +68,61 @@ def test_ece_is_zero_when_confidence_matches_accuracy_per_bin() -> None:
 def test_broken_calibration_entries_are_rejected(raw: object, message: str) -> None:
     with pytest.raises(FormatError, match=message):
         Calibrator.from_json(raw, "manifest.json: tiers.linear")
+
+
+def test_out_of_scope_bias_is_recovered_with_the_temperature() -> None:
+    """Labels drawn from softmax(z / 2 + 1.5 on column 0): the fit finds T=2, bias=1.5."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(scale=4.0, size=(8000, 6))
+    truth = Calibrator("temperature", {"temperature": 2.0, "bias_index": 0, "bias": 1.5})
+    p = truth.probabilities(logits)
+    y = np.array([rng.choice(6, p=row) for row in p])
+    t, bias = fit_scaling(logits, y, bias_index=0)
+    assert t == pytest.approx(2.0, rel=0.1)
+    assert bias == pytest.approx(1.5, abs=0.2)
+    # without the bias the same data is fitted worse: the bias is doing work
+    cal = Calibrator.fit(logits, y, "temperature", bias_index=0)
+    plain = Calibrator.fit(logits, y, "temperature")
+    nll = [-np.log(c.probabilities(logits)[np.arange(len(y)), y]).mean() for c in (cal, plain)]
+    assert nll[0] < nll[1] - 0.01
+    # a bias column absent from the labels cannot be fitted: plain temperature then
+    assert fit_scaling(logits, np.where(y == 0, 1, y), bias_index=0)[1] == 0.0
+
+
+def test_mix_weight_rewards_an_informative_second_opinion_only() -> None:
+    rng = np.random.default_rng(8)
+    n, k = 6000, 10
+    y = rng.integers(0, k, n)
+    # two classifiers that see the true class through independent noise
+    a = rng.normal(size=(n, k))
+    b = rng.normal(size=(n, k))
+    a[np.arange(n), y] += 2.0
+    b[np.arange(n), y] += 2.0
+    pb = softmax(b)
+    cal = Calibrator.fit(a, y, "temperature", mix_with=pb)
+    assert 0.2 <= cal.mix <= 0.8
+    mixed = cal.probabilities(a, pb)
+    alone = softmax(a, cal.temperature)
+    assert (mixed.argmax(1) == y).mean() > (alone.argmax(1) == y).mean()
+    # pure noise as the second opinion gets no weight
+    noise = softmax(rng.normal(size=(n, k)))
+    assert Calibrator.fit(a, y, "temperature", mix_with=noise).mix == 0.0
+    with pytest.raises(ConfigError, match="mixes in"):
+        cal.probabilities(a)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"method": "temperature", "temperature": 1.0, "bias_index": 3}, "go together"),
+        (
+            {"method": "temperature", "temperature": 1.0, "bias_index": 9, "bias": 1.0},
+            "not a label",
+        ),
+        ({"method": "temperature", "temperature": 1.0, "bias_index": 1, "bias": "x"}, "numbers"),
+        ({"method": "temperature", "temperature": 1.0, "mix": 1.5}, "mix must be"),
+    ],
+)
+def test_broken_bias_and_mix_entries_are_rejected(raw: object, message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        Calibrator.from_json(raw, "manifest.json: tiers.intent", n_labels=5)

@@ -76,3 +76,22 @@ def test_small_domains_share_the_general_threshold() -> None:
     gate = fit_domain_gate(conf, ok, domains, Target(precision=0.95), Prices())
     assert gate.thresholds["legal"] == gate.thresholds[GENERAL]
     assert "only 10 held-out examples" in gate.reasons["legal"]
+
+
+def test_a_later_tier_is_gated_on_what_the_earlier_ones_left() -> None:
+    """Earlier tiers answered half the examples, all correctly: the later tier may then
+    accept answers below the target on its own, as long as all local answers together
+    meet it, and it never sees the examples already answered."""
+    conf, ok = calibrated_scores(20_000, seed=6)
+    done = np.arange(len(conf)) % 2 == 0
+    alone = fit_domain_gate(conf, ok, [GENERAL] * len(conf), Target(0.95), Prices())
+    after = fit_domain_gate(
+        conf, ok, [GENERAL] * len(conf), Target(0.95), Prices(), earlier=(done, done)
+    )
+    t = after.thresholds[GENERAL]
+    assert t < alone.thresholds[GENERAL]
+    mine = ~done & (conf >= t)
+    together = (done.sum() + ok[mine].sum()) / (done.sum() + mine.sum())
+    assert together >= 0.95 > ok[mine].mean()
+    point = next(p for p in after.sweeps[GENERAL] if p.threshold == t)
+    assert point.answered_share == pytest.approx((done.sum() + mine.sum()) / len(conf))

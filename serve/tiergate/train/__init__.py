@@ -64,6 +64,9 @@ class _TierFit:
     val_pred: np.ndarray
     val_conf: np.ndarray
     report: dict[str, Any]
+    # Calibrated distributions, for a later tier that mixes this one in.
+    val_probs: np.ndarray
+    test_probs: np.ndarray
 
 
 def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, Any]:
@@ -77,6 +80,7 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
     y_val = np.array([index[e.label] for e in splits.val])
     y_test = np.array([index[e.label] for e in splits.test])
     in_scope = y_test != index.get(OUT_OF_SCOPE, -1)
+    oos_column = index.get(OUT_OF_SCOPE)
     if len(splits.val) == 0:
         raise ConfigError("calibration needs a validation split; the data gave none")
     _log(splits.describe())
@@ -85,6 +89,8 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
     tiers: dict[str, dict[str, Any]] = {}
     gates: dict[str, DomainGate] = {}
     report: dict[str, Any] = {"data": splits.describe(), "tiers": {}}
+
+    cascade = _ValCascade(y_val, options)
 
     # Rules: written, not learned; measured on val so their confidence is honest.
     risk_val: list[list[str]] = [[] for _ in splits.val]
@@ -101,7 +107,7 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
             tier, declared, texts(splits.test), y_test, out
         )
         val_out.domains = answer_domains(val_out.pred, labels, splits.label_domains, risk_val)
-        gates["rules"] = _gate(val_out.pred, val_out.confidence, y_val, val_out.domains, options)
+        gates["rules"] = cascade.gate(val_out.pred, val_out.confidence, val_out.domains)
 
     # Hashed linear tier.
     _log(f"linear tier: fitting on {len(splits.train)} texts")
@@ -119,7 +125,9 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
         options.calibration,
         out,
         in_scope,
+        oos_column if len(labels) > 2 else None,  # a binary model has one output column
     )
+    linear_fit = fit
     tiers["linear"] = {
         "file": LINEAR_FILE,
         "hashers": hashers,
@@ -128,7 +136,7 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
     fit.report["train_seconds"] = round(time.perf_counter() - t0, 1)
     report["tiers"]["linear"] = fit.report
     domains = answer_domains(fit.val_pred, labels, splits.label_domains, risk_val)
-    gates["linear"] = _gate(fit.val_pred, fit.val_conf, y_val, domains, options)
+    gates["linear"] = cascade.gate(fit.val_pred, fit.val_conf, domains)
     _log(f"linear tier: {fit.report['summary']}")
 
     # Intent model.
@@ -154,6 +162,8 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
             options.calibration,
             out,
             in_scope,
+            oos_column,
+            (linear_fit.val_probs, linear_fit.test_probs),
         )
         tiers["intent"] = {
             "dir": INTENT_DIR,
@@ -165,7 +175,7 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
         fit.report["train_seconds"] = round(time.perf_counter() - t0, 1)
         report["tiers"]["intent"] = fit.report
         domains = answer_domains(fit.val_pred, labels, splits.label_domains, risk_val)
-        gates["intent"] = _gate(fit.val_pred, fit.val_conf, y_val, domains, options)
+        gates["intent"] = cascade.gate(fit.val_pred, fit.val_conf, domains)
         _log(f"intent model: {fit.report['summary']}")
 
     thresholds = {name: g.thresholds for name, g in gates.items()}
@@ -205,16 +215,26 @@ def _calibrate(
     method: Method,
     out: Path,
     in_scope: np.ndarray,
+    oos_column: int | None,
+    mix_with: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> _TierFit:
+    """Fits the tier's calibration on val and measures it on test.
+
+    ``oos_column``: the out-of-scope label, whose logit gets a fitted bias.
+    ``mix_with``: an earlier tier's calibrated distributions on (val, test).
+    """
     from tiergate.plots import reliability_diagram
 
-    calibrator = Calibrator.fit(val_logits, y_val, method)
+    val_mix, test_mix = mix_with if mix_with is not None else (None, None)
+    calibrator = Calibrator.fit(val_logits, y_val, method, bias_index=oos_column, mix_with=val_mix)
     raw = softmax(test_logits)
     raw_pred, raw_conf = raw.argmax(axis=1), raw.max(axis=1)
-    cal_pred, cal_conf = calibrator.apply(test_logits)
+    test_probs = calibrator.probabilities(test_logits, test_mix)
+    cal_pred, cal_conf = calibrator.apply_probabilities(test_probs)
     before = expected_calibration_error(raw_conf, raw_pred == y_test)
     after = expected_calibration_error(cal_conf, cal_pred == y_test)
-    val_pred, val_conf = calibrator.apply(val_logits)
+    val_probs = calibrator.probabilities(val_logits, val_mix)
+    val_pred, val_conf = calibrator.apply_probabilities(val_probs)
     reliability_diagram(
         out / REPORTS_DIR / f"reliability_{name}.png",
         f"{name} tier, test split",
@@ -229,14 +249,24 @@ def _calibrate(
     # validation split may hold few of them: report in-scope figures apart.
     ok = cal_pred == y_test
     extra: dict[str, float] = {}
+    if calibrator.mix > 0:
+        # The tier answers with the mix; the model's own accuracy is worth knowing too.
+        extra["model_alone_test_accuracy_in_scope"] = round(
+            float(np.mean(raw_pred[in_scope] == y_test[in_scope])), 4
+        )
     if in_scope.any() and not in_scope.all():
-        extra = {
+        extra |= {
             "test_accuracy_in_scope": round(float(ok[in_scope].mean()), 4),
             "ece_test_after_in_scope": round(
                 expected_calibration_error(cal_conf[in_scope], ok[in_scope]), 4
             ),
             "test_out_of_scope_share": round(float(1 - in_scope.mean()), 4),
         }
+    parts = []
+    if calibrator.bias[0] is not None:
+        parts.append(f"out-of-scope bias {calibrator.bias[1]:+.2f}")
+    if calibrator.mix > 0:
+        parts.append(f"mixes in {calibrator.mix:.0%} of the linear tier")
     return _TierFit(
         val_pred,
         val_conf,
@@ -247,15 +277,18 @@ def _calibrate(
             "test_accuracy_all": round(accuracy, 4),
             **extra,
             "summary": (
-                f"test accuracy {accuracy:.4f}; ECE {before:.4f} -> {after:.4f} ({method})"
+                f"test accuracy {accuracy:.4f}; ECE {before:.4f} -> {after:.4f} "
+                f"({', '.join([method, *parts])})"
                 + (
                     f"; in scope: accuracy {extra['test_accuracy_in_scope']:.4f}, "
                     f"ECE {extra['ece_test_after_in_scope']:.4f}"
-                    if extra
+                    if "test_accuracy_in_scope" in extra
                     else ""
                 )
             ),
         },
+        val_probs,
+        test_probs,
     )
 
 
@@ -296,10 +329,33 @@ def _rules_calibration_report(
     }
 
 
-def _gate(
-    pred: np.ndarray, conf: np.ndarray, y: np.ndarray, domains: list[str], options: TrainOptions
-) -> DomainGate:
-    return fit_domain_gate(conf, pred == y, domains, options.target, options.prices)
+class _ValCascade:
+    """The validation split flowing through the tiers in cascade order.
+
+    Each tier's gate is chosen on the examples the earlier tiers left open, so
+    that the local answers *together* meet the precision target.
+    """
+
+    def __init__(self, y_val: np.ndarray, options: TrainOptions):
+        self.y = y_val
+        self.options = options
+        self.answered = np.zeros(len(y_val), dtype=bool)
+        self.correct = np.zeros(len(y_val), dtype=bool)
+
+    def gate(self, pred: np.ndarray, conf: np.ndarray, domains: list[str]) -> DomainGate:
+        ok = pred == self.y
+        gate = fit_domain_gate(
+            conf,
+            ok,
+            domains,
+            self.options.target,
+            self.options.prices,
+            earlier=(self.answered, self.correct),
+        )
+        takes = ~self.answered & (pred >= 0) & gate.accepts(conf, domains)
+        self.answered |= takes
+        self.correct |= takes & ok
+        return gate
 
 
 def _write_sweeps(out: Path, gates: dict[str, DomainGate]) -> None:
