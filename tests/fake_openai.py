@@ -22,6 +22,13 @@ class Script:
     calls: int = 0
     prompt_tokens: int = 100
     completion_tokens: int = 5
+    # Failures: the first ``fail_first`` calls, or every call while ``failing`` is set,
+    # answer with HTTP ``fail_status`` instead, with an optional Retry-After header.
+    fail_status: int = 500
+    fail_first: int = 0
+    failing: bool = False  # every call fails while set
+    retry_after_s: float | None = None
+    hints: list[str] = field(default_factory=list)  # what the cheaper tiers said, per call
 
 
 @contextmanager
@@ -35,9 +42,22 @@ def fake_provider(script: Script) -> Iterator[str]:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with lock:  # the server answers on several threads at once
                 script.calls += 1
+                fail = script.failing or script.calls <= script.fail_first
             if script.delay_s:
                 time.sleep(script.delay_s)
-            text = body["messages"][-1]["content"].split("\n\n(cheaper tiers")[0]
+            content = body["messages"][-1]["content"]
+            text, _, hint = content.partition("\n\n(cheaper tiers")
+            script.hints.append(hint)
+            if fail:
+                error = json.dumps({"error": {"message": "scripted failure", "type": "x"}})
+                self.send_response(script.fail_status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(error)))
+                if script.retry_after_s is not None:
+                    self.send_header("Retry-After", str(script.retry_after_s))
+                self.end_headers()
+                self.wfile.write(error.encode())
+                return
             label = script.answers.get(text, script.default)
             message = {"role": "assistant", "content": json.dumps({"label": label})}
             payload = {

@@ -26,6 +26,7 @@ from tiergate._core import LinearModel, SemanticCache
 from tiergate.accounting import Ledger, QuotaExceeded
 from tiergate.bundle import Bundle, load_bundle
 from tiergate.calibration import Calibrator
+from tiergate.escalation import Escalation
 from tiergate.gate import GENERAL, STRICT_DOMAINS, DomainGate
 from tiergate.policy import Policy, Task, Tenant
 from tiergate.tiers import LOCAL_TIERS, ORDER, RulesTier
@@ -101,9 +102,9 @@ class ModelBackend(Protocol):
 
 class FrontierClient(Protocol):
     async def classify(
-        self, text: str, labels: Sequence[str], hints: str
-    ) -> tuple[str | None, float, str | None]:
-        """(label or None, cost in USD, error) for one escalated request."""
+        self, text: str, labels: Sequence[str], hints: str, timeout_s: float | None = None
+    ) -> Escalation:
+        """One escalated request, answered (or given up) within ``timeout_s``."""
         ...
 
     def estimate_cost(self, text: str, labels: Sequence[str]) -> float: ...
@@ -595,15 +596,19 @@ class Engine:
             d.path.append(Step("frontier", note=f"quota: {e}"))
             return self._degrade(d, best, f"quota reached: {e}")
         t0 = time.perf_counter()
+        tried = ""
         hints = ", ".join(f"{s.tier}: {s.label} ({s.confidence:.2f})" for s in d.path if s.label)
         cost = estimate  # charged if the call is cancelled mid-way: it may have been paid
         try:
             # Stop a little before the deadline so a degraded answer still reaches the caller.
             left_s = req.remaining_ms() / 1000
             limit = None if left_s == float("inf") else max(left_s - min(0.005, left_s / 10), 0.0)
-            label, cost, error = await asyncio.wait_for(
-                self.frontier.classify(req.text, rt.labels, hints), limit
+            # The escalator plans its retries within the limit; wait_for is the backstop.
+            result = await asyncio.wait_for(
+                self.frontier.classify(req.text, rt.labels, hints, limit), limit
             )
+            label, cost, error = result.label, result.cost, result.error
+            tried = result.summary()
         except TimeoutError:
             label, error = None, "no answer within the request's deadline"
             if best[0] < 0:  # nothing else to answer with: the deadline is what failed
@@ -620,7 +625,7 @@ class Engine:
         if label is None:
             d.path.append(Step("frontier", note=f"failed: {error}", micros=_us(t0)))
             return self._degrade(d, best, f"frontier failed: {error}")
-        d.path.append(Step("frontier", label, 1.0, 0.0, True, _us(t0)))
+        d.path.append(Step("frontier", label, 1.0, 0.0, True, _us(t0), tried))
         d.label, d.confidence, d.tier = label, 1.0, "frontier"
         cacheable = label not in rt.task.no_cache_labels
         if self.semantic is not None and vector is not None and cacheable:

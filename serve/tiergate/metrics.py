@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Buckets from 50 µs (cheap tiers) to 10 s (frontier calls).
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1,
@@ -30,6 +30,14 @@ class Metrics:
         self.spend = Counter(
             "tiergate_spend_usd", "Frontier spend per tenant", ["tenant"], registry=r
         )
+        self.frontier_attempts = Counter(
+            "tiergate_frontier_attempts", "Calls to frontier providers by outcome",
+            ["provider", "outcome"], registry=r,
+        )  # fmt: skip
+        self.circuit_open = Gauge(
+            "tiergate_frontier_circuit_open", "1 while a provider's circuit is not closed",
+            ["provider"], registry=r,
+        )  # fmt: skip
         self.errors = Counter(
             "tiergate_errors", "Refused requests by gRPC status", ["code"], registry=r
         )

@@ -24,6 +24,14 @@ Example::
     cache: {exact_ttl_s: 3600, semantic_ttl_s: 3600, semantic_threshold: 0.95}
     limits: {max_text_bytes: 16384, max_batch: 256}
     log: {raw_text: false}
+    frontier:                        # escalation providers, tried in this order
+      providers:
+        - {name: main, base_url: "https://api.openai.com/v1", model: gpt-4o-mini,
+           api_key_env: OPENAI_API_KEY, price_in_per_mtok: 0.15, price_out_per_mtok: 0.6,
+           timeout_s: 10}
+        - {name: backup, base_url: "http://10.0.0.5:8000/v1", model: qwen2.5-7b}
+      retry: {attempts: 2, backoff_s: 0.05, max_backoff_s: 1.0}   # per provider
+      breaker: {failures: 5, cooldown_s: 30}   # open after 5 failures in a row
 
 Unknown keys are errors (a typo must not silently fall back to a default).
 """
@@ -39,9 +47,14 @@ from typing import Any
 import yaml
 
 from tiergate._core import ConfigError
+from tiergate.escalation import BreakerPolicy, FrontierConfig, RetryPolicy
+from tiergate.frontier import ProviderConfig
 from tiergate.tiers import LOCAL_TIERS
 
 RISK_ACTIONS = ("gate", "escalate", "review")
+# The policy file's sections; anything else at the top level is a typo.
+TOP_KEYS = {"version", "default_task", "tasks", "risk", "auth", "tenants", "cache", "limits"}
+TOP_KEYS |= {"log", "frontier"}
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,7 @@ class Policy:
     max_text_bytes: int = 16_384
     max_batch: int = 256
     log_raw_text: bool = False
+    frontier: FrontierConfig | None = None  # None: no escalation unless the command line sets one
     source: str = "<built-in>"
 
     def tenant_for_key(self, key: str | None) -> Tenant | None:
@@ -134,7 +148,7 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
     _check_keys(
         source,
         top,
-        {"version", "default_task", "tasks", "risk", "auth", "tenants", "cache", "limits", "log"},
+        TOP_KEYS,
     )
     version = top.get("version")
     if not isinstance(version, str | int | float) or not str(version).strip():
@@ -241,7 +255,64 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
             _number(f"{source}: limits.max_batch", limits.get("max_batch", 256), minimum=1)
         ),
         log_raw_text=bool(log.get("raw_text", False)),
+        frontier=(
+            parse_frontier(f"{source}: frontier", _mapping(f"{source}: frontier", top["frontier"]))
+            if top.get("frontier") is not None
+            else None
+        ),
         source=source,
+    )
+
+
+def parse_frontier(where: str, raw: dict[str, Any]) -> FrontierConfig:
+    """The policy's ``frontier`` section (validated; unknown keys are errors)."""
+    _check_keys(where, raw, {"providers", "retry", "breaker"})
+    providers = []
+    items = raw.get("providers") or []
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}.providers: expected a list of providers")
+    allowed = {
+        "name", "base_url", "model", "api_key_env", "price_in_per_mtok", "price_out_per_mtok",
+        "timeout_s",
+    }  # fmt: skip
+    for i, item in enumerate(items):
+        w = f"{where}.providers[{i}]"
+        p = _mapping(w, item)
+        _check_keys(w, p, allowed)
+        for key in ("name", "base_url", "model"):
+            if not isinstance(p.get(key), str) or not p[key].strip():
+                raise ConfigError(f"{w}: {key!r} (a non-empty string) is required")
+        if not p["base_url"].startswith(("http://", "https://")):
+            raise ConfigError(f"{w}.base_url: {p['base_url']!r} is not an http(s) URL")
+        providers.append(
+            ProviderConfig(
+                p["name"],
+                p["base_url"],
+                p["model"],
+                str(p["api_key_env"]) if p.get("api_key_env") else None,
+                _number(f"{w}.price_in_per_mtok", p.get("price_in_per_mtok", 0.0)),
+                _number(f"{w}.price_out_per_mtok", p.get("price_out_per_mtok", 0.0)),
+                _number(f"{w}.timeout_s", p.get("timeout_s", 30.0), minimum=0.001),
+            )
+        )
+    names = [p.name for p in providers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}.providers: names repeat ({names})")
+    r = _mapping(f"{where}.retry", raw.get("retry"))
+    _check_keys(f"{where}.retry", r, {"attempts", "backoff_s", "max_backoff_s"})
+    b = _mapping(f"{where}.breaker", raw.get("breaker"))
+    _check_keys(f"{where}.breaker", b, {"failures", "cooldown_s"})
+    return FrontierConfig(
+        tuple(providers),
+        RetryPolicy(
+            int(_number(f"{where}.retry.attempts", r.get("attempts", 2), minimum=1)),
+            _number(f"{where}.retry.backoff_s", r.get("backoff_s", 0.05)),
+            _number(f"{where}.retry.max_backoff_s", r.get("max_backoff_s", 1.0)),
+        ),
+        BreakerPolicy(
+            int(_number(f"{where}.breaker.failures", b.get("failures", 5), minimum=1)),
+            _number(f"{where}.breaker.cooldown_s", b.get("cooldown_s", 30.0)),
+        ),
     )
 
 

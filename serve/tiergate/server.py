@@ -9,7 +9,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tiergate.engine import Decision, Engine, Request, RequestError, TaskRuntime, in_process_runtime
-from tiergate.frontier import OpenAIFrontier, ProviderConfig, estimate_tokens, prompt_for
+from tiergate.escalation import Attempt, Escalator, FrontierConfig
+from tiergate.frontier import ProviderConfig
 from tiergate.metrics import Metrics
 from tiergate.policy import Policy, Tenant, load_policy
 from tiergate.v1 import classifier_pb2 as pb
@@ -70,27 +71,6 @@ def to_proto(d: Decision) -> pb.ClassifyResponse:
         pending_review=d.pending_review,
         client_id=d.client_id,
     )
-
-
-class AsyncFrontier:
-    """Adapts the OpenAI-compatible client to the engine (issue 5 adds fallback, breakers)."""
-
-    def __init__(self, provider: ProviderConfig, labels: Sequence[str]):
-        self.client = OpenAIFrontier(labels, provider)
-        self.provider = provider
-
-    async def classify(
-        self, text: str, labels: Sequence[str], hints: str
-    ) -> tuple[str | None, float, str | None]:
-        a = await asyncio.to_thread(self.client.classify_one, text, hints, list(labels))
-        return a.label, a.cost, a.error
-
-    def estimate_cost(self, text: str, labels: Sequence[str]) -> float:
-        # Conservative: 1.5x the estimated prompt and the full output allowance.
-        tokens_in = 1.5 * sum(estimate_tokens(m["content"]) for m in prompt_for(text, labels))
-        return (
-            tokens_in * self.provider.price_in_per_mtok + 32 * self.provider.price_out_per_mtok
-        ) / 1e6
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
@@ -221,8 +201,11 @@ class Server:
     """A running tiergate front end (gRPC + metrics), with policy hot reload."""
 
     def __init__(self, engine: Engine, policy_path: Path | None, metrics: Metrics,
-                 runtime_factory: Any = in_process_runtime):  # fmt: skip
+                 runtime_factory: Any = in_process_runtime,
+                 pinned_frontier: FrontierConfig | None = None):  # fmt: skip
         self.engine = engine
+        # Providers given on the command line win over the policy's, across reloads.
+        self.pinned_frontier = pinned_frontier
         self.policy_path = policy_path
         self.metrics = metrics
         self.runtime_factory = runtime_factory
@@ -260,6 +243,10 @@ class Server:
         try:
             policy = load_policy(self.policy_path)
             runtimes = build_runtimes(policy, self.runtime_factory, self.engine.runtimes)
+            frontier = self.engine.frontier
+            if self.pinned_frontier is None and policy.frontier != self.engine.policy.frontier:
+                # New providers start with closed circuits; unchanged ones keep theirs.
+                frontier = escalator(policy.frontier, self.metrics)
         except Exception as e:  # any failure keeps the running policy
             self.reloads["rejected"] += 1
             log.error(
@@ -267,6 +254,7 @@ class Server:
             )
             return False
         self.engine.swap_policy(policy, runtimes)
+        self.engine.frontier = frontier
         self.reloads["ok"] += 1
         log.info("policy version %s installed from %s", policy.version, self.policy_path)
         return True
@@ -301,11 +289,28 @@ def build_server(
     """The front end for ``policy``: tiers loaded, engine, metrics and decision log wired."""
     runtimes = build_runtimes(policy, runtime_factory)
     first = next(iter(runtimes.values()))
-    frontier = AsyncFrontier(provider, first.labels) if provider is not None else None
     metrics = Metrics()
+    pinned = FrontierConfig((provider,)) if provider is not None else None
+    frontier = escalator(pinned or policy.frontier, metrics)
     engine = Engine(policy, runtimes, frontier=frontier, semantic_dim=embedding_dim(first))
     engine.on_decision = decision_logger(lambda: engine.policy, metrics)
-    return Server(engine, policy_path, metrics, runtime_factory)
+    return Server(engine, policy_path, metrics, runtime_factory, pinned)
+
+
+def escalator(config: FrontierConfig | None, metrics: Metrics) -> Escalator | None:
+    """The escalation tier for ``config``, its attempts and circuit states in the metrics."""
+    if config is None or not config.providers:
+        return None
+    esc = Escalator(config)
+
+    def on_attempt(a: Attempt) -> None:
+        metrics.frontier_attempts.labels(a.provider, a.outcome).inc()
+        metrics.circuit_open.labels(a.provider).set(
+            0.0 if esc.states()[a.provider] == "closed" else 1.0
+        )
+
+    esc.on_attempt = on_attempt
+    return esc
 
 
 def embedding_dim(runtime: TaskRuntime) -> int | None:

@@ -3,106 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-import yaml
 
 from tests.fake_openai import Script, fake_provider
-from tiergate.client import Client
-from tiergate.engine import Engine, in_process_runtime
-from tiergate.frontier import ProviderConfig
+from tests.serving.conftest import (
+    KEY_A,
+    KEY_B,
+    code_of,
+    escalate_everything,
+    tenant_a_with,
+    write_policy,
+)
+from tiergate.engine import in_process_runtime
 from tiergate.policy import load_policy
-from tiergate.server import Server, build_runtimes, build_server
+from tiergate.server import build_runtimes
 from tiergate.v1 import classifier_pb2 as pb
-
-KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
-
-
-def sha(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-@dataclass
-class Running:
-    address: str
-    server: Server
-    engine: Engine
-    loop: asyncio.AbstractEventLoop
-
-    def client(self, key: str | None = None) -> Client:
-        return Client(self.address, api_key=key)
-
-
-def write_policy(path: Path, bundle: Path, **changes: Any) -> Path:
-    doc: dict[str, Any] = {
-        "version": "v1",
-        "tasks": {"intents": {"bundle": str(bundle)}},
-        "tenants": {
-            "a": {"key_sha256": [sha(KEY_A)]},
-            "b": {"key_sha256": [sha(KEY_B)]},
-        },
-        "risk": {"legal": "review"},
-        "limits": {"max_text_bytes": 2000, "max_batch": 8},
-    }
-    for key, value in changes.items():
-        doc[key] = value
-    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Any]:
-    """Starts a front end on a policy file in a background event loop; stops it after."""
-    running: list[Running] = []
-    threads: list[threading.Thread] = []
-
-    def _start(policy_path: Path, frontier_url: str | None = None, price: float = 1.0) -> Running:
-        provider = None
-        if frontier_url:
-            provider = ProviderConfig("loopback", frontier_url, "m", None, price, price)
-        server = build_server(load_policy(policy_path), policy_path, provider)
-        engine = server.engine
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, daemon=True)
-        thread.start()
-        threads.append(thread)
-        port = asyncio.run_coroutine_threadsafe(server.start("127.0.0.1:0"), loop).result(30)
-        r = Running(f"127.0.0.1:{port}", server, engine, loop)
-        running.append(r)
-        return r
-
-    yield _start
-    for r, thread in zip(running, threads, strict=True):
-        asyncio.run_coroutine_threadsafe(r.server.stop(0.5), r.loop).result(10)
-        r.loop.call_soon_threadsafe(r.loop.stop)
-        thread.join(10)
-        r.loop.close()
-
-
-def tenant_a_with(quota: dict[str, float]) -> dict[str, Any]:
-    """The tenants section for tenant a (KEY_A) with the given daily quota."""
-    return {"a": {"key_sha256": [sha(KEY_A)], "quota": quota}}
-
-
-def escalate_everything(bundle: Path) -> dict[str, Any]:
-    """A task whose cheap tiers never accept: every request goes on to the next tier."""
-    never = {"general": 1.01}
-    return {"intents": {"bundle": str(bundle), "thresholds": {"rules": never, "linear": never}}}
-
-
-def code_of(call: Any) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as e:
-        call()
-    return e.value.code()  # type: ignore[no-any-return]
 
 
 def test_classify_answers_with_the_path_it_took(

@@ -1,0 +1,335 @@
+"""The escalation tier: frontier LLMs behind OpenAI-compatible APIs, made dependable.
+
+Providers are tried in priority order. Each call asks for one label out of the
+task's set with structured output and passes along what the cheaper tiers
+said. Around every provider:
+
+- **retries** with full-jitter exponential backoff, only for failures that a
+  retry can fix (timeouts, connection errors, rate limits, 5xx), and only
+  while the request's deadline leaves room for another attempt;
+- a **circuit breaker**: after ``failures`` consecutive failures the provider
+  is skipped for ``cooldown_s``; then one probe request at a time is let
+  through (half-open), and a success closes the circuit again;
+- **fallback** to the next provider when one fails, is open, or answers with
+  a label outside the set.
+
+Cost is what the provider's reported usage says at its token prices, summed
+over the attempts it answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tiergate._core import ConfigError
+from tiergate.frontier import ProviderConfig, estimate_tokens, prompt_for
+
+log = logging.getLogger("tiergate.escalation")
+
+MAX_OUTPUT_TOKENS = 32
+# Below this much time left, another attempt could not finish: stop trying.
+MIN_ATTEMPT_S = 0.02
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 2  # per provider, first try included
+    backoff_s: float = 0.05  # base of the exponential backoff
+    max_backoff_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    failures: int = 5  # consecutive failures that open the circuit
+    cooldown_s: float = 30.0  # how long it stays open before a probe
+
+
+@dataclass(frozen=True)
+class FrontierConfig:
+    """The ``frontier`` section of the policy."""
+
+    providers: tuple[ProviderConfig, ...] = ()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+
+
+class CircuitBreaker:
+    """closed -> (``failures`` in a row) -> open -> (``cooldown_s``) -> half-open.
+
+    Half-open lets one probe through at a time: its success closes the circuit,
+    its failure opens it for another cooldown.
+    """
+
+    def __init__(self, policy: BreakerPolicy, clock: Callable[[], float] = time.monotonic):
+        self.policy = policy
+        self.clock = clock
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.probing = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        if self.clock() - self.opened_at < self.policy.cooldown_s:
+            return "open"
+        return "half_open"
+
+    def allow(self) -> bool:
+        """May a call go out now? In half-open, claims the single probe slot."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def release(self) -> None:
+        """A call ended without a verdict (cancelled): free the probe slot."""
+        self.probing = False
+
+    def record(self, ok: bool) -> None:
+        self.probing = False
+        if ok:
+            self.failures, self.opened_at = 0, None
+            return
+        self.failures += 1
+        if self.opened_at is not None or self.failures >= self.policy.failures:
+            if self.opened_at is None:
+                log.warning("circuit opened after %d consecutive failures", self.failures)
+            self.opened_at = self.clock()
+
+
+@dataclass
+class Attempt:
+    provider: str
+    outcome: str  # ok | timeout | connection | rate_limited | server_error | client_error |
+    # invalid_label | circuit_open
+    seconds: float = 0.0
+    cost: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class Escalation:
+    """What one escalation did: the answer (or why none), its cost and every attempt."""
+
+    label: str | None
+    cost: float
+    error: str | None
+    provider: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return ", ".join(f"{a.provider}:{a.outcome}" for a in self.attempts)
+
+
+RETRYABLE = {"timeout", "connection", "rate_limited", "server_error"}
+
+
+class Provider:
+    """One endpoint: its async client, prices and circuit breaker."""
+
+    def __init__(self, config: ProviderConfig, breaker: BreakerPolicy, clock: Callable[[], float]):
+        from openai import AsyncOpenAI  # the maintained async client for this API
+
+        self.config = config
+        key = os.environ.get(config.api_key_env, "") if config.api_key_env else "unused"
+        if config.api_key_env and not key:
+            raise ConfigError(
+                f"provider {config.name!r}: environment variable {config.api_key_env} is unset"
+            )
+        # Retries are ours (they must respect the request's deadline), not the client's.
+        self.client = AsyncOpenAI(
+            base_url=config.base_url, api_key=key, timeout=config.timeout_s, max_retries=0
+        )
+        self.breaker = CircuitBreaker(breaker, clock)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        c = self.config
+        return (
+            prompt_tokens * c.price_in_per_mtok + completion_tokens * c.price_out_per_mtok
+        ) / 1e6
+
+    async def ask(
+        self, text: str, labels: Sequence[str], hints: str, timeout_s: float
+    ) -> tuple[Attempt, str | None, float | None]:
+        """One call: (attempt, label if valid, retry-after seconds if the provider sent one)."""
+        import openai
+
+        started = time.perf_counter()
+        name = self.config.name
+
+        def done(outcome: str, detail: str = "", cost: float = 0.0) -> Attempt:
+            return Attempt(name, outcome, time.perf_counter() - started, cost, detail[:200])
+
+        try:
+            resp = await self.client.chat.completions.create(  # type: ignore[call-overload]
+                model=self.config.model,
+                messages=prompt_for(text, labels, hints),
+                response_format=label_schema(labels),
+                temperature=0,
+                max_tokens=MAX_OUTPUT_TOKENS,
+                timeout=timeout_s,
+            )
+        except openai.APITimeoutError:
+            return done("timeout", f"no answer within {timeout_s:.2f} s"), None, None
+        except openai.APIConnectionError as e:
+            return done("connection", str(e)), None, None
+        except openai.RateLimitError as e:
+            return done("rate_limited", str(e)), None, _retry_after(e.response)
+        except openai.APIStatusError as e:
+            outcome = "server_error" if e.status_code >= 500 else "client_error"
+            return done(outcome, f"HTTP {e.status_code}: {e.message}"), None, None
+        except openai.OpenAIError as e:  # malformed bodies and the like
+            return done("server_error", f"{type(e).__name__}: {e}"), None, None
+        usage = getattr(resp, "usage", None)
+        cost = self.cost(usage.prompt_tokens, usage.completion_tokens) if usage else 0.0
+        content = resp.choices[0].message.content if resp.choices else None
+        label, error = parse_label(content, labels)
+        if label is None:
+            return done("invalid_label", error or "", cost), None, None
+        return done("ok", cost=cost), label, None
+
+
+def label_schema(labels: Sequence[str]) -> dict[str, Any]:
+    """Structured output: a JSON object whose only field is one label of the set."""
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "label",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"label": {"type": "string", "enum": list(labels)}},
+                "required": ["label"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+def parse_label(content: str | None, labels: Sequence[str]) -> tuple[str | None, str | None]:
+    """The label in a provider's answer, or (None, why) when it is not one of ``labels``."""
+    import json
+
+    if not content:
+        return None, "empty answer"
+    try:
+        parsed = json.loads(content)
+        label = parsed.get("label") if isinstance(parsed, dict) else parsed
+    except json.JSONDecodeError:
+        label = content.strip().strip('"')
+    if not isinstance(label, str) or label not in labels:
+        return None, f"label {str(label)[:60]!r} is not in the label set"
+    return label, None
+
+
+def _retry_after(response: Any) -> float | None:
+    try:
+        value = response.headers.get("retry-after")
+        return float(value) if value is not None else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+class Escalator:
+    """Providers in priority order, with retries, circuit breakers and fallback."""
+
+    def __init__(
+        self,
+        config: FrontierConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ):
+        if not config.providers:
+            raise ConfigError("the frontier tier needs at least one provider")
+        self.config = config
+        self.providers = [Provider(p, config.breaker, clock) for p in config.providers]
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.on_attempt: Callable[[Attempt], None] | None = None
+
+    def states(self) -> dict[str, str]:
+        """Circuit state per provider: closed, open or half_open."""
+        return {p.config.name: p.breaker.state for p in self.providers}
+
+    def estimate_cost(self, text: str, labels: Sequence[str]) -> float:
+        """An upper bound for reserving spend: every attempt at every provider answered and
+        paid, at 1.5x the estimated prompt tokens and the full output allowance."""
+        tokens_in = int(1.5 * sum(estimate_tokens(m["content"]) for m in prompt_for(text, labels)))
+        per_try = sum(p.cost(tokens_in, MAX_OUTPUT_TOKENS) for p in self.providers)
+        return per_try * self.config.retry.attempts
+
+    async def classify(
+        self, text: str, labels: Sequence[str], hints: str, timeout_s: float | None = None
+    ) -> Escalation:
+        deadline = None if timeout_s is None else self.clock() + timeout_s
+        result = Escalation(None, 0.0, None)
+        for provider in self.providers:
+            label = await self._try_provider(provider, text, labels, hints, deadline, result)
+            if label is not None:
+                result.label, result.provider, result.error = label, provider.config.name, None
+                return result
+            if deadline is not None and deadline - self.clock() < MIN_ATTEMPT_S:
+                break
+        tried = result.summary() or "none"
+        result.error = f"no provider answered ({tried})"
+        return result
+
+    async def _try_provider(
+        self,
+        provider: Provider,
+        text: str,
+        labels: Sequence[str],
+        hints: str,
+        deadline: float | None,
+        result: Escalation,
+    ) -> str | None:
+        retry = self.config.retry
+        name = provider.config.name
+        for attempt in range(retry.attempts):
+            left = None if deadline is None else deadline - self.clock()
+            if left is not None and left < MIN_ATTEMPT_S:
+                return None
+            if not provider.breaker.allow():
+                self._record(result, Attempt(name, "circuit_open"))
+                return None
+            timeout = provider.config.timeout_s
+            if left is not None:
+                timeout = min(timeout, left)
+            try:
+                outcome, label, retry_after = await provider.ask(text, labels, hints, timeout)
+            except asyncio.CancelledError:  # the request gave up: no verdict on the provider
+                provider.breaker.release()
+                raise
+            provider.breaker.record(label is not None)
+            result.cost += outcome.cost
+            self._record(result, outcome)
+            if label is not None:
+                return label
+            if outcome.outcome not in RETRYABLE or attempt + 1 == retry.attempts:
+                return None
+            # Full jitter: a uniform wait up to the exponential bound, so that many
+            # requests failing together do not retry together.
+            wait = self.rng.uniform(0, min(retry.max_backoff_s, retry.backoff_s * 2**attempt))
+            if retry_after is not None:
+                wait = max(wait, retry_after)
+            if deadline is not None and self.clock() + wait + MIN_ATTEMPT_S > deadline:
+                return None  # no time to wait and try again here: next provider
+            await asyncio.sleep(wait)
+        return None
+
+    def _record(self, result: Escalation, attempt: Attempt) -> None:
+        result.attempts.append(attempt)
+        if self.on_attempt is not None:
+            self.on_attempt(attempt)
