@@ -120,7 +120,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", type=Path, help="a bundle written by tiergate train")
-    src.add_argument("--policy", type=Path, help="a policy YAML file (see tiergate.policy)")
+    src.add_argument(
+        "--policy", "--config", type=Path, help="a policy YAML file (see tiergate.policy)"
+    )
+    s.add_argument(
+        "--runtime",
+        choices=["ray", "local"],
+        default="ray" if _has_ray() else "local",
+        help="ray (default when ray[serve] is installed): the model and escalation tiers "
+        "as Ray Serve deployments; local: every tier in this process",
+    )
+    s.add_argument(
+        "--ray-address",
+        help="join this Ray cluster ('auto' for the local one) instead of starting Ray",
+    )
+    s.add_argument(
+        "--engine",
+        choices=["vllm", "transformers"],
+        default="vllm",
+        help="what serves the intent model on Ray (default vllm)",
+    )
+    s.add_argument(
+        "--embedder",
+        default="packaged",
+        help="model for the semantic cache's embeddings on Ray: a path or hub id, "
+        "'packaged' (the shipped MiniLM, default) or 'none'",
+    )
     s.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
     s.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0: off)")
     s.add_argument("--frontier-url", help="OpenAI-compatible base URL for escalations")
@@ -138,6 +163,12 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
     k.add_argument("--json", action="store_true", help="print the full responses as JSON")
     return p
+
+
+def _has_ray() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -255,6 +286,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("tiergate.decisions").setLevel(logging.WARNING)
     policy = load_policy(args.policy) if args.policy else default_policy(args.bundle.resolve())
     print(f"loading {len(policy.tasks)} task(s): {', '.join(policy.tasks)}", file=sys.stderr)
+    if args.runtime == "ray":
+        from tiergate.ray_app import run
+
+        provider = _provider(args)
+        frontier = None
+        if provider is not None:
+            frontier = {"providers": [{
+                "name": provider.name, "base_url": provider.base_url, "model": provider.model,
+                "api_key_env": provider.api_key_env,
+                "price_in_per_mtok": provider.price_in_per_mtok,
+                "price_out_per_mtok": provider.price_out_per_mtok,
+            }]}  # fmt: skip
+        run(
+            {
+                ("policy" if args.policy else "bundle"): str(args.policy or args.bundle),
+                "address": args.address,
+                "engine": args.engine,
+                "embedder": None if args.embedder == "none" else args.embedder,
+                "frontier": frontier,
+                "metrics_port": args.metrics_port or None,
+            },
+            args.ray_address,
+        )
+        return 0
     server = build_server(policy, args.policy, _provider(args))
     asyncio.run(serve_forever(server, args.address, args.metrics_port or None))
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,10 @@ class Frontend:
         )
         return {"node": node_id(), "port": self.port, "answered": served}
 
+    def reload(self) -> bool:
+        """Re-reads the policy file (each replica also watches it for changes)."""
+        return self.server.reload() if self.server.policy_path is not None else False
+
     async def stop(self) -> None:
         await self.server.stop(0.5)
 
@@ -250,8 +255,9 @@ def build_app(args: dict[str, Any]) -> Any:
     transformers); ``embedder`` (model path or hub id for the semantic cache's
     embeddings, "packaged" for the shipped MiniLM, null for none); ``frontier``
     (provider settings, overriding the policy's); ``metrics_port``;
-    ``frontends`` (replicas, one per node); ``intent`` (overrides for the
-    IntentModel deployment: autoscaling_config, ray_actor_options, ...).
+    ``frontends`` (replicas, one per node); ``intent`` and ``frontend``
+    (deployment options for those deployments: autoscaling_config,
+    ray_actor_options, ...).
     """
     from tiergate.policy import parse_frontier
 
@@ -272,10 +278,10 @@ def build_app(args: dict[str, Any]) -> Any:
     if args.get("frontier"):
         frontier = parse_frontier("frontier", dict(args["frontier"]))
     escalation = deployment(EscalationTier).bind(frontier) if frontier is not None else None
-    frontends = int(args.get("frontends", 1))
+    options = {"num_replicas": int(args.get("frontends", 1)), **(args.get("frontend") or {})}
     return (
         deployment(Frontend)
-        .options(num_replicas=frontends)
+        .options(**options)
         .bind(
             source,
             str(args.get("address", "127.0.0.1:50051")),
@@ -285,3 +291,63 @@ def build_app(args: dict[str, Any]) -> Any:
             args.get("metrics_port"),
         )
     )
+
+
+def run(app_args: dict[str, Any], ray_address: str | None) -> None:
+    """`tiergate serve` on Ray: start (or join) Ray, deploy, print how to call it, and on
+    Ctrl-C or SIGTERM take it all down again."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    import ray
+
+    joined = ray_address is not None
+    where = f"joining Ray at {ray_address}" if joined else "starting a local Ray"
+    print(f"tiergate: {where}...", file=sys.stderr, flush=True)
+    import os
+
+    # Warnings and errors from the replicas reach this terminal; their INFO chatter goes
+    # to Ray's log files (/tmp/ray/session_latest/logs) unless the user asks for it.
+    quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    ray.init(
+        address=ray_address,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": quiet},
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        # Clients reach our gRPC server directly: no Ray proxy.
+        serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+        started = time.perf_counter()
+        print(
+            "tiergate: deploying the front end, the intent model "
+            f"({app_args.get('engine', 'vllm')}) and the escalation tier; the model "
+            "replicas start their engines (about a minute on CPU)...",
+            file=sys.stderr,
+            flush=True,
+        )
+        serve.run(build_app(app_args), name=APP_NAME, route_prefix=None)
+        frontend = serve.get_deployment_handle("Frontend", app_name=APP_NAME)
+        signal.signal(signal.SIGHUP, lambda *_: frontend.reload.remote())
+        address = str(app_args.get("address", "127.0.0.1:50051"))
+        cli = "tiergate" if shutil.which("tiergate") else f"{sys.executable} -m tiergate"
+        print(
+            f"tiergate serving gRPC on {address} via Ray Serve (ready in "
+            f"{time.perf_counter() - started:.0f} s); "
+            f'try: {cli} classify --address {address} "where is my order"',
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+        print("tiergate: shutting down", flush=True)
+    finally:
+        if joined:
+            serve.delete(APP_NAME)  # leave the cluster's other applications running
+        else:
+            serve.shutdown()  # type: ignore[no-untyped-call]
+        ray.shutdown()

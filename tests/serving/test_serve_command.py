@@ -30,7 +30,7 @@ def test_serve_reloads_on_sighup_serves_metrics_and_stops_cleanly(
     policy.write_text(yaml.safe_dump(doc))
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tiergate", "serve", "--policy", str(policy),
+        [sys.executable, "-m", "tiergate", "serve", "--runtime", "local", "--policy", str(policy),
          "--address", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip

@@ -1,0 +1,144 @@
+"""tiergate on a two-node Ray cluster started on this machine (ray.cluster_utils):
+replicas on both nodes serve traffic, and the intent model scales up under load and
+back down after it. The model runs on PyTorch here (engine "transformers"): what is
+under test is Ray's placement and scaling, not vLLM (tests/cluster/test_ray_stack.py
+covers that)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.cluster.test_ray_stack import NEVER, free_port
+from tiergate.client import Client
+
+ray = pytest.importorskip("ray", reason="needs ray[serve] (make test installs it)")
+serve = pytest.importorskip("ray.serve")
+cluster_utils = pytest.importorskip("ray.cluster_utils")
+
+from tiergate.ray_app import APP_NAME, build_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[Any]:
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    serve.start(proxy_location="Disabled")
+    yield cluster
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def model_policy(tmp_path: Path, bundle: Path) -> Path:
+    """Every request is decided by the intent model (the cheap tiers never accept)."""
+    policy = tmp_path / "policy.yaml"
+    thresholds = {"rules": NEVER, "linear": NEVER, "intent": {"general": 0.0}}
+    doc = {"version": "1", "tasks": {"m": {"bundle": str(bundle), "thresholds": thresholds}}}
+    policy.write_text(yaml.safe_dump(doc))
+    return policy
+
+
+def replicas_seen(handle: Any, want_nodes: int, tries: int = 60) -> dict[str, dict[str, Any]]:
+    """describe() of each replica, keyed by node: calls until ``want_nodes`` nodes answered
+    (the handle routes each call to some replica)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(tries):
+        info = handle.describe.remote().result(timeout_s=30)
+        seen[info["node"]] = info
+        if len(seen) >= want_nodes:
+            break
+    return seen
+
+
+def running_replicas(deployment: str) -> int:
+    status = serve.status().applications[APP_NAME].deployments[deployment]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+TEXTS = ["I want my money back", "where is my parcel", "hello there", "reset my password"]
+
+
+def test_replicas_on_both_nodes_serve_traffic(
+    two_nodes: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    app = build_app({
+        "policy": str(model_policy(tmp_path, full_bundle)), "address": address,
+        "engine": "transformers", "embedder": None, "frontends": 2,
+        "frontend": {"ray_actor_options": {"num_cpus": 0.3}},
+        "intent": {"num_replicas": 2, "autoscaling_config": None, "max_replicas_per_node": 1,
+                   "ray_actor_options": {"num_cpus": 0.5}},
+    })  # fmt: skip
+    serve.run(app, name=APP_NAME, route_prefix=None)
+    # The two front ends share the port (SO_REUSEPORT): the kernel spreads new
+    # connections over them, as a load balancer would spread them over nodes.
+    for i in range(24):
+        with Client(address) as client:
+            assert client.classify(TEXTS[i % len(TEXTS)]).tier == "intent"
+    frontends = replicas_seen(serve.get_deployment_handle("Frontend", APP_NAME), 2)
+    models = replicas_seen(serve.get_deployment_handle("IntentModel0", APP_NAME), 2)
+    assert len(frontends) == 2, frontends
+    assert len(models) == 2, models
+    assert all(f["answered"] > 0 for f in frontends.values()), frontends
+    assert all(m["batches"] > 0 for m in models.values()), models
+    serve.delete(APP_NAME)
+
+
+def test_the_intent_model_scales_up_under_load_and_back_down(
+    two_nodes: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    app = build_app({
+        "policy": str(model_policy(tmp_path, full_bundle)), "address": address,
+        "engine": "transformers", "embedder": None,
+        "frontend": {"ray_actor_options": {"num_cpus": 0.3}},
+        "intent": {"ray_actor_options": {"num_cpus": 0.5}, "max_replicas_per_node": 1,
+                   "autoscaling_config": {"min_replicas": 1, "max_replicas": 2,
+                                          "target_ongoing_requests": 1, "upscale_delay_s": 1,
+                                          "downscale_delay_s": 3, "look_back_period_s": 11}},
+    })  # fmt: skip
+    serve.run(app, name=APP_NAME, route_prefix=None)
+    assert running_replicas("IntentModel0") == 1
+    stop = threading.Event()
+    answered = [0]
+
+    def load() -> None:
+        with Client(address) as client:
+            while not stop.is_set():
+                n = answered[0] = answered[0] + 1
+                # unique texts: repeats would be answered by the exact cache
+                reply = client.classify(f"{TEXTS[n % len(TEXTS)]} (request {n})")
+                assert reply.tier == "intent"
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    started = time.monotonic()
+    try:
+        deadline = started + 90
+        while running_replicas("IntentModel0") < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        up = running_replicas("IntentModel0")
+        print(f"scaled to {up} replicas {time.monotonic() - started:.1f} s into the load")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert up == 2, f"no scale-up after {answered[0]} requests"
+    quiet = time.monotonic()
+    while running_replicas("IntentModel0") > 1 and time.monotonic() < quiet + 90:
+        time.sleep(0.5)
+    assert running_replicas("IntentModel0") == 1
+    print(f"back to 1 replica {time.monotonic() - quiet:.1f} s after the load stopped")
+    with Client(address) as client:  # and it still answers after scaling down
+        assert client.classify("hello there").tier == "intent"
+    serve.delete(APP_NAME)
