@@ -15,7 +15,7 @@ PROTOS := $(wildcard proto/tiergate/v1/*.proto)
 PROTO_OUT := $(PROTOS:proto/%.proto=serve/%_pb2.py)
 RUST_SOURCES := $(shell find rust_core -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml
 
-.PHONY: help proto serve demo bench-frontend test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
+.PHONY: help proto serve demo bench-frontend bench-model bench-ingress test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -86,6 +86,12 @@ bench: $(EXT)  ## micro-benchmarks of the Rust tiers next to their baselines
 
 bench-frontend: $(DEMO_BUNDLE)/manifest.json  ## the gRPC front end next to a bare grpc.aio echo server
 	$(BIN)/python -m benchmarks.frontend --bundle $(DEMO_BUNDLE) --json bench-results/frontend.json
+
+bench-model: $(DEMO_BUNDLE)/manifest.json  ## the intent model on Ray Serve next to raw vLLM LLM.classify
+	$(BIN)/python -m benchmarks.model_tier --bundle $(DEMO_BUNDLE) --json bench-results/model_tier.json
+
+bench-ingress: $(EXT)  ## ways into tiergate on Ray: our gRPC server, Serve direct ingress, Serve's proxy
+	$(BIN)/python -m benchmarks.ray_ingress --json bench-results/ray_ingress.json
 
 bench-quick: $(EXT)  ## the same, under a minute
 	$(BIN)/python -m benchmarks.micro --quick --json bench-results/micro-quick.json

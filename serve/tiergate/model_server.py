@@ -2,7 +2,9 @@
 
 vLLM's pooling runner serves the bundle's sequence-classification checkpoint
 (``classify``, raw logits: calibration happens in the front end, which owns the
-calibrators). A sequence-classification model offers no ``embed`` task in
+calibrators). An instruct checkpoint without a classification head (e.g.
+Qwen2.5-0.5B-Instruct) is served zero-shot by ``VllmZeroShotModel``.
+A sequence-classification model offers no ``embed`` task in
 vLLM, so the sentence embeddings for the semantic cache come from a second,
 small embedding model (by default the packaged all-MiniLM-L6-v2, trained for
 exactly this: paraphrases land close together).
@@ -36,9 +38,12 @@ class EngineOptions:
     kv_cache_bytes: int = 64 << 20
     memory_fraction: float = 0.05  # vLLM's gpu_memory_utilization (of RAM on CPU)
     enforce_eager: bool = True  # skip graph compilation: seconds to start, not minutes
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
 
-def _engine(model: str, options: EngineOptions) -> Any:
+def _engine(
+    model: str, options: EngineOptions, runner: Literal["pooling", "generate"] = "pooling"
+) -> Any:
     # Two engines per replica on a small CPU machine: let the OS place their threads
     # instead of both pinning the same cores ("auto" binds per engine, unaware of the other).
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -47,11 +52,12 @@ def _engine(model: str, options: EngineOptions) -> Any:
 
     args = AsyncEngineArgs(
         model=model,
-        runner="pooling",
+        runner=runner,
         max_model_len=options.max_model_len,
         gpu_memory_utilization=options.memory_fraction,
         kv_cache_memory_bytes=options.kv_cache_bytes,
         enforce_eager=options.enforce_eager,
+        dtype=options.dtype,
         disable_log_stats=True,
     )
     return AsyncLLM.from_engine_args(args)
@@ -124,4 +130,124 @@ class VllmIntentModel:
             if engine is not None:
                 engine.shutdown()
         self.classifier = self.embedder = None
+        gc.collect()
+
+
+def is_causal_lm(checkpoint: str | Path) -> bool:
+    """Does the checkpoint generate text (a ``...ForCausalLM``) rather than classify?"""
+    import json
+
+    try:
+        config = json.loads(Path(checkpoint, "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{checkpoint}: unreadable config.json ({e})") from None
+    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
+class VllmZeroShotModel:
+    """An instruct model choosing one label of the set, scored exhaustively.
+
+    The prompt lists the labels and asks for one. Each label, followed by the
+    end-of-answer token, is scored as a continuation of that prompt
+    (``prompt_logprobs``): the sum of its tokens' log-probabilities is
+    log P(answer = label). Those sums are the logits, so the distribution is
+    over exactly the label set (a constrained choice) and the front end's
+    calibration applies as for any classifier. vLLM's prefix cache computes the
+    shared prompt once per text; each label adds only its own few tokens.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        labels: Sequence[str],
+        embedder: str | Path | None,
+        options: EngineOptions | None = None,
+    ):
+        options = options or EngineOptions(max_model_len=2048)
+        self.labels = list(labels)
+        self.generator: Any = _engine(str(checkpoint), options, runner="generate")
+        self.embedder: Any = (
+            _engine(str(embedder), EngineOptions()) if embedder is not None else None
+        )
+        self.tokenizer = self.generator.get_tokenizer()
+        # What closes an answer: the chat template's end-of-turn token, else EOS.
+        end = self.tokenizer.eos_token_id
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            end = im_end
+        self.answers = [
+            [
+                *self.tokenizer.encode(label, add_special_tokens=False),
+                *([end] if end is not None else []),
+            ]
+            for label in self.labels
+        ]
+        self._ids = itertools.count()
+
+    def prompt_ids(self, text: str) -> list[int]:
+        system = (
+            "Classify the user's request. Answer with exactly one label from this list and "
+            "nothing else: " + ", ".join(self.labels)
+        )
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True
+            )
+            return list(ids)
+        return list(self.tokenizer.encode(f"{system}\nRequest: {text}\nLabel: "))
+
+    async def _score(self, prefix: list[int], answer: list[int]) -> float:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        final = None
+        prompt = TokensPrompt(prompt_token_ids=prefix + answer)
+        async for out in self.generator.generate(prompt, params, f"tg-{next(self._ids)}"):
+            final = out
+        if final is None or final.prompt_logprobs is None:
+            raise RuntimeError("vLLM returned no prompt log-probabilities")
+        tail = final.prompt_logprobs[len(prefix) :]
+        return float(sum(step[tok].logprob for step, tok in zip(tail, answer, strict=True)))
+
+    async def _logits(self, text: str) -> npt.NDArray[np.float64]:
+        prefix = self.prompt_ids(text)
+        scores = await asyncio.gather(*(self._score(prefix, a) for a in self.answers))
+        return np.asarray(scores, dtype=np.float64)
+
+    async def _embed(self, text: str) -> npt.NDArray[np.float32]:
+        from vllm import PoolingParams
+
+        final = None
+        params = PoolingParams(task="embed")
+        async for out in self.embedder.encode(text, params, request_id=f"tg-{next(self._ids)}"):
+            final = out
+        if final is None:
+            raise RuntimeError("vLLM returned no output")
+        return np.asarray(final.outputs.data.float().cpu().numpy(), dtype=np.float32)
+
+    async def infer(
+        self, texts: Sequence[str], embed: bool = True
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32] | None]:
+        if not texts:
+            return np.zeros((0, len(self.labels))), None
+        logits = np.stack(await asyncio.gather(*(self._logits(t) for t in texts)))
+        vectors = None
+        if embed and self.embedder is not None:
+            vectors = np.stack(await asyncio.gather(*(self._embed(t) for t in texts)))
+        return logits, vectors
+
+    @property
+    def dim(self) -> int | None:
+        if self.embedder is None:
+            return None
+        return int(self.embedder.model_config.get_hidden_size())
+
+    def shutdown(self) -> None:
+        import gc
+
+        for engine in (self.generator, self.embedder):
+            if engine is not None:
+                engine.shutdown()
+        self.generator = self.embedder = None
         gc.collect()

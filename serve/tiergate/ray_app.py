@@ -69,14 +69,22 @@ class IntentModel:
         self.engine = engine
         max_length = int(b.tiers["intent"].get("max_length", 64))
         if engine == "vllm":
-            from tiergate.model_server import EngineOptions, VllmIntentModel
+            from tiergate.model_server import (
+                EngineOptions,
+                VllmIntentModel,
+                VllmZeroShotModel,
+                is_causal_lm,
+            )
 
             emb = None
             if embedder is not None:
                 emb = resolve_base_model(PACKAGED_MODEL if embedder == "packaged" else embedder)
-            # Room for the special tokens around max_length word pieces.
-            options = EngineOptions(max_model_len=max(32, max_length + 8))
-            self.model: Any = VllmIntentModel(b.intent_path(), b.labels, emb, options)
+            if is_causal_lm(b.intent_path()):  # an instruct model: zero-shot label scoring
+                self.model: Any = VllmZeroShotModel(b.intent_path(), b.labels, emb)
+            else:
+                # Room for the special tokens around max_length word pieces.
+                options = EngineOptions(max_model_len=max(32, max_length + 8))
+                self.model = VllmIntentModel(b.intent_path(), b.labels, emb, options)
         elif engine == "transformers":
             from tiergate.tiers import TransformersIntentModel
 
