@@ -274,9 +274,18 @@ class TaskRuntime:
         self.gates = self._gates(task, bundle)
         self.backend = backend if bundle.has("intent") else None
         self.batcher: MicroBatcher | None = None
+        self.embedder: MicroBatcher | None = None  # embeddings on demand (remote models)
         remote = getattr(self.backend, "infer_async", None)
         if remote is not None:  # a model served elsewhere: await it, several batches at once
-            self.batcher = MicroBatcher(remote, max_inflight=getattr(backend, "max_inflight", 4))
+            inflight = getattr(backend, "max_inflight", 4)
+            self.batcher = MicroBatcher(remote, max_inflight=inflight)
+            embed = getattr(self.backend, "embed_async", None)
+            if embed is not None:
+
+                async def vectors(texts: list[str]) -> tuple[np.ndarray, None]:
+                    return await embed(texts), None
+
+                self.embedder = MicroBatcher(vectors, max_inflight=inflight)
         elif self.backend is not None:
             backend_ = self.backend
             # Its own thread (torch frees the GIL while it works): slow frontier calls
@@ -556,6 +565,18 @@ class Engine:
                     return self._finish(d, cache_key, rt, policy, vector)
 
         namespace = f"{req.tenant.name}/{rt.task.name}/{policy.version}"
+        if (
+            vector is None
+            and rt.embedder is not None
+            and self.semantic is not None
+            and action != "escalate"
+        ):
+            # A remote model embeds on demand: only requests heading for the semantic
+            # cache and the frontier pay for an embedding, not the ones it decides.
+            try:
+                vector = (await rt.embedder.submit(req.text, req.remaining_ms()))[0]
+            except Exception as e:  # no embedding: no semantic cache, nothing worse
+                path.append(Step("semantic_cache", note=f"embedding failed: {e}"))
         if self.semantic is not None and vector is not None and action != "escalate":
             hit2 = self.semantic.get(namespace, vector)
             if hit2 is not None:

@@ -114,6 +114,13 @@ class VllmIntentModel:
         vectors = np.stack(rows[len(texts) :]) if want_vectors else None
         return logits, vectors
 
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if self.embedder is None:
+            raise ConfigError("this model tier has no embedder")
+        return np.stack(
+            await asyncio.gather(*(self._pool(self.embedder, t, "embed") for t in texts))
+        )
+
     @property
     def dim(self) -> int | None:
         """Width of the embeddings (the semantic cache's dimension)."""
@@ -232,10 +239,13 @@ class VllmZeroShotModel:
         if not texts:
             return np.zeros((0, len(self.labels))), None
         logits = np.stack(await asyncio.gather(*(self._logits(t) for t in texts)))
-        vectors = None
-        if embed and self.embedder is not None:
-            vectors = np.stack(await asyncio.gather(*(self._embed(t) for t in texts)))
+        vectors = await self.embed(texts) if embed and self.embedder is not None else None
         return logits, vectors
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if self.embedder is None:
+            raise ConfigError("this model tier has no embedder")
+        return np.stack(await asyncio.gather(*(self._embed(t) for t in texts)))
 
     @property
     def dim(self) -> int | None:
