@@ -44,17 +44,28 @@ proto: $(PROTO_OUT)  ## generate the gRPC code from proto/
 build: $(EXT)  ## build tiergate._core into .venv
 
 # The embedded default: a small bundle trained on the example intents the
-# project ships (authored by us), served on localhost with the in-process tiers.
-DEMO_BUNDLE := .tiergate/demo-bundle
+# project ships (authored by us), served on localhost: local Ray, the model tiers
+# on CPU. `make serve DATA=tickets.jsonl` trains on your data instead (JSONL, CSV
+# or CLINC150 JSON; see `tiergate train --help`).
 EXAMPLES := serve/tiergate/examples
+DATA ?=
+ifeq ($(DATA),)
+SERVE_BUNDLE := .tiergate/demo-bundle
+TRAIN_ARGS := --data $(EXAMPLES)/intents.jsonl --rules $(EXAMPLES)/intents_rules.yaml \
+	--max-steps 60 --batch-size 16 --learning-rate 3e-4 --target-precision 0.95
+TRAIN_INPUTS := $(EXAMPLES)/intents.jsonl $(EXAMPLES)/intents_rules.yaml
+else
+SERVE_BUNDLE := .tiergate/bundle-$(notdir $(basename $(DATA)))
+TRAIN_ARGS := --data $(DATA)
+TRAIN_INPUTS := $(DATA)
+endif
 
-$(DEMO_BUNDLE)/manifest.json: $(EXT) $(EXAMPLES)/intents.jsonl $(EXAMPLES)/intents_rules.yaml
-	rm -rf $(DEMO_BUNDLE)
-	$(BIN)/tiergate train --data $(EXAMPLES)/intents.jsonl --rules $(EXAMPLES)/intents_rules.yaml \
-		--out $(DEMO_BUNDLE) --max-steps 60 --batch-size 16 --learning-rate 3e-4 --target-precision 0.95
+$(SERVE_BUNDLE)/manifest.json: $(EXT) $(TRAIN_INPUTS)
+	rm -rf $(SERVE_BUNDLE)
+	$(BIN)/tiergate train $(TRAIN_ARGS) --out $(SERVE_BUNDLE)
 
-serve: $(DEMO_BUNDLE)/manifest.json  ## set up, train the demo bundle if needed, serve gRPC on 127.0.0.1:50051
-	$(BIN)/tiergate serve --bundle $(DEMO_BUNDLE) --address 127.0.0.1:50051
+serve: $(SERVE_BUNDLE)/manifest.json  ## set up, train a bundle if needed (DATA=... for yours), serve gRPC on 127.0.0.1:50051 on local Ray
+	$(BIN)/tiergate serve --bundle $(SERVE_BUNDLE) --address 127.0.0.1:50051
 
 demo: $(EXT)  ## a short tour of the Rust tiers, no server
 	$(BIN)/python -m tiergate.demo
@@ -84,11 +95,11 @@ test-python: $(EXT)  ## pytest against the freshly built extension
 bench: $(EXT)  ## micro-benchmarks of the Rust tiers next to their baselines
 	$(BIN)/python -m benchmarks.micro --json bench-results/micro.json
 
-bench-frontend: $(DEMO_BUNDLE)/manifest.json  ## the gRPC front end next to a bare grpc.aio echo server
-	$(BIN)/python -m benchmarks.frontend --bundle $(DEMO_BUNDLE) --json bench-results/frontend.json
+bench-frontend: $(SERVE_BUNDLE)/manifest.json  ## the gRPC front end next to a bare grpc.aio echo server
+	$(BIN)/python -m benchmarks.frontend --bundle $(SERVE_BUNDLE) --json bench-results/frontend.json
 
-bench-model: $(DEMO_BUNDLE)/manifest.json  ## the intent model on Ray Serve next to raw vLLM LLM.classify
-	$(BIN)/python -m benchmarks.model_tier --bundle $(DEMO_BUNDLE) --json bench-results/model_tier.json
+bench-model: $(SERVE_BUNDLE)/manifest.json  ## the intent model on Ray Serve next to raw vLLM LLM.classify
+	$(BIN)/python -m benchmarks.model_tier --bundle $(SERVE_BUNDLE) --json bench-results/model_tier.json
 
 bench-ingress: $(EXT)  ## ways into tiergate on Ray: our gRPC server, Serve direct ingress, Serve's proxy
 	$(BIN)/python -m benchmarks.ray_ingress --json bench-results/ray_ingress.json
