@@ -52,12 +52,22 @@ def _echo_server(port_q: Any) -> None:
     asyncio.run(main())
 
 
-def _tiergate_server(bundle: str, port_q: Any, stats_q: Any, cmd_q: Any) -> None:
-    from tiergate.policy import default_policy
+def _tiergate_server(
+    bundle: str, port_q: Any, stats_q: Any, cmd_q: Any, model_in_process: bool
+) -> None:
+    from tiergate.bundle import load_bundle
+    from tiergate.engine import TaskRuntime, in_process_runtime
+    from tiergate.policy import Task, default_policy
     from tiergate.server import build_server
 
+    def remote_model(task: Task) -> TaskRuntime:
+        # The front end as it runs on Ray: the model lives in another process.
+        return TaskRuntime(task, load_bundle(task.bundle), None)
+
+    factory = in_process_runtime if model_in_process else remote_model
+
     async def main() -> None:
-        server = build_server(default_policy(Path(bundle)))
+        server = build_server(default_policy(Path(bundle)), runtime_factory=factory)
         metrics = server.metrics
         port = await server.start("127.0.0.1:0")
         port_q.put(port)
@@ -177,6 +187,13 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per client")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per server")
+    parser.add_argument(
+        "--model",
+        choices=["remote", "in-process"],
+        default="remote",
+        help="where the intent model lives: remote (as on Ray, the default: not in the front "
+        "end's process) or in-process (tiergate serve --runtime local)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not (Path(args.bundle) / "manifest.json").exists():
@@ -190,7 +207,9 @@ def main() -> int:
     echo.start()
     echo_port = port_q.get(timeout=60)
     tg = ctx.Process(
-        target=_tiergate_server, args=(args.bundle, port_q, stats_q, cmd_q), daemon=True
+        target=_tiergate_server,
+        args=(args.bundle, port_q, stats_q, cmd_q, args.model == "in-process"),
+        daemon=True,
     )
     tg.start()
     tg_port = port_q.get(timeout=120)
@@ -223,6 +242,7 @@ def main() -> int:
         "tiergate_runs": tg_runs,
         "tiergate_rps": tg_rps,
         "ratio": tg_rps / echo_rps,
+        "model": args.model,
         "target_ratio": 0.8,
         "half_load_rps": achieved,
         "server_p50_s_upper_bound": p50,

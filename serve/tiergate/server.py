@@ -365,7 +365,10 @@ def decision_logger(policy_of: Any, metrics: Metrics) -> Any:
         pair[0].inc()
         pair[1].observe(seconds)
         if d.cached:
-            metrics.cache_hits.labels(d.cache).inc()
+            hit = children.get(("cache", d.cache))
+            if hit is None:
+                hit = children["cache", d.cache] = (metrics.cache_hits.labels(d.cache), None)
+            hit[0].inc()
         if d.tier == "frontier" and not d.cached:
             metrics.escalations.inc()
         if d.cost_usd:
