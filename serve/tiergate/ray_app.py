@@ -97,28 +97,57 @@ class IntentModel:
         else:
             raise ValueError(f"engine must be 'vllm' or 'transformers', not {engine!r}")
         self.batches = 0
+        self.forward_passes = 0
 
     async def infer(
         self, texts: list[str], embed: bool = True
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32] | None]:
         self.batches += 1
         if self.engine == "vllm":
+            # vLLM's scheduler already batches every request in flight, from every
+            # front end, continuously: another batching layer would only add waiting.
             return await self.model.infer(texts, embed)  # type: ignore[no-any-return]
-        return await asyncio.to_thread(self.model.infer, texts, embed=embed)
+        return await self._forward((tuple(texts), embed))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _forward(
+        self, calls: list[tuple[tuple[str, ...], bool]]
+    ) -> list[tuple[npt.NDArray[np.float64], npt.NDArray[np.float32] | None]]:
+        """PyTorch has no scheduler of its own: micro-batches arriving together from
+        several front ends go through the model as one forward pass."""
+        self.forward_passes += 1
+        texts = [t for batch, _ in calls for t in batch]
+        embed = any(e for _, e in calls)
+        logits, vectors = await asyncio.to_thread(self.model.infer, texts, embed=embed)
+        out = []
+        start = 0
+        for batch, e in calls:
+            end = start + len(batch)
+            out.append(
+                (logits[start:end], vectors[start:end] if e and vectors is not None else None)
+            )
+            start = end
+        return out
 
     async def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
         """Unit sentence embeddings only (for the semantic cache)."""
         self.batches += 1
         if self.engine == "vllm":
             return await self.model.embed(texts)  # type: ignore[no-any-return]
-        _, vectors = await asyncio.to_thread(self.model.infer, texts, embed=True)
-        return vectors  # type: ignore[no-any-return]
+        _, vectors = await self._forward((tuple(texts), True))
+        return vectors  # type: ignore[return-value]
 
     def describe(self) -> dict[str, Any]:
         dim = getattr(self.model, "dim", None)
         if dim is None and self.engine == "transformers":
             dim = int(self.model.model.config.hidden_size)
-        return {"labels": self.labels, "dim": dim, "node": node_id(), "batches": self.batches}
+        return {
+            "labels": self.labels,
+            "dim": dim,
+            "node": node_id(),
+            "batches": self.batches,
+            "forward_passes": self.forward_passes,
+        }
 
     def __del__(self) -> None:
         shutdown = getattr(getattr(self, "model", None), "shutdown", None)

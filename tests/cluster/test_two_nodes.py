@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -142,3 +143,26 @@ def test_the_intent_model_scales_up_under_load_and_back_down(
     with Client(address) as client:  # and it still answers after scaling down
         assert client.classify("hello there").tier == "intent"
     serve.delete(APP_NAME)
+
+
+def test_concurrent_micro_batches_share_a_forward_pass(two_nodes: Any, full_bundle: Path) -> None:
+    """PyTorch has no scheduler: the deployment merges batches arriving together (vLLM's
+    scheduler does this itself)."""
+    from tiergate.ray_app import IntentModel
+
+    app = IntentModel.options(  # type: ignore[attr-defined]
+        num_replicas=1, autoscaling_config=None, ray_actor_options={"num_cpus": 0.5}
+    ).bind(str(full_bundle), "transformers", None)
+    handle = serve.run(app, name="batching", route_prefix=None)
+    batches = [[f"{TEXTS[i % len(TEXTS)]} {i}", f"reset it {i}"] for i in range(16)]
+    alone = [handle.infer.remote(b, False).result() for b in batches[:2]]
+    before = handle.describe.remote().result()["forward_passes"]
+    together = [r.result() for r in [handle.infer.remote(b, False) for b in batches]]
+    passes = handle.describe.remote().result()["forward_passes"] - before
+    assert passes < len(batches), passes
+    for (logits, vectors), (ref, _) in zip(together[:2], alone, strict=True):
+        assert vectors is None
+        np.testing.assert_allclose(logits, ref, atol=1e-4)
+    assert all(r[0].shape == (2, len(handle.describe.remote().result()["labels"]))
+               for r in together)  # fmt: skip
+    serve.delete("batching")
