@@ -114,14 +114,18 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="start the gRPC front end on a bundle or a policy file",
         description="Serves tiergate.v1.Classifier (plus grpc.health.v1 and reflection). "
-        "Give --bundle for one task with default settings, or --policy for tasks, tenants, "
-        "quotas, risk routes and cache settings (hot-reloaded on change or SIGHUP).",
+        "Give --bundle for one task with default settings, --config (--policy) for tasks, "
+        "tenants, quotas, risk routes, frontier providers and cache settings (hot-reloaded "
+        "on change or SIGHUP), or both.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--bundle", type=Path, help="a bundle written by tiergate train")
-    src.add_argument(
-        "--policy", "--config", type=Path, help="a policy YAML file (see tiergate.policy)"
+    s.add_argument("--bundle", type=Path, help="a bundle written by tiergate train")
+    s.add_argument(
+        "--policy",
+        "--config",
+        type=Path,
+        help="a policy YAML file (see tiergate.policy); with --bundle, its tasks may leave "
+        "out their bundle, or the file its tasks",
     )
     s.add_argument(
         "--runtime",
@@ -284,7 +288,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not args.log_decisions:
         logging.getLogger("tiergate.decisions").setLevel(logging.WARNING)
-    policy = load_policy(args.policy) if args.policy else default_policy(args.bundle.resolve())
+    if args.policy is None and args.bundle is None:
+        print("tiergate serve: give --bundle DIR, --config FILE, or both", file=sys.stderr)
+        return 2
+    policy = (
+        load_policy(args.policy, args.bundle)
+        if args.policy
+        else default_policy(args.bundle.resolve())
+    )
     print(f"loading {len(policy.tasks)} task(s): {', '.join(policy.tasks)}", file=sys.stderr)
     if args.runtime == "ray":
         from tiergate.ray_app import run
@@ -300,7 +311,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             }]}  # fmt: skip
         run(
             {
-                ("policy" if args.policy else "bundle"): str(args.policy or args.bundle),
+                "policy": str(args.policy) if args.policy else None,
+                "bundle": str(args.bundle) if args.bundle else None,
                 "address": args.address,
                 "engine": args.engine,
                 "embedder": None if args.embedder == "none" else args.embedder,
@@ -310,7 +322,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.ray_address,
         )
         return 0
-    server = build_server(policy, args.policy, _provider(args))
+    server = build_server(policy, args.policy, _provider(args), default_bundle=args.bundle)
     asyncio.run(serve_forever(server, args.address, args.metrics_port or None))
     return 0
 

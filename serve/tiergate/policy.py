@@ -316,7 +316,10 @@ def parse_frontier(where: str, raw: dict[str, Any]) -> FrontierConfig:
     )
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_policy(path: str | Path, default_bundle: Path | None = None) -> Policy:
+    """The policy file at ``path``. With ``default_bundle`` (``tiergate serve --bundle B
+    --config FILE``) the file may leave out ``tasks`` (one task on that bundle) or a
+    task's ``bundle`` (that bundle)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -326,6 +329,15 @@ def load_policy(path: str | Path) -> Policy:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if default_bundle is not None and isinstance(raw, dict):
+        bundle = str(Path(default_bundle).resolve())
+        tasks = raw.get("tasks")
+        if tasks is None:
+            raw["tasks"] = {"default": {"bundle": bundle}}
+        elif isinstance(tasks, dict):
+            for task in tasks.values():
+                if isinstance(task, dict):
+                    task.setdefault("bundle", bundle)
     return parse_policy(raw, path.parent, str(path))
 
 

@@ -269,7 +269,8 @@ class Frontend:
         engine = Engine(policy, runtimes, frontier=remote, semantic_dim=embedding_dim(first))
         engine.on_decision = decision_logger(lambda: engine.policy, self.metrics)
         path = Path(source["policy"]) if "policy" in source else None
-        self.server = Server(engine, path, self.metrics, runtime, frontier)
+        bundle = Path(source["bundle"]) if "bundle" in source else None
+        self.server = Server(engine, path, self.metrics, runtime, frontier, bundle)
         self.port = await self.server.start(address)
         if metrics_port:
             self.metrics.serve_http(metrics_port)
@@ -298,15 +299,18 @@ def deployment(cls: type) -> Any:
 
 
 def _policy(source: dict[str, str]) -> Policy:
+    bundle = Path(source["bundle"]) if "bundle" in source else None
     if "policy" in source:
-        return load_policy(source["policy"])
-    return default_policy(Path(source["bundle"]).resolve())
+        return load_policy(source["policy"], bundle)
+    assert bundle is not None
+    return default_policy(bundle.resolve())
 
 
 def build_app(args: dict[str, Any]) -> Any:
     """The application for ``serve.run`` or ``serve deploy``.
 
-    ``args``: ``policy`` (a policy file) or ``bundle`` (one task with defaults);
+    ``args``: ``policy`` (a policy file), ``bundle`` (one task with defaults), or
+    both (the policy's tasks default to that bundle);
     ``address`` (gRPC host:port, default 127.0.0.1:50051); ``engine`` (vllm or
     transformers); ``embedder`` (model path or hub id for the semantic cache's
     embeddings, "packaged" for the shipped MiniLM, null for none); ``frontier``
@@ -318,8 +322,8 @@ def build_app(args: dict[str, Any]) -> Any:
     from tiergate.policy import parse_frontier
 
     source = {k: str(Path(args[k]).resolve()) for k in ("policy", "bundle") if args.get(k)}
-    if len(source) != 1:
-        raise ValueError("give exactly one of 'policy' or 'bundle'")
+    if not source:
+        raise ValueError("give 'policy' (a policy file), 'bundle', or both")
     policy = _policy(source)
     engine = str(args.get("engine", "vllm"))
     embedder = args.get("embedder", "packaged")

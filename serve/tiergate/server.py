@@ -202,8 +202,10 @@ class Server:
 
     def __init__(self, engine: Engine, policy_path: Path | None, metrics: Metrics,
                  runtime_factory: Any = in_process_runtime,
-                 pinned_frontier: FrontierConfig | None = None):  # fmt: skip
+                 pinned_frontier: FrontierConfig | None = None,
+                 default_bundle: Path | None = None):  # fmt: skip
         self.engine = engine
+        self.default_bundle = default_bundle  # for tasks the policy file leaves without one
         # Providers given on the command line win over the policy's, across reloads.
         self.pinned_frontier = pinned_frontier
         self.policy_path = policy_path
@@ -241,7 +243,7 @@ class Server:
         """Loads, validates and installs the policy file; keeps the old one on any error."""
         assert self.policy_path is not None
         try:
-            policy = load_policy(self.policy_path)
+            policy = load_policy(self.policy_path, self.default_bundle)
             runtimes = build_runtimes(policy, self.runtime_factory, self.engine.runtimes)
             frontier = self.engine.frontier
             if self.pinned_frontier is None and policy.frontier != self.engine.policy.frontier:
@@ -285,6 +287,7 @@ def build_server(
     policy_path: Path | None = None,
     provider: ProviderConfig | None = None,
     runtime_factory: Any = in_process_runtime,
+    default_bundle: Path | None = None,
 ) -> Server:
     """The front end for ``policy``: tiers loaded, engine, metrics and decision log wired."""
     runtimes = build_runtimes(policy, runtime_factory)
@@ -294,7 +297,7 @@ def build_server(
     frontier = escalator(pinned or policy.frontier, metrics)
     engine = Engine(policy, runtimes, frontier=frontier, semantic_dim=embedding_dim(first))
     engine.on_decision = decision_logger(lambda: engine.policy, metrics)
-    return Server(engine, policy_path, metrics, runtime_factory, pinned)
+    return Server(engine, policy_path, metrics, runtime_factory, pinned, default_bundle)
 
 
 def escalator(config: FrontierConfig | None, metrics: Metrics) -> Escalator | None:

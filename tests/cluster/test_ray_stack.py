@@ -51,18 +51,18 @@ def test_classify_through_ray_vllm_and_an_escalation(
             "version": "ray-1",
             "default_task": "model",
             "tasks": {
-                "model": {"bundle": str(full_bundle),
-                          "thresholds": {"rules": NEVER, "linear": NEVER,
+                # no bundle here: `--bundle` (the "bundle" argument) supplies it
+                "model": {"thresholds": {"rules": NEVER, "linear": NEVER,
                                          "intent": {"general": 0.0}}},
-                "escalate": {"bundle": str(full_bundle),
-                             "thresholds": {"rules": NEVER, "linear": NEVER, "intent": NEVER}},
+                "escalate": {"thresholds": {"rules": NEVER, "linear": NEVER, "intent": NEVER}},
             },
             "frontier": {"providers": [{"name": "loopback", "base_url": url, "model": "m",
                                         "price_in_per_mtok": 1.0}]},
         }))  # fmt: skip
         address = f"127.0.0.1:{free_port()}"
         started = time.perf_counter()
-        app = build_app({"policy": str(policy), "address": address, "engine": "vllm"})
+        app = build_app({"policy": str(policy), "bundle": str(full_bundle),
+                         "address": address, "engine": "vllm"})  # fmt: skip
         serve.run(app, name=APP_NAME, route_prefix=None)
         print(f"stack deployed in {time.perf_counter() - started:.1f} s")
         with Client(address) as client:

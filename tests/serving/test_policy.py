@@ -98,3 +98,25 @@ def test_ledger_reserves_settles_and_rolls_over_by_day() -> None:
     now[0] += 86_400  # the next day starts from zero
     ledger.admit(t)
     assert ledger.snapshot("a").requests == 1
+
+
+def test_serve_bundle_with_config_fills_in_the_bundle(tmp_path: Path) -> None:
+    """`tiergate serve --bundle B --config FILE`: the file may leave out its tasks, or a
+    task's bundle; without --bundle the same file is an error naming what is missing."""
+    bundle = tmp_path / "bundle"
+    no_tasks = tmp_path / "no_tasks.yaml"
+    no_tasks.write_text("version: '3'\nauth: {required: true}\n")
+    p = load_policy(no_tasks, bundle)
+    assert list(p.tasks) == ["default"]
+    assert p.tasks["default"].bundle == bundle.resolve()
+    assert p.auth_required
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("version: '3'\ntasks:\n  a: {latency: {p95_ms: 20}}\n  b: {bundle: other}\n")
+    p = load_policy(partial, bundle)
+    assert p.tasks["a"].bundle == bundle.resolve()
+    assert p.tasks["a"].p95_ms == 20
+    assert p.tasks["b"].bundle == (tmp_path / "other").resolve()
+    with pytest.raises(ConfigError, match="at least one task"):
+        load_policy(no_tasks)
+    with pytest.raises(ConfigError, match=r"tasks\.a: 'bundle'"):
+        load_policy(partial)
