@@ -31,14 +31,27 @@ TEXTS = [
 ]  # fmt: skip
 
 
-def _echo_server(port_q: Any) -> None:
+def _echo_server(port_q: Any, full_size: bool = False) -> None:
     import grpc
 
     from tiergate.v1 import classifier_pb2 as pb
     from tiergate.v1 import classifier_pb2_grpc as pb_grpc
 
+    # --echo-size full: a canned answer as big as tiergate's (path of three tiers, ids),
+    # to tell the cost of the cascade from the cost of a richer message.
+    canned = pb.ClassifyResponse(
+        label="track_order", confidence=0.97, tier="linear", policy_version="default",
+        request_id="0" * 32,
+        path=[pb.TierStep(tier="exact_cache", note="miss"),
+              pb.TierStep(tier="rules", confidence=0.0, threshold=0.9, micros=3),
+              pb.TierStep(tier="linear", label="track_order", confidence=0.97,
+                          threshold=0.95, accepted=True, micros=9)],
+    )  # fmt: skip
+
     class Echo(pb_grpc.ClassifierServicer):  # type: ignore[misc]
         async def Classify(self, request: Any, context: Any) -> Any:
+            if full_size:
+                return canned
             return pb.ClassifyResponse(label=request.text[:8], tier="echo")
 
     async def main() -> None:
@@ -194,6 +207,13 @@ def main() -> int:
         help="where the intent model lives: remote (as on Ray, the default: not in the front "
         "end's process) or in-process (tiergate serve --runtime local)",
     )
+    parser.add_argument(
+        "--echo-size",
+        choices=["bare", "full"],
+        default="bare",
+        help="the echo's answer: bare (the target's baseline) or full (as big as tiergate's, "
+        "to isolate the cost of the cascade itself)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not (Path(args.bundle) / "manifest.json").exists():
@@ -203,7 +223,7 @@ def main() -> int:
         return 2
     ctx = mp.get_context("spawn")
     port_q, stats_q, cmd_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
-    echo = ctx.Process(target=_echo_server, args=(port_q,), daemon=True)
+    echo = ctx.Process(target=_echo_server, args=(port_q, args.echo_size == "full"), daemon=True)
     echo.start()
     echo_port = port_q.get(timeout=60)
     tg = ctx.Process(
