@@ -8,7 +8,6 @@ labelled ``simulated`` so it can never pass for a measurement.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -133,26 +132,13 @@ class OpenAIFrontier:
             base_url=provider.base_url, api_key=key, timeout=provider.timeout_s, max_retries=1
         )
 
-    def _schema(self, labels: Sequence[str]) -> dict[str, object]:
-        return {
-            "type": "json_schema",
-            "json_schema": {
-                "name": "label",
-                "strict": True,
-                "schema": {
-                    "type": "object",
-                    "properties": {"label": {"type": "string", "enum": list(labels)}},
-                    "required": ["label"],
-                    "additionalProperties": False,
-                },
-            },
-        }
-
     def classify_one(
         self, text: str, hints: str = "", labels: Sequence[str] | None = None
     ) -> FrontierAnswer:
         """One escalation; ``labels`` replaces the client's label set for this call only."""
         import openai
+
+        from tiergate.escalation import label_schema, parse_label
 
         labels = list(labels) if labels is not None else self.labels
 
@@ -161,7 +147,7 @@ class OpenAIFrontier:
             resp = self.client.chat.completions.create(  # type: ignore[call-overload]
                 model=self.provider.model,
                 messages=prompt_for(text, labels, hints),
-                response_format=self._schema(labels),
+                response_format=label_schema(labels),
                 temperature=0,
                 max_tokens=32,
             )
@@ -176,19 +162,8 @@ class OpenAIFrontier:
                 + usage.completion_tokens * self.provider.price_out_per_mtok
             ) / 1e6
         content = resp.choices[0].message.content if resp.choices else None
-        label, error = self._parse(content, labels)
+        label, error = parse_label(content, labels)
         return FrontierAnswer(label, cost, seconds, False, error)
-
-    def _parse(self, content: str | None, labels: Sequence[str]) -> tuple[str | None, str | None]:
-        if not content:
-            return None, "empty answer"
-        try:
-            label = json.loads(content).get("label")
-        except (json.JSONDecodeError, AttributeError):
-            label = content.strip().strip('"')
-        if label not in labels:
-            return None, f"label {str(label)[:60]!r} is not in the label set"
-        return str(label), None
 
     def classify(
         self, texts: Sequence[str], gold: Sequence[str] | None = None

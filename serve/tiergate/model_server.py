@@ -63,8 +63,65 @@ def _engine(
     return AsyncLLM.from_engine_args(args)
 
 
-class VllmIntentModel:
+class _VllmModel:
+    """What both vLLM model tiers share: pooling calls, the embedder, shutdown."""
+
+    labels: list[str]
+    embedder: Any
+    ENGINES: tuple[str, ...] = ("embedder",)  # attributes holding an engine
+
+    def __init__(self) -> None:
+        self._ids = itertools.count()
+
+    def _request_id(self) -> str:
+        return f"tg-{next(self._ids)}"
+
+    async def _pool(
+        self, engine: Any, text: str, task: Literal["classify", "embed"]
+    ) -> npt.NDArray[np.float32]:
+        from vllm import PoolingParams
+
+        # The task must be named: left unset, vLLM picks a per-token task for this model.
+        # Classification without activation gives the raw logits the calibrators expect.
+        params = PoolingParams(task=task, use_activation=(task == "embed"))
+        final = None
+        async for out in engine.encode(text, params, request_id=self._request_id()):
+            final = out
+        if final is None:
+            raise RuntimeError("vLLM returned no output")
+        return np.asarray(final.outputs.data.float().cpu().numpy(), dtype=np.float32)
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Unit sentence embeddings from the embedder (the semantic cache's keys)."""
+        if self.embedder is None:
+            raise ConfigError("this model tier has no embedder")
+        rows = await asyncio.gather(*(self._pool(self.embedder, t, "embed") for t in texts))
+        return np.stack(rows)
+
+    @property
+    def dim(self) -> int | None:
+        """Width of the embeddings (the semantic cache's dimension)."""
+        if self.embedder is None:
+            return None
+        return int(self.embedder.model_config.get_hidden_size())
+
+    def shutdown(self) -> None:
+        """Stops the engine processes now, while the interpreter is whole (left to exit,
+        vLLM's finaliser runs after module teardown and fails noisily)."""
+        import gc
+
+        for name in self.ENGINES:
+            engine = getattr(self, name, None)
+            if engine is not None:
+                engine.shutdown()
+            setattr(self, name, None)
+        gc.collect()
+
+
+class VllmIntentModel(_VllmModel):
     """Logits from the intent checkpoint and unit embeddings from the embedder, per batch."""
+
+    ENGINES = ("classifier", "embedder")
 
     def __init__(
         self,
@@ -76,25 +133,10 @@ class VllmIntentModel:
         options = options or EngineOptions()
         if not Path(checkpoint, "config.json").is_file():
             raise ConfigError(f"{checkpoint}: not a model checkpoint (no config.json)")
+        super().__init__()
         self.labels = list(labels)
         self.classifier: Any = _engine(str(checkpoint), options)
-        self.embedder: Any = _engine(str(embedder), options) if embedder is not None else None
-        self._ids = itertools.count()
-
-    async def _pool(
-        self, engine: Any, text: str, task: Literal["classify", "embed"]
-    ) -> npt.NDArray[np.float32]:
-        from vllm import PoolingParams
-
-        # The task must be named: left unset, vLLM picks a per-token task for this model.
-        # Classification without activation gives the raw logits the calibrators expect.
-        params = PoolingParams(task=task, use_activation=(task == "embed"))
-        final = None
-        async for out in engine.encode(text, params, request_id=f"tg-{next(self._ids)}"):
-            final = out
-        if final is None:
-            raise RuntimeError("vLLM returned no output")
-        return np.asarray(final.outputs.data.float().cpu().numpy(), dtype=np.float32)
+        self.embedder = _engine(str(embedder), options) if embedder is not None else None
 
     async def infer(
         self, texts: Sequence[str], embed: bool = True
@@ -114,31 +156,6 @@ class VllmIntentModel:
         vectors = np.stack(rows[len(texts) :]) if want_vectors else None
         return logits, vectors
 
-    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        if self.embedder is None:
-            raise ConfigError("this model tier has no embedder")
-        return np.stack(
-            await asyncio.gather(*(self._pool(self.embedder, t, "embed") for t in texts))
-        )
-
-    @property
-    def dim(self) -> int | None:
-        """Width of the embeddings (the semantic cache's dimension)."""
-        if self.embedder is None:
-            return None
-        return int(self.embedder.model_config.get_hidden_size())
-
-    def shutdown(self) -> None:
-        """Stops the engine processes now, while the interpreter is whole (left to exit,
-        vLLM's finaliser runs after module teardown and fails noisily)."""
-        import gc
-
-        for engine in (self.classifier, self.embedder):
-            if engine is not None:
-                engine.shutdown()
-        self.classifier = self.embedder = None
-        gc.collect()
-
 
 def is_causal_lm(checkpoint: str | Path) -> bool:
     """Does the checkpoint generate text (a ``...ForCausalLM``) rather than classify?"""
@@ -151,7 +168,7 @@ def is_causal_lm(checkpoint: str | Path) -> bool:
     return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
 
 
-class VllmZeroShotModel:
+class VllmZeroShotModel(_VllmModel):
     """An instruct model choosing one label of the set, scored exhaustively.
 
     The prompt lists the labels and asks for one. Each label, followed by the
@@ -163,6 +180,8 @@ class VllmZeroShotModel:
     shared prompt once per text; each label adds only its own few tokens.
     """
 
+    ENGINES = ("generator", "embedder")
+
     def __init__(
         self,
         checkpoint: str | Path,
@@ -170,12 +189,11 @@ class VllmZeroShotModel:
         embedder: str | Path | None,
         options: EngineOptions | None = None,
     ):
+        super().__init__()
         options = options or EngineOptions(max_model_len=2048)
         self.labels = list(labels)
         self.generator: Any = _engine(str(checkpoint), options, runner="generate")
-        self.embedder: Any = (
-            _engine(str(embedder), EngineOptions()) if embedder is not None else None
-        )
+        self.embedder = _engine(str(embedder), EngineOptions()) if embedder is not None else None
         self.tokenizer = self.generator.get_tokenizer()
         # What closes an answer: the chat template's end-of-turn token, else EOS.
         end = self.tokenizer.eos_token_id
@@ -189,7 +207,6 @@ class VllmZeroShotModel:
             ]
             for label in self.labels
         ]
-        self._ids = itertools.count()
 
     def prompt_ids(self, text: str) -> list[int]:
         system = (
@@ -210,7 +227,7 @@ class VllmZeroShotModel:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         final = None
         prompt = TokensPrompt(prompt_token_ids=prefix + answer)
-        async for out in self.generator.generate(prompt, params, f"tg-{next(self._ids)}"):
+        async for out in self.generator.generate(prompt, params, self._request_id()):
             final = out
         if final is None or final.prompt_logprobs is None:
             raise RuntimeError("vLLM returned no prompt log-probabilities")
@@ -222,17 +239,6 @@ class VllmZeroShotModel:
         scores = await asyncio.gather(*(self._score(prefix, a) for a in self.answers))
         return np.asarray(scores, dtype=np.float64)
 
-    async def _embed(self, text: str) -> npt.NDArray[np.float32]:
-        from vllm import PoolingParams
-
-        final = None
-        params = PoolingParams(task="embed")
-        async for out in self.embedder.encode(text, params, request_id=f"tg-{next(self._ids)}"):
-            final = out
-        if final is None:
-            raise RuntimeError("vLLM returned no output")
-        return np.asarray(final.outputs.data.float().cpu().numpy(), dtype=np.float32)
-
     async def infer(
         self, texts: Sequence[str], embed: bool = True
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32] | None]:
@@ -241,23 +247,3 @@ class VllmZeroShotModel:
         logits = np.stack(await asyncio.gather(*(self._logits(t) for t in texts)))
         vectors = await self.embed(texts) if embed and self.embedder is not None else None
         return logits, vectors
-
-    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        if self.embedder is None:
-            raise ConfigError("this model tier has no embedder")
-        return np.stack(await asyncio.gather(*(self._embed(t) for t in texts)))
-
-    @property
-    def dim(self) -> int | None:
-        if self.embedder is None:
-            return None
-        return int(self.embedder.model_config.get_hidden_size())
-
-    def shutdown(self) -> None:
-        import gc
-
-        for engine in (self.generator, self.embedder):
-            if engine is not None:
-                engine.shutdown()
-        self.generator = self.embedder = None
-        gc.collect()
