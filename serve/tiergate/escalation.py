@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -142,14 +141,12 @@ class Provider:
         from openai import AsyncOpenAI  # the maintained async client for this API
 
         self.config = config
-        key = os.environ.get(config.api_key_env, "") if config.api_key_env else "unused"
-        if config.api_key_env and not key:
-            raise ConfigError(
-                f"provider {config.name!r}: environment variable {config.api_key_env} is unset"
-            )
         # Retries are ours (they must respect the request's deadline), not the client's.
         self.client = AsyncOpenAI(
-            base_url=config.base_url, api_key=key, timeout=config.timeout_s, max_retries=0
+            base_url=config.base_url,
+            api_key=config.api_key(),
+            timeout=config.timeout_s,
+            max_retries=0,
         )
         self.breaker = CircuitBreaker(breaker, clock)
 

@@ -112,6 +112,17 @@ class ProviderConfig:
     price_out_per_mtok: float = 0.0
     timeout_s: float = 30.0
 
+    def api_key(self) -> str:
+        """The key from the environment (a clear error when the variable is unset)."""
+        if not self.api_key_env:
+            return "unused"  # the client insists on a value; keyless servers ignore it
+        key = os.environ.get(self.api_key_env, "")
+        if not key:
+            raise ConfigError(
+                f"provider {self.name!r}: environment variable {self.api_key_env} is unset"
+            )
+        return key
+
 
 class OpenAIFrontier:
     """A real provider: asks for one label with structured output; cost from reported usage."""
@@ -123,13 +134,11 @@ class OpenAIFrontier:
 
         self.labels = list(labels)
         self.provider = provider
-        key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else "unused"
-        if provider.api_key_env and not key:
-            raise ConfigError(
-                f"provider {provider.name!r}: environment variable {provider.api_key_env} is unset"
-            )
         self.client = OpenAI(
-            base_url=provider.base_url, api_key=key, timeout=provider.timeout_s, max_retries=1
+            base_url=provider.base_url,
+            api_key=provider.api_key(),
+            timeout=provider.timeout_s,
+            max_retries=1,
         )
 
     def classify_one(

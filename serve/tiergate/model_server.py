@@ -70,8 +70,10 @@ class _VllmModel:
     embedder: Any
     ENGINES: tuple[str, ...] = ("embedder",)  # attributes holding an engine
 
-    def __init__(self) -> None:
+    def __init__(self, labels: Sequence[str], embedder: str | Path | None) -> None:
+        self.labels = list(labels)
         self._ids = itertools.count()
+        self.embedder = _engine(str(embedder), EngineOptions()) if embedder is not None else None
 
     def _request_id(self) -> str:
         return f"tg-{next(self._ids)}"
@@ -133,10 +135,8 @@ class VllmIntentModel(_VllmModel):
         options = options or EngineOptions()
         if not Path(checkpoint, "config.json").is_file():
             raise ConfigError(f"{checkpoint}: not a model checkpoint (no config.json)")
-        super().__init__()
-        self.labels = list(labels)
         self.classifier: Any = _engine(str(checkpoint), options)
-        self.embedder = _engine(str(embedder), options) if embedder is not None else None
+        super().__init__(labels, embedder)
 
     async def infer(
         self, texts: Sequence[str], embed: bool = True
@@ -189,11 +189,9 @@ class VllmZeroShotModel(_VllmModel):
         embedder: str | Path | None,
         options: EngineOptions | None = None,
     ):
-        super().__init__()
         options = options or EngineOptions(max_model_len=2048)
-        self.labels = list(labels)
         self.generator: Any = _engine(str(checkpoint), options, runner="generate")
-        self.embedder = _engine(str(embedder), EngineOptions()) if embedder is not None else None
+        super().__init__(labels, embedder)
         self.tokenizer = self.generator.get_tokenizer()
         # What closes an answer: the chat template's end-of-turn token, else EOS.
         end = self.tokenizer.eos_token_id
