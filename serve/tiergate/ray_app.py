@@ -196,6 +196,8 @@ class RemoteModel:
         return await self.handle.embed.remote(list(texts))  # type: ignore[no-any-return]
 
     def infer(self, texts: Sequence[str], *, embed: bool = True) -> Any:
+        """The blocking form ModelBackend asks for (offline callers); the engine itself
+        always takes ``infer_async`` when a backend has it."""
         return self.handle.infer.remote(list(texts), embed).result()
 
 
