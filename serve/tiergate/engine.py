@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from tiergate._core import LinearModel, SemanticCache
+from tiergate._core import ConfigError, LinearModel, SemanticCache
 from tiergate.accounting import Ledger, QuotaExceeded
 from tiergate.bundle import Bundle, load_bundle
 from tiergate.calibration import Calibrator
@@ -271,6 +271,11 @@ class TaskRuntime:
             bundle.linear_model(calibrated=True) if bundle.has("linear") else None
         )
         self.label_domains = bundle.label_domains
+        if task.mode == "route" and not (bundle.has("linear") and bundle.has("intent")):
+            raise ConfigError(
+                f"task {task.name!r}: mode route needs a linear tier (the router) and an "
+                f"intent model in its bundle {task.bundle}"
+            )
         self.gates = self._gates(task, bundle)
         self.backend = backend if bundle.has("intent") else None
         self.batcher: MicroBatcher | None = None
@@ -372,7 +377,7 @@ class Engine:
         return self.state[1]
 
     def _semantic_cache(self, policy: Policy) -> SemanticCache | None:
-        if not self.semantic_dim:
+        if not self.semantic_dim or policy.semantic_ttl_s <= 0:  # a TTL of 0 turns it off
             return None
         return SemanticCache(
             self.semantic_dim,
@@ -528,21 +533,31 @@ class Engine:
                 d.label, d.confidence, d.tier = label, conf, tier
             return ok
 
+        task = rt.task
+        route = task.mode == "route"
         if (
             rt.rules is not None
+            and task.uses("rules")
             and start_at <= 0
             and consider("rules", rule_pred, rule_conf, _us(t0))
         ):
             return self._finish(d, cache_key, rt, policy)
-        if rt.linear is not None and start_at <= 1 and stop_at >= 1:
+        # Routing: the linear tier does not answer; its confidence picks the one tier
+        # that will, the intent model (confident) or the frontier (not).
+        routed_to_model = False
+        if rt.linear is not None and (task.uses("linear") or route) and start_at <= 1 <= stop_at:
             t0 = time.perf_counter()
             top, prob = rt.linear.top_k([req.text], 1)
             lin_conf = float(rt.calibrators["linear"].map_confidence(prob[0, 0]))
-            if consider("linear", int(top[0, 0]), lin_conf, _us(t0)):
+            if route:
+                routed_to_model = consider("linear", int(top[0, 0]), lin_conf, _us(t0))
+                self._router_step(path, d, routed_to_model)
+            elif consider("linear", int(top[0, 0]), lin_conf, _us(t0)):
                 return self._finish(d, cache_key, rt, policy)
 
         vector = None
-        if rt.batcher is not None and start_at <= 2 and stop_at >= 2:
+        use_model = task.uses("intent") and (routed_to_model or not route)
+        if rt.batcher is not None and use_model and start_at <= 2 and stop_at >= 2:
             left = req.remaining_ms()
             why = self._too_slow("intent", left, rt)
             if why:
@@ -561,7 +576,14 @@ class Engine:
                 if rt.calibrators["intent"].mix > 0 and rt.linear is not None:
                     mix = rt.linear.predict_proba([req.text])
                 pred, conf = rt.calibrators["intent"].apply(logits[None, :], mix)
-                if consider("intent", int(pred[0]), float(conf[0]), _us(t0)):
+                accepted = consider("intent", int(pred[0]), float(conf[0]), _us(t0))
+                if route and not accepted and pred[0] >= 0:
+                    # Routed here: the model's answer stands whatever its confidence.
+                    step = path[-1]
+                    step.accepted, step.note = True, "routed: answers below its threshold too"
+                    d.label, d.confidence, d.tier = step.label, step.confidence, "intent"
+                    accepted = True
+                if accepted:
                     return self._finish(d, cache_key, rt, policy, vector)
 
         namespace = f"{req.tenant.name}/{rt.task.name}/{policy.version}"
@@ -665,6 +687,15 @@ class Engine:
         if cacheable:
             self.exact.put(cache_key, d, policy.exact_ttl_s)
         return d
+
+    @staticmethod
+    def _router_step(path: list[Step], d: Decision, to_model: bool) -> None:
+        """Routing mode: the linear tier's step records where it sent the request; it
+        never answers itself."""
+        step = path[-1]
+        step.accepted = False
+        step.note = "router: to the intent model" if to_model else "router: to the frontier"
+        d.label, d.confidence, d.tier = "", 0.0, ""
 
     def _too_slow(self, tier: str, left_ms: float, rt: TaskRuntime) -> str | None:
         """Why ``tier`` must be skipped, or None when it may run.

@@ -12,6 +12,10 @@ Example::
                                      # p99_ms bounds every request's budget;
                                      # on_skip: degrade (default) or escalate
         no_cache_labels: [report_fraud]
+        tiers: [rules, linear, intent]   # the local tiers that may answer (default: all
+                                     # the bundle has; [] sends everything to the frontier)
+        mode: cascade                # or route: the linear tier's confidence picks one
+                                     # tier up front (intent model or frontier), no cascade
     risk:                            # what a risk tag does to a request
       finance: gate                  # the stricter gate of the bundle (default)
       legal: review                  # human review: answers pending_review
@@ -83,6 +87,18 @@ class Task:
     # When a tier does not fit the budget: answer with the best so far
     # ("degrade") or go on to the frontier if that fits ("escalate").
     on_skip: str = "degrade"
+    # The local tiers allowed to answer; None: every tier the bundle has.
+    tiers: frozenset[str] | None = None
+    # "cascade": each tier answers when confident, else passes on. "route": the
+    # linear tier's confidence sends the request to one tier, the intent model
+    # (whose answer then stands) or the frontier; the benchmarks' routing baseline.
+    mode: str = "cascade"
+
+    def uses(self, tier: str) -> bool:
+        return self.tiers is None or tier in self.tiers
+
+
+MODES = ("cascade", "route")
 
 
 @dataclass(frozen=True)
@@ -157,7 +173,9 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
     for name, t in _mapping(f"{source}: tasks", top.get("tasks")).items():
         where = f"{source}: tasks.{name}"
         t = _mapping(where, t)
-        _check_keys(where, t, {"bundle", "thresholds", "latency", "no_cache_labels"})
+        _check_keys(
+            where, t, {"bundle", "thresholds", "latency", "no_cache_labels", "tiers", "mode"}
+        )
         if not isinstance(t.get("bundle"), str):
             raise ConfigError(f"{where}: 'bundle' (a directory path) is required")
         thresholds: dict[str, dict[str, float]] = {}
@@ -175,6 +193,17 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
             raise ConfigError(
                 f"{where}.latency.on_skip: {on_skip!r} is not 'degrade' or 'escalate'"
             )
+        tiers = None
+        if "tiers" in t:
+            if not isinstance(t["tiers"], list):
+                raise ConfigError(f"{where}.tiers: a list of {LOCAL_TIERS} (or [])")
+            unknown = [x for x in t["tiers"] if x not in LOCAL_TIERS]
+            if unknown:
+                raise ConfigError(f"{where}.tiers: unknown tier {unknown[0]!r}; use {LOCAL_TIERS}")
+            tiers = frozenset(str(x) for x in t["tiers"])
+        mode = str(t.get("mode", "cascade"))
+        if mode not in MODES:
+            raise ConfigError(f"{where}.mode: {mode!r} is not one of {MODES}")
         tasks[str(name)] = Task(
             str(name),
             (base_dir / t["bundle"]).resolve(),
@@ -183,6 +212,8 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
             _number(f"{where}.latency.p99_ms", latency["p99_ms"]) if "p99_ms" in latency else None,
             frozenset(str(x) for x in t.get("no_cache_labels") or []),
             on_skip,
+            tiers,
+            mode,
         )
     if not tasks:
         raise ConfigError(f"{source}: at least one task is required under 'tasks'")

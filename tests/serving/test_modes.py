@@ -1,0 +1,85 @@
+"""Per-task tier sets and the routing mode: the benchmark's baselines are policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fake_openai import Script, fake_provider
+from tests.serving.conftest import write_policy
+from tiergate._core import ConfigError
+from tiergate.policy import load_policy
+
+NO_CACHE = {"exact_ttl_s": 0, "semantic_ttl_s": 0}
+
+
+def test_an_empty_tier_set_sends_everything_to_the_frontier(
+    start: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    tasks = {"intents": {"bundle": str(full_bundle), "tiers": []}}
+    script = Script(default="greeting")
+    with fake_provider(script) as url:
+        r = start(write_policy(tmp_path / "p.yaml", full_bundle, tasks=tasks, cache=NO_CACHE), url)
+        with r.client() as c:
+            # The rules alone would answer "reset my password" (see tests/conftest.py).
+            answers = [c.classify("reset my password", timeout=30) for _ in range(3)]
+    assert [a.tier for a in answers] == ["frontier"] * 3
+    assert not any(a.cached for a in answers)  # caches off: every request pays
+    assert script.calls == 3
+    assert [s.tier for s in answers[0].path if s.accepted] == ["frontier"]
+
+
+def test_route_mode_sends_each_request_to_one_tier(
+    start: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    def run(linear_threshold: float) -> Any:
+        tasks = {
+            "intents": {
+                "bundle": str(full_bundle),
+                "mode": "route",
+                "tiers": ["intent"],
+                # The router sends everything one way; the model must answer even
+                # below its own threshold when routed to.
+                "thresholds": {"linear": {"general": linear_threshold}, "intent": {"general": 1.01}},
+            }
+        }
+        script = Script(default="greeting")
+        policy = write_policy(tmp_path / f"p{linear_threshold}.yaml", full_bundle, tasks=tasks)
+        with fake_provider(script) as url:
+            r = start(policy, url)
+            with r.client() as c:
+                answer = c.classify("where is my package", timeout=30)
+        return answer, script.calls
+
+    to_model, calls = run(0.0)
+    assert (to_model.tier, calls) == ("intent", 0)
+    steps = {s.tier: s for s in to_model.path}
+    assert steps["linear"].note == "router: to the intent model" and not steps["linear"].accepted
+    assert steps["intent"].accepted and steps["intent"].confidence < 1.01
+    assert "rules" not in steps  # not in the task's tiers
+
+    to_frontier, calls = run(1.01)
+    assert (to_frontier.tier, calls) == ("frontier", 1)
+    assert [s.tier for s in to_frontier.path] == ["linear", "frontier"]
+    assert to_frontier.path[0].note == "router: to the frontier"
+
+
+def test_bad_tiers_and_modes_are_refused(tmp_path: Path, linear_bundle: Path) -> None:
+    for bad, message in (
+        ({"tiers": ["linear", "gpt"]}, "unknown tier 'gpt'"),
+        ({"tiers": "linear"}, "a list of"),
+        ({"mode": "fastest"}, "'fastest' is not one of"),
+    ):
+        tasks = {"intents": {"bundle": str(linear_bundle), **bad}}
+        with pytest.raises(ConfigError, match=message):
+            load_policy(write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks))
+
+
+def test_route_mode_needs_a_router_and_a_model(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    tasks = {"intents": {"bundle": str(linear_bundle), "mode": "route"}}
+    with pytest.raises(ConfigError, match="mode route needs a linear tier"):
+        start(write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks))
