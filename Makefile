@@ -15,7 +15,7 @@ PROTOS := $(wildcard proto/tiergate/v1/*.proto)
 PROTO_OUT := $(PROTOS:proto/%.proto=serve/%_pb2.py)
 RUST_SOURCES := $(shell find rust_core -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml
 
-.PHONY: help proto serve demo bench-frontend bench-model bench-ingress test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
+.PHONY: help proto serve demo bench-frontend bench-model bench-ingress bench-load test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -103,6 +103,9 @@ bench-model: $(SERVE_BUNDLE)/manifest.json  ## the intent model on Ray Serve nex
 
 bench-ingress: $(EXT)  ## ways into tiergate on Ray: our gRPC server, Serve direct ingress, Serve's proxy
 	$(BIN)/python -m benchmarks.ray_ingress --json bench-results/ray_ingress.json
+
+bench-load: $(SERVE_BUNDLE)/manifest.json  ## tiergate bench: frontier-only, routing, cascade, hybrid side by side (BENCH_ARGS=...)
+	$(BIN)/python -m benchmarks.load --bundle $(SERVE_BUNDLE) --out bench-results/load $(BENCH_ARGS)
 
 bench-quick: $(EXT)  ## the same, under a minute
 	$(BIN)/python -m benchmarks.micro --quick --json bench-results/micro-quick.json

@@ -1,0 +1,447 @@
+"""`tiergate bench`: load tests that tell the truth.
+
+Runs one workload against several configurations of tiergate, one after the
+other on loopback, and writes report.md, report.json and plots to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import ipaddress
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.load import configs, loadgen, report, servers, workload
+from benchmarks.load.loadgen import Tally
+from tiergate.frontier import SimulatorParams
+
+CLINC = Path(__file__).resolve().parents[3] / "shared" / "data" / "clinc150" / "data_full.json"
+EXAMPLES = Path(__file__).resolve().parents[2] / "serve" / "tiergate" / "examples"
+
+EPILOG = """\
+examples:
+  tiergate bench --bundle .tiergate/demo-bundle --data serve/tiergate/examples/intents.jsonl
+  tiergate bench --bundle bundles/clinc --data ../shared/data/clinc150/data_full.json \\
+      --requests 5000 --rate 100 --repeats 0.2 --paraphrases 0.1 --sweep --ceilings
+
+Configurations (--configs): frontier (every request to the frontier LLM), routing
+(the linear tier routes each request to the intent model or the frontier), cascade
+(rules, linear, intent model, gate; no cache), hybrid (the cascade with the exact
+and semantic caches). Unless --frontier-url is given, the frontier is a SIMULATED
+OpenAI-compatible server whose accuracy, latency and prices are the --sim-*
+parameters; every report says so.
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tiergate bench", description=__doc__, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=Path(".tiergate/demo-bundle"),
+        help="model bundle every configuration serves (default: make serve's)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="labelled data for the workload: its test split is used (default: "
+        "CLINC150 from ../shared/data when present, else the shipped examples)",
+    )
+    p.add_argument("--out", type=Path, default=Path("bench-report"), help="report directory")
+    p.add_argument(
+        "--configs",
+        default=",".join(configs.CONFIGS),
+        help=f"comma-separated, from {','.join(configs.CONFIGS)}",
+    )
+    g = p.add_argument_group("load")
+    g.add_argument("--requests", type=int, default=3000, help="requests per configuration")
+    g.add_argument(
+        "--seconds",
+        type=float,
+        default=120.0,
+        help="stop sending after this long, per configuration",
+    )
+    g.add_argument(
+        "--rate",
+        type=float,
+        default=100.0,
+        help="open loop: Poisson arrivals at this many requests/s (the default)",
+    )
+    g.add_argument(
+        "--closed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="closed loop instead: N calls in flight per client process",
+    )
+    g.add_argument("--clients", type=int, default=2, help="client processes")
+    g.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds")
+    g.add_argument("--seed", type=int, default=0)
+    w = p.add_argument_group("workload mix")
+    w.add_argument("--repeats", type=float, default=0.2, help="share of exact repeats")
+    w.add_argument("--paraphrases", type=float, default=0.1, help="share of rewordings")
+    w.add_argument(
+        "--oos-share",
+        type=float,
+        default=None,
+        help="share of out-of-scope texts among fresh ones (default: as the data)",
+    )
+    w.add_argument(
+        "--risk-share",
+        type=float,
+        default=0.0,
+        help="share of requests carrying the risk tag finance",
+    )
+    w.add_argument(
+        "--tenant",
+        action="append",
+        default=None,
+        metavar="NAME=WEIGHT[:CAP]",
+        help="a tenant and its share of traffic, optionally a spend cap in USD "
+        "per day (repeatable; default: one tenant, no cap)",
+    )
+    s = p.add_argument_group("frontier")
+    s.add_argument(
+        "--frontier-url",
+        default=None,
+        help="a real OpenAI-compatible endpoint instead of the simulator",
+    )
+    s.add_argument("--frontier-model", default="simulated")
+    s.add_argument("--frontier-key-env", default=None, help="env variable holding its API key")
+    d = SimulatorParams()
+    s.add_argument("--sim-accuracy", type=float, default=d.accuracy)
+    s.add_argument(
+        "--sim-latency-ms",
+        type=float,
+        default=d.latency_median_ms,
+        help="median latency of the simulated frontier",
+    )
+    s.add_argument("--sim-p95-ms", type=float, default=d.latency_p95_ms)
+    s.add_argument("--price-in", type=float, default=d.price_in_per_mtok, help="USD / M tokens")
+    s.add_argument("--price-out", type=float, default=d.price_out_per_mtok, help="USD / M tokens")
+    x = p.add_argument_group("extras")
+    x.add_argument(
+        "--sweep",
+        action="store_true",
+        help="rate sweep of the hybrid: highest rate within --p99-budget-ms, the "
+        "latency-throughput curve, and a run at half that rate",
+    )
+    x.add_argument("--sweep-seconds", type=float, default=15.0, help="length of each step")
+    x.add_argument(
+        "--sweep-max-rps", type=float, default=2000.0, help="the sweep stops below this rate"
+    )
+    x.add_argument(
+        "--p99-budget-ms",
+        type=float,
+        default=5000.0,
+        help="p99 a sustained rate must keep (frontier answers included)",
+    )
+    x.add_argument(
+        "--ceilings",
+        action="store_true",
+        help="also measure a bare grpc.aio echo server and raw vLLM LLM.classify",
+    )
+    x.add_argument(
+        "--target",
+        default=None,
+        metavar="HOST:PORT",
+        help="load a running server instead (one configuration, 'target')",
+    )
+    x.add_argument("--api-key", default=None, help="with --target: the key to send")
+    x.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="let --target be a non-loopback address (you load someone's server)",
+    )
+    return p
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return all(
+            ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None)
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (ValueError, RuntimeError, FileNotFoundError, TimeoutError) as e:
+        print(f"tiergate bench: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in configs.CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown configuration {unknown[0]!r}; use {configs.CONFIGS}")
+    if args.target is not None:
+        if not args.allow_remote and not _is_loopback(args.target):
+            raise ValueError(f"{args.target} is not a loopback address; pass --allow-remote "
+                             "if you mean to load it")  # fmt: skip
+        names = ["target"]
+    elif not (args.bundle / "manifest.json").exists():
+        raise FileNotFoundError(f"no bundle at {args.bundle}: run `make serve` once, or "
+                                "`tiergate train`, or pass --bundle")  # fmt: skip
+    if args.requests < 1 or args.clients < 1 or args.seconds <= 0:
+        raise ValueError("--requests, --clients and --seconds must be positive")
+    rate = None if args.closed else args.rate
+    if rate is not None and rate <= 0:
+        raise ValueError("--rate must be positive (or use --closed N)")
+    data = args.data or (CLINC if CLINC.exists() else EXAMPLES / "intents.jsonl")
+    tenants = tuple(workload.TenantSpec.parse(t) for t in (args.tenant or ["default=1"]))
+    mix = workload.Mix(args.repeats, args.paraphrases, args.oos_share, args.risk_share, tenants)
+    pool, source = workload.load_pool(data, args.seed)
+    items = workload.build(pool, mix, args.requests, args.seed)
+    # The sweep's steps need more requests than one configuration's run: its own
+    # workload (same mix), built now so the simulator knows every text's label.
+    sweep_items = (
+        workload.build(pool, mix, int(args.sweep_max_rps * args.sweep_seconds), args.seed + 1)
+        if args.sweep
+        else []
+    )
+    keys = {t.name: (args.api_key or t.key) for t in tenants}
+    sim = SimulatorParams(args.sim_accuracy, args.sim_latency_ms, args.sim_p95_ms,
+                          args.price_in, args.price_out, seed=args.seed)  # fmt: skip
+    frontier_note = (
+        f"real frontier: {args.frontier_url} (model {args.frontier_model})"
+        if args.frontier_url else sim.describe()
+    )  # fmt: skip
+    load = (f"open loop, Poisson at {rate:g} req/s" if rate is not None
+            else f"closed loop, {args.closed} in flight per client")  # fmt: skip
+    header = [
+        "# tiergate bench",
+        "",
+        f"- workload: {len(items):,} requests from {source}; {mix.describe()}",
+        f"- load: {load}, {args.clients} client processes, at most {args.seconds:g} s per "
+        f"configuration; latency from the intended send time",
+        f"- frontier: {frontier_note}",
+        f"- bundle: {args.bundle}; machine: {os.cpu_count()} CPUs; "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}",
+    ]
+    for line in header[2:]:
+        _log(line[2:])
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def run_config(name: str, address: str) -> Tally:
+        _log(f"{name}: {len(items):,} requests")
+        return loadgen.drive(address, items, keys, clients=args.clients, rate=rate,
+                             concurrency=args.closed or 1, seconds=args.seconds,
+                             timeout_s=args.timeout, label=name, seed=args.seed)  # fmt: skip
+
+    tallies: dict[str, Tally] = {}
+    sweep: dict[str, Any] | None = None
+    ceilings: dict[str, Any] = {}
+    if args.target is not None:
+        tallies["target"] = run_config("target", args.target)
+    else:
+        with servers.simulator(sim, workload.gold(items + sweep_items)) as sim_url:
+            url = args.frontier_url or sim_url
+
+            def policy_of(name: str) -> Path:
+                doc = configs.policy(name, args.bundle, url, sim, mix, args.frontier_model,
+                                     args.frontier_key_env)  # fmt: skip
+                return configs.write_policy(args.out / "policies" / f"{name}.yaml", doc)
+
+            for name in names:
+                _log(f"{name}: starting tiergate")
+                with servers.tiergate(policy_of(name)) as address:
+                    _warm_up(address, keys)
+                    tallies[name] = run_config(name, address)
+            if args.sweep:
+                sweep = _sweep(args, sweep_items, keys, policy_of("hybrid"))
+        if args.ceilings:
+            ceilings = _ceilings(args, items)
+
+    baseline = tallies.get("cascade")
+    results = {n: report.summarize(t, baseline if n == "hybrid" else None)
+               for n, t in tallies.items()}  # fmt: skip
+    verdicts = _targets(results, mix, sweep)
+    md = report.markdown(results, header)
+    if ceilings:
+        md += (
+            "\nCeilings (same machine, same run):\n\n"
+            + "\n".join(f"- {k}: {v}" for k, v in ceilings.items())
+            + "\n"
+        )
+    if sweep is not None:
+        md += _sweep_markdown(sweep, args.p99_budget_ms)
+    if verdicts:
+        md += "\nTargets:\n\n| target | measured | met |\n|---|---|---|\n"
+        md += "".join(f"| {v['target']} | {v['measured']} | {'yes' if v['met'] else 'NO'} |\n"
+                      for v in verdicts)  # fmt: skip
+    (args.out / "report.md").write_text(md, encoding="utf-8")
+    doc = {
+        "header": header, "simulated_frontier": args.frontier_url is None,
+        "simulator": sim.__dict__ if args.frontier_url is None else None,
+        "mix": mix.as_dict(), "results": results, "ceilings": ceilings, "sweep": sweep,
+        "targets": verdicts,
+    }  # fmt: skip
+    (args.out / "report.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    report.plot_latency_cdf(tallies, args.out / "latency_cdf.png")
+    report.plot_tier_mix(results, args.out / "tier_mix.png")
+    if sweep is not None:
+        report.plot_sweep(sweep["points"], args.p99_budget_ms, args.out / "sweep.png")
+    print(md)
+    _log(f"report: {args.out}/report.md, report.json, latency_cdf.png, tier_mix.png"
+         + (", sweep.png" if sweep is not None else ""))  # fmt: skip
+    return 0
+
+
+def _warm_up(address: str, keys: dict[str, str]) -> None:
+    """A few requests outside the workload: the model's first batch pays for loading."""
+    from tiergate.client import Client
+
+    with Client(address, api_key=next(iter(keys.values()))) as c:
+        for i in range(3):
+            c.classify(f"warm-up request number {i}", timeout=120)
+
+
+def _sweep(args: argparse.Namespace, items: list[workload.Item], keys: dict[str, str],
+           policy: Path) -> dict[str, Any]:  # fmt: skip
+    """Open-loop steps at rising rates on a fresh hybrid server each (same cache state):
+    the highest rate that keeps up (every request answered, p99 within the budget,
+    < 1% errors), then a run at half of it."""
+    points: list[dict[str, Any]] = []
+
+    def step(rate: float) -> dict[str, Any]:
+        with servers.tiergate(policy) as address:
+            _warm_up(address, keys)
+            n = int(rate * args.sweep_seconds)
+            t = loadgen.drive(address, items[:n], keys, clients=args.clients, rate=rate,
+                              concurrency=1, seconds=args.sweep_seconds, timeout_s=args.timeout,
+                              label=f"sweep {rate:,.0f} req/s", seed=args.seed)  # fmt: skip
+        r = report.summarize(t)
+        errors = sum(r["errors"].values())
+        point = {
+            "offered_rps": rate, "achieved_rps": r["throughput_rps"],
+            "latency_ms": r["latency_ms"], "cheap_tier_latency_ms": r["cheap_tier_latency_ms"],
+            "errors": errors,
+        }  # fmt: skip
+        # Open loop counts latency from the intended send: a server falling behind
+        # shows as a p99 that grows without bound, so the budget is the test.
+        point["sustained"] = (
+            r["answered"] + errors >= r["requests"]
+            and r["latency_ms"]["p99"] <= args.p99_budget_ms
+            and errors <= 0.01 * max(r["requests"], 1)
+        )
+        _log(f"sweep: {rate:,.0f} req/s offered -> {r['throughput_rps']:,.0f} answered/s, "
+             f"p99 {r['latency_ms']['p99']:.1f} ms: "
+             f"{'sustained' if point['sustained'] else 'NOT sustained'}")  # fmt: skip
+        return point
+
+    rate = max(args.rate / 2, 10.0)
+    best = 0.0
+    # Double until the server stops keeping up, then one bisection step between.
+    while len(points) < 8:
+        points.append(step(rate))
+        if not points[-1]["sustained"]:
+            break
+        best = rate
+        if rate * 2 > args.sweep_max_rps:
+            _log(f"sweep: next step would pass --sweep-max-rps {args.sweep_max_rps:g}; stopping")
+            break
+        rate *= 2
+    if best and not points[-1]["sustained"]:
+        mid = (best + points[-1]["offered_rps"]) / 2
+        points.append(step(mid))
+        if points[-1]["sustained"]:
+            best = mid
+    half = step(best / 2) if best else None
+    points.sort(key=lambda p: p["offered_rps"])
+    return {"points": points, "max_sustained_rps": best, "half_rate": half}
+
+
+def _sweep_markdown(sweep: dict[str, Any], budget_ms: float) -> str:
+    lines = ["", f"Rate sweep (hybrid, open loop; sustained: p99 <= {budget_ms:g} ms, "
+             "< 1% errors):", "",
+             "| offered req/s | answered req/s | p50 ms | p99 ms | cheap-tier p99 ms | sustained |",
+             "|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for p in sweep["points"]:
+        lines.append(f"| {p['offered_rps']:,.0f} | {p['achieved_rps']:,.0f} "
+                     f"| {p['latency_ms']['p50']:.2f} | {p['latency_ms']['p99']:.2f} "
+                     f"| {p['cheap_tier_latency_ms']['p99']:.2f} "
+                     f"| {'yes' if p['sustained'] else 'no'} |")  # fmt: skip
+    lines.append(f"\nHighest sustained rate: {sweep['max_sustained_rps']:,.0f} req/s.")
+    return "\n".join(lines) + "\n"
+
+
+def _ceilings(args: argparse.Namespace, items: list[workload.Item]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    _log("ceiling: bare grpc.aio echo server, closed loop")
+    with servers.echo() as address:
+        t = loadgen.drive(address, items, {n: "" for n in {i.tenant for i in items}},
+                          clients=args.clients, rate=None, concurrency=32,
+                          seconds=min(args.seconds, 10.0), label="echo")  # fmt: skip
+    out["grpc.aio echo, closed loop"] = f"{t.ok / max(t.elapsed_s, 1e-9):,.0f} req/s"
+    intent = args.bundle / "intent"
+    if importlib.util.find_spec("vllm") is None:
+        out["raw vLLM LLM.classify"] = "not measured: vLLM is not installed"
+    elif not intent.exists():
+        out["raw vLLM LLM.classify"] = "not measured: the bundle has no intent model"
+    else:
+        from benchmarks.model_tier import raw_vllm
+
+        _log("ceiling: raw vLLM LLM.classify on the bundle's intent model")
+        texts = [i.text for i in items[:2000]]
+        r = raw_vllm(intent, texts, 32)
+        out["raw vLLM LLM.classify"] = (f"{r['texts_per_s']:,.0f} texts/s; batch of 32: "
+                                        f"p50 {r['batch_ms']['p50']} ms")  # fmt: skip
+    return out
+
+
+def _targets(results: dict[str, dict[str, Any]], mix: workload.Mix,
+             sweep: dict[str, Any] | None) -> list[dict[str, Any]]:  # fmt: skip
+    """The issue's targets, judged on this run's figures."""
+    out = []
+    hybrid, frontier = results.get("hybrid"), results.get("frontier")
+    if hybrid and frontier and frontier["cost_per_1k_usd"] > 0:
+        cut = 1 - hybrid["cost_per_1k_usd"] / frontier["cost_per_1k_usd"]
+        delta = 100 * (hybrid["accuracy"] - frontier["accuracy"])
+        out.append(
+            {
+                "target": "hybrid cost per 1k at least 85% below frontier-only",
+                "measured": f"{cut:.1%} below",
+                "met": cut >= 0.85,
+            }
+        )
+        out.append({"target": "hybrid accuracy at most 0.5 points below frontier-only",
+                    "measured": f"{delta:+.2f} points", "met": delta >= -0.5})  # fmt: skip
+    if hybrid and mix.repeats + mix.paraphrases >= 0.3 - 1e-9:
+        out.append({"target": "cache false hits under 0.5% (cache answers whose label is not "
+                              "the dataset's), at 30% repeats + paraphrases",
+                    "measured": f"{hybrid['false_hit_rate']:.2%}",
+                    "met": hybrid["false_hit_rate"] < 0.005})  # fmt: skip
+        changed = hybrid["cache_changed_answers"]
+        if changed is not None:
+            # A cache repeating a wrong answer is not the cache's mistake: this row
+            # counts only answers the cache changed against the uncached cascade.
+            out.append({"target": "cache answers differing from the uncached cascade's, "
+                                  "under 0.5%",
+                        "measured": f"{changed:.2%}", "met": changed < 0.005})  # fmt: skip
+    if sweep is not None and sweep.get("half_rate"):
+        half = sweep["half_rate"]
+        p99 = half["cheap_tier_latency_ms"]["p99"]
+        out.append({"target": "cheap-tier p99 under 2 ms end to end at half the sustained max",
+                    "measured": f"{p99:.2f} ms at {half['offered_rps']:,.0f} req/s",
+                    "met": p99 < 2.0})  # fmt: skip
+    return out

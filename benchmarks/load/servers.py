@@ -1,0 +1,80 @@
+"""The processes a benchmark run starts on loopback: tiergate, the echo baseline, the
+simulated frontier. Each runs in its own spawned process and is stopped after."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tiergate.frontier import SimulatorParams
+
+
+def _tiergate(policy_path: str, port_q: Any) -> None:
+    # The front end as `tiergate serve --runtime local` runs it: every tier in
+    # this process, the intent model on PyTorch. (On Ray, point --target at it.)
+    from tiergate.policy import load_policy
+    from tiergate.server import build_server
+
+    async def main() -> None:
+        path = Path(policy_path)
+        server = build_server(load_policy(path), path)
+        port_q.put(await server.start("127.0.0.1:0"))
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(main())
+    except Exception as e:  # the parent waits on the port: tell it why there is none
+        port_q.put(f"{type(e).__name__}: {e}")
+        raise
+
+
+@contextmanager
+def _process(target: Any, args: tuple[Any, ...], what: str, timeout_s: float) -> Iterator[Any]:
+    ctx = mp.get_context("spawn")
+    port_q = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, port_q), daemon=True)
+    proc.start()
+    try:
+        try:
+            port = port_q.get(timeout=timeout_s)
+        except Exception:
+            raise RuntimeError(f"{what} did not start within {timeout_s:.0f} s") from None
+        if isinstance(port, str):
+            raise RuntimeError(f"{what} failed to start: {port}")
+        yield port
+    finally:
+        proc.terminate()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+        port_q.close()
+        port_q.join_thread()
+
+
+@contextmanager
+def tiergate(policy_path: Path) -> Iterator[str]:
+    """A tiergate front end on ``policy_path``; yields its address."""
+    with _process(_tiergate, (str(policy_path),), "tiergate", 300) as port:
+        yield f"127.0.0.1:{port}"
+
+
+@contextmanager
+def echo() -> Iterator[str]:
+    """The bare grpc.aio echo server (same proto): the front end's ceiling."""
+    from benchmarks.frontend import _echo_server
+
+    with _process(_echo_server, (), "the echo server", 60) as port:
+        yield f"127.0.0.1:{port}"
+
+
+@contextmanager
+def simulator(params: SimulatorParams, gold: dict[str, str]) -> Iterator[str]:
+    """The simulated frontier; yields its base URL (http://127.0.0.1:PORT/v1)."""
+    from benchmarks.load.simulator import serve
+
+    with _process(serve, (params, gold), "the frontier simulator", 60) as port:
+        yield f"http://127.0.0.1:{port}/v1"

@@ -1,0 +1,53 @@
+"""A short run of `tiergate bench`: four configurations, real servers on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "serve" / "tiergate" / "examples" / "intents.jsonl"
+
+
+def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    cmd = [
+        sys.executable, "-m", "tiergate", "bench", "--bundle", str(full_bundle),
+        "--data", str(EXAMPLES), "--out", str(out), "--requests", "120", "--rate", "60",
+        "--seconds", "30", "--sim-accuracy", "1.0", "--sim-latency-ms", "5",
+        "--sim-p95-ms", "20", "--repeats", "0.2", "--paraphrases", "0.1",
+        "--tenant", "gold=3", "--tenant", "trial=1:0.0001",
+    ]  # fmt: skip
+    run = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ}
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "[bench] frontier: 120 requests" in run.stderr  # progress on stderr
+    doc = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    assert "SIMULATED frontier" in md and doc["simulated_frontier"] is True
+    r = doc["results"]
+    assert list(r) == ["frontier", "routing", "cascade", "hybrid"]
+    for name, res in r.items():
+        assert res["requests"] == 120, name
+        assert res["answered"] + sum(res["errors"].values()) == 120, name
+        assert res["latency_ms"]["p50"] <= res["latency_ms"]["p99"] <= res["latency_ms"]["max"]
+    # The trial tenant's tiny spend cap: with no local tier to degrade to, its
+    # requests beyond the cap are refused (UNAVAILABLE), and only those.
+    front = r["frontier"]
+    assert front["decided_by"]["frontier"] > 0.5
+    assert set(front["errors"]) == {"UNAVAILABLE"}
+    assert 0 < front["errors"]["UNAVAILABLE"] < 60
+    assert not r["hybrid"]["errors"]
+    # A perfect simulated frontier: whatever it answered is right.
+    assert front["accuracy"] == 1.0
+    assert front["cost_per_1k_usd"] > r["hybrid"]["cost_per_1k_usd"]
+    assert r["cascade"]["cache_hit_rate"] == 0 and r["hybrid"]["cache_hit_rate"] > 0
+    assert r["routing"]["decided_by"].get("linear", 0) == 0  # the router never answers
+    assert r["hybrid"]["cache_changed_answers"] is not None
+    assert {t["target"][:20] for t in doc["targets"]} >= {"hybrid cost per 1k a"}
+    for png in ("latency_cdf.png", "tier_mix.png"):
+        assert (out / png).stat().st_size > 10_000

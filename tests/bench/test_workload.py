@@ -1,0 +1,100 @@
+"""The benchmark harness's parts: workload mix, simulated frontier, histogram merging."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from benchmarks.load import workload
+from benchmarks.load.cli import _is_loopback
+from benchmarks.load.cli import main as bench_main
+from benchmarks.load.loadgen import Tally, histogram
+from benchmarks.load.simulator import answer
+from tiergate.data import Example
+from tiergate.engine import normalise
+from tiergate.frontier import SimulatorParams
+
+POOL = [Example(f"text number {i} about {lab}", lab) for i in range(300)
+        for lab in ("a", "b", "oos")][:600]  # fmt: skip
+
+
+def test_the_mix_is_what_was_asked_and_seeded() -> None:
+    tenants = (workload.TenantSpec("big", 3), workload.TenantSpec("small", 1))
+    mix = workload.Mix(0.2, 0.1, 0.5, 0.25, tenants)
+    items = workload.build(POOL, mix, 4000, seed=1)
+    kinds = Counter(i.kind for i in items)
+    assert kinds["repeat"] / len(items) == pytest.approx(0.2, abs=0.03)
+    assert kinds["paraphrase"] / len(items) == pytest.approx(0.1, abs=0.03)
+    fresh = [i for i in items if i.kind == "fresh"]
+    assert sum(i.label == "oos" for i in fresh) / len(fresh) == pytest.approx(0.5, abs=0.05)
+    assert sum(bool(i.risk_tags) for i in items) / len(items) == pytest.approx(0.25, abs=0.03)
+    by_tenant = Counter(i.tenant for i in items)
+    assert by_tenant["big"] / len(items) == pytest.approx(0.75, abs=0.03)
+    assert workload.build(POOL, mix, 4000, seed=1) == items
+    assert workload.build(POOL, mix, 4000, seed=2) != items
+    # A repeat or paraphrase rewords an earlier text of the same tenant, label kept.
+    earlier: dict[str, set[str]] = {"big": set(), "small": set()}
+    for i in items:
+        if i.kind == "repeat":
+            assert i.text in earlier[i.tenant]
+        earlier[i.tenant].add(i.text)
+
+
+def test_a_paraphrase_is_never_an_exact_cache_key_of_its_source() -> None:
+    rng = random.Random(0)
+    for e in POOL[:200]:
+        p = workload.paraphrase(e.text, rng)
+        assert normalise(p) != normalise(e.text)
+        assert e.text.rstrip("?.!").lower() in p.lower()  # the request itself is kept
+
+
+def test_bad_mixes_and_tenants_are_refused() -> None:
+    with pytest.raises(ValueError, match="repeats \\+ paraphrases"):
+        workload.Mix(0.6, 0.4)
+    with pytest.raises(ValueError, match="share"):
+        workload.Mix(repeats=-0.1)
+    with pytest.raises(ValueError, match="name=weight"):
+        workload.TenantSpec.parse("acme=lots")
+    assert workload.TenantSpec.parse("acme=2:0.5") == workload.TenantSpec("acme", 2.0, 0.5)
+
+
+def test_the_simulator_is_right_as_often_as_told_and_consistent() -> None:
+    labels = ["a", "b", "c", "oos"]
+    gold = {f"t{i}": labels[i % 4] for i in range(4000)}
+    params = SimulatorParams(accuracy=0.8, seed=3)
+    answers = {t: answer(params, gold, t, labels) for t in gold}
+    right = sum(answers[t] == gold[t] for t in gold) / len(gold)
+    assert right == pytest.approx(0.8, abs=0.03)
+    assert all(a in labels for a in answers.values())
+    assert all(answer(params, gold, t, labels) == answers[t] for t in list(gold)[:200])
+    perfect = SimulatorParams(accuracy=1.0)
+    assert all(answer(perfect, gold, t, labels) == gold[t] for t in gold)
+
+
+def test_tallies_merge_counts_and_histograms() -> None:
+    a, b = Tally(ok=2, sent=2), Tally(ok=1, sent=1)
+    ha, hb = histogram(), histogram()
+    for v in (100, 200):
+        ha.record_value(v)
+    hb.record_value(10_000)
+    a.latency, b.latency = str(ha.encode(), "ascii"), str(hb.encode(), "ascii")
+    a.codes["OK"], b.codes["UNAVAILABLE"] = 2, 1
+    a.merge(b)
+    h, cheap = a.histograms()
+    assert (a.ok, a.sent, h.get_total_count(), cheap.get_total_count()) == (3, 3, 3, 0)
+    assert h.get_max_value() == pytest.approx(10_000, rel=0.01)
+    assert a.codes == Counter({"OK": 2, "UNAVAILABLE": 1})
+
+
+def test_only_loopback_targets_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _is_loopback("127.0.0.1:50051") and _is_loopback("localhost:1")
+    assert not _is_loopback("10.1.2.3:50051")
+    assert bench_main(["--target", "10.1.2.3:50051"]) == 2
+    assert "not a loopback address" in capsys.readouterr().err
+    assert bench_main(["--bundle", "/nonexistent", "--requests", "5"]) == 2
+    assert "no bundle at /nonexistent" in capsys.readouterr().err
+    assert bench_main(["--bundle", str(Path(__file__)), "--configs", "fast"]) == 2
+    assert "unknown configuration 'fast'" in capsys.readouterr().err
