@@ -20,6 +20,7 @@ def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
         "--seconds", "30", "--sim-accuracy", "1.0", "--sim-latency-ms", "5",
         "--sim-p95-ms", "20", "--repeats", "0.2", "--paraphrases", "0.1",
         "--tenant", "gold=3", "--tenant", "trial=1:0.0001",
+        "--sweep", "--sweep-seconds", "2", "--sweep-max-rps", "100",
     ]  # fmt: skip
     run = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ}
@@ -49,5 +50,12 @@ def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
     assert r["routing"]["decided_by"].get("linear", 0) == 0  # the router never answers
     assert r["hybrid"]["cache_changed_answers"] is not None
     assert {t["target"][:20] for t in doc["targets"]} >= {"hybrid cost per 1k a"}
-    for png in ("latency_cdf.png", "tier_mix.png"):
+    # The sweep: rates rising from half of --rate until a step fails or the cap.
+    sweep = doc["sweep"]
+    rates = [p["offered_rps"] for p in sweep["points"]]
+    assert rates == sorted(rates) and rates[0] == 30
+    assert sweep["max_sustained_rps"] in rates
+    assert sweep["half_rate"]["offered_rps"] == sweep["max_sustained_rps"] / 2
+    assert any(t["target"].startswith("cheap-tier p99") for t in doc["targets"])
+    for png in ("latency_cdf.png", "tier_mix.png", "sweep.png"):
         assert (out / png).stat().st_size > 10_000
