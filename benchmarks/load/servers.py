@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,12 @@ def _tiergate(policy_path: str, port_q: Any) -> None:
         path = Path(policy_path)
         server = build_server(load_policy(path), path)
         port_q.put(await server.start("127.0.0.1:0"))
-        await asyncio.Event().wait()
+        # Stop cleanly on SIGTERM: the model's worker processes and semaphores are
+        # released rather than left to the resource tracker.
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await server.stop(0.5)
 
     try:
         asyncio.run(main())
