@@ -159,6 +159,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--price-in", type=float, default=0.15, help="USD per million input tokens")
     s.add_argument("--price-out", type=float, default=0.60, help="USD per million output tokens")
     s.add_argument("--log-decisions", action="store_true", help="one JSON line per request")
+    s.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain (PEM)")
+    s.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    s.add_argument(
+        "--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)"
+    )
 
     k = sub.add_parser("classify", help="classify texts through a running server")
     k.add_argument("texts", nargs="+", help="one or more texts")
@@ -167,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--task", default="")
     k.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
     k.add_argument("--json", action="store_true", help="print the full responses as JSON")
+    k.add_argument("--tls-ca", type=Path, help="use TLS; the CA that signed the server's cert")
+    k.add_argument("--tls-cert", type=Path, help="this client's certificate (mutual TLS)")
+    k.add_argument("--tls-key", type=Path, help="this client's private key (mutual TLS)")
 
     sub.add_parser(
         "bench",
@@ -304,7 +312,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from tiergate.policy import default_policy, load_policy
-    from tiergate.server import build_server, serve_forever
+    from tiergate.server import Tls, build_server, serve_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not args.log_decisions:
@@ -312,6 +320,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.policy is None and args.bundle is None:
         print("tiergate serve: give --bundle DIR, --config FILE, or both", file=sys.stderr)
         return 2
+    if (args.tls_cert is None) != (args.tls_key is None) or (
+        args.tls_client_ca is not None and args.tls_cert is None
+    ):
+        print("tiergate serve: TLS needs --tls-cert and --tls-key together", file=sys.stderr)
+        return 2
+    tls = Tls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    if tls is not None:
+        tls.credentials()  # a missing or broken file fails here, before anything starts
     policy = (
         load_policy(args.policy, args.bundle)
         if args.policy
@@ -339,12 +355,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "embedder": None if args.embedder == "none" else args.embedder,
                 "frontier": frontier,
                 "metrics_port": args.metrics_port or None,
+                "tls": None if tls is None else {k: str(v) for k, v in vars(tls).items() if v},
             },
             args.ray_address,
         )
         return 0
     server = build_server(policy, args.policy, _provider(args), default_bundle=args.bundle)
-    asyncio.run(serve_forever(server, args.address, args.metrics_port or None))
+    asyncio.run(serve_forever(server, args.address, args.metrics_port or None, tls))
     return 0
 
 
@@ -367,7 +384,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from tiergate.client import Client
 
     key = args.api_key or os.environ.get("TIERGATE_API_KEY")
-    with Client(args.address, api_key=key) as client:
+    with Client(
+        args.address, api_key=key, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+    ) as client:
         for text in args.texts:
             try:
                 r = client.classify(text, task=args.task, timeout=args.timeout)

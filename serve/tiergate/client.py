@@ -1,7 +1,7 @@
 """Python clients of the tiergate gRPC API, sync and asyncio.
 
 from tiergate.client import Client
-with Client("127.0.0.1:50051", api_key="...") as c:
+with Client("127.0.0.1:50051", api_key="...") as c:   # tls_ca="ca.pem" for TLS
     answer = c.classify("where is my order", timeout=0.5)
     print(answer.label, answer.tier, answer.confidence)
 """
@@ -9,6 +9,7 @@ with Client("127.0.0.1:50051", api_key="...") as c:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -34,11 +35,31 @@ def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("x-api-key", api_key),) if api_key else ()
 
 
+def _credentials(
+    tls_ca: str | Path | None, tls_cert: str | Path | None, tls_key: str | Path | None
+) -> grpc.ChannelCredentials | None:
+    """TLS when ``tls_ca`` (the CA that signed the server's certificate) is given; with
+    ``tls_cert``/``tls_key``, this client's own certificate for mutual TLS."""
+    if tls_ca is None:
+        return None
+    mutual = tls_cert is not None and tls_key is not None
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes(),
+        private_key=Path(tls_key).read_bytes() if mutual and tls_key else None,
+        certificate_chain=Path(tls_cert).read_bytes() if mutual and tls_cert else None,
+    )
+
+
 class Client:
     """Blocking client; errors raise grpc.RpcError with the server's status and message."""
 
-    def __init__(self, address: str, *, api_key: str | None = None):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, *, api_key: str | None = None,
+                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None):  # fmt: skip
+        creds = _credentials(tls_ca, tls_cert, tls_key)
+        self.channel = (
+            grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
+        )
         self.stub = pb_grpc.ClassifierStub(self.channel)  # type: ignore[no-untyped-call]
         self.metadata = _metadata(api_key)
 
@@ -73,8 +94,13 @@ class Client:
 class AsyncClient:
     """asyncio client (grpc.aio); use ``async with``."""
 
-    def __init__(self, address: str, *, api_key: str | None = None):
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, *, api_key: str | None = None,
+                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None):  # fmt: skip
+        creds = _credentials(tls_ca, tls_cert, tls_key)
+        self.channel = (
+            grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
+        )
         self.stub = pb_grpc.ClassifierStub(self.channel)  # type: ignore[no-untyped-call]
         self.metadata = _metadata(api_key)
 

@@ -41,6 +41,14 @@ class Metrics:
         self.errors = Counter(
             "tiergate_errors", "Refused requests by gRPC status", ["code"], registry=r
         )
+        # Admission control's two signals (read when scraped).
+        self.inflight = Gauge(
+            "tiergate_inflight_requests", "Requests admitted and not yet answered", registry=r
+        )
+        self.loop_lag = Gauge(
+            "tiergate_loop_lag_ms", "How far behind the front end's event loop runs (smoothed)",
+            registry=r,
+        )  # fmt: skip
 
     def serve_http(self, port: int, address: str = "127.0.0.1") -> None:
         start_http_server(port, addr=address, registry=self.registry)

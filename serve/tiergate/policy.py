@@ -26,7 +26,10 @@ Example::
         quota: {requests_per_day: 100000, escalations_per_day: 2000, spend_per_day_usd: 5}
         on_quota: degrade            # or reject (RESOURCE_EXHAUSTED)
     cache: {exact_ttl_s: 3600, semantic_ttl_s: 3600, semantic_threshold: 0.95}
-    limits: {max_text_bytes: 16384, max_batch: 256}
+    limits: {max_text_bytes: 16384, max_batch: 256,
+             max_inflight: 4096,         # requests in flight; more are refused at once
+             max_loop_lag_ms: 25}        # refuse new requests while the server runs
+                                         # this far behind (0: off); see admission.py
     log: {raw_text: false}
     frontier:                        # escalation providers, tried in this order
       providers:
@@ -114,6 +117,8 @@ class Policy:
     semantic_threshold: float = 0.95
     max_text_bytes: int = 16_384
     max_batch: int = 256
+    max_inflight: int = 4096
+    max_loop_lag_ms: float = 25.0
     log_raw_text: bool = False
     frontier: FrontierConfig | None = None  # None: no escalation unless the command line sets one
     source: str = "<built-in>"
@@ -257,7 +262,11 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
     cache = _mapping(f"{source}: cache", top.get("cache"))
     _check_keys(f"{source}: cache", cache, {"exact_ttl_s", "semantic_ttl_s", "semantic_threshold"})
     limits = _mapping(f"{source}: limits", top.get("limits"))
-    _check_keys(f"{source}: limits", limits, {"max_text_bytes", "max_batch"})
+    _check_keys(
+        f"{source}: limits",
+        limits,
+        {"max_text_bytes", "max_batch", "max_inflight", "max_loop_lag_ms"},
+    )
     log = _mapping(f"{source}: log", top.get("log"))
     _check_keys(f"{source}: log", log, {"raw_text"})
     threshold = _number(
@@ -284,6 +293,12 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
         ),
         max_batch=int(
             _number(f"{source}: limits.max_batch", limits.get("max_batch", 256), minimum=1)
+        ),
+        max_inflight=int(
+            _number(f"{source}: limits.max_inflight", limits.get("max_inflight", 4096), minimum=1)
+        ),
+        max_loop_lag_ms=_number(
+            f"{source}: limits.max_loop_lag_ms", limits.get("max_loop_lag_ms", 25.0)
         ),
         log_raw_text=bool(log.get("raw_text", False)),
         frontier=(

@@ -242,6 +242,7 @@ class Frontend:
         escalation: Any | None,
         frontier: FrontierConfig | None,
         metrics_port: int | None = None,
+        tls: dict[str, str] | None = None,
     ):
         from tiergate.server import build_runtimes, embedding_dim
 
@@ -273,7 +274,13 @@ class Frontend:
         path = Path(source["policy"]) if "policy" in source else None
         bundle = Path(source["bundle"]) if "bundle" in source else None
         self.server = Server(engine, path, self.metrics, runtime, frontier, bundle)
-        self.port = await self.server.start(address)
+        from tiergate.server import Tls
+
+        files = Tls(
+            Path(tls["cert"]), Path(tls["key"]),
+            Path(tls["client_ca"]) if tls.get("client_ca") else None,
+        ) if tls else None  # fmt: skip
+        self.port = await self.server.start(address, files)
         if metrics_port:
             self.metrics.serve_http(metrics_port)
         log.info("tiergate front end on %s (node %s)", address, node_id())
@@ -316,7 +323,8 @@ def build_app(args: dict[str, Any]) -> Any:
     ``address`` (gRPC host:port, default 127.0.0.1:50051); ``engine`` (vllm or
     transformers); ``embedder`` (model path or hub id for the semantic cache's
     embeddings, "packaged" for the shipped MiniLM, null for none); ``frontier``
-    (provider settings, overriding the policy's); ``metrics_port``;
+    (provider settings, overriding the policy's); ``metrics_port``; ``tls``
+    ({cert, key, client_ca}: PEM files on every node, for TLS on the gRPC port);
     ``frontends`` (replicas, one per node); ``intent`` and ``frontend``
     (deployment options for those deployments: autoscaling_config,
     ray_actor_options, ...).
@@ -351,6 +359,7 @@ def build_app(args: dict[str, Any]) -> Any:
             escalation,
             frontier,
             args.get("metrics_port"),
+            args.get("tls"),
         )
     )
 

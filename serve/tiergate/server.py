@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import orjson
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tiergate._core import ConfigError
+from tiergate.admission import Admission
 from tiergate.engine import Decision, Engine, Request, RequestError, TaskRuntime, in_process_runtime
 from tiergate.escalation import Attempt, Escalator, FrontierConfig
 from tiergate.frontier import ProviderConfig
@@ -73,10 +76,37 @@ def to_proto(d: Decision) -> pb.ClassifyResponse:
     )
 
 
+@dataclass(frozen=True)
+class Tls:
+    """TLS for the front end: its certificate chain and key (PEM); with ``client_ca``,
+    clients must present a certificate that CA signed (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        def pem(path: Path, what: str) -> bytes:
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise ConfigError(f"TLS {what} {path}: {e.strerror or e}") from None
+            if b"-----BEGIN " not in data:
+                raise ConfigError(f"TLS {what} {path}: not a PEM file")
+            return data
+
+        chain = [(pem(self.key, "key"), pem(self.cert, "certificate"))]
+        if self.client_ca is None:
+            return grpc.ssl_server_credentials(chain)
+        ca = pem(self.client_ca, "client CA")
+        return grpc.ssl_server_credentials(chain, root_certificates=ca, require_client_auth=True)
+
+
 class ClassifierService(pb_grpc.ClassifierServicer):
-    def __init__(self, engine: Engine, metrics: Metrics):
+    def __init__(self, engine: Engine, metrics: Metrics, admission: Admission):
         self.engine = engine
         self.metrics = metrics
+        self.admission = admission
 
     def _tenant(self, context: Context) -> Tenant:
         key = api_key(context.invocation_metadata())
@@ -121,24 +151,35 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             e = exc if isinstance(exc, RequestError) else RequestError("INTERNAL", repr(exc))
             if not isinstance(exc, RequestError):
                 log.exception("batch or stream item failed")
-            self.metrics.errors.labels(e.code).inc()
-            code = getattr(grpc.StatusCode, e.code).value[0]
-            return pb.ClassifyResponse(
-                client_id=msg.client_id, error=pb.Error(code=code, message=e.message)
-            )
+            return self._error_response(msg, e)
+
+    def _error_response(self, msg: pb.ClassifyRequest, e: RequestError) -> pb.ClassifyResponse:
+        self.metrics.errors.labels(e.code).inc()
+        code = getattr(grpc.StatusCode, e.code).value[0]
+        return pb.ClassifyResponse(
+            client_id=msg.client_id, error=pb.Error(code=code, message=e.message)
+        )
 
     async def _abort(self, context: Context, e: RequestError) -> None:
         self.metrics.errors.labels(e.code).inc()
         if e.retry_after_s is not None:
-            context.set_trailing_metadata((("retry-after-s", f"{e.retry_after_s:.0f}"),))
+            context.set_trailing_metadata((("retry-after-s", f"{e.retry_after_s:.3g}"),))
         await context.abort(getattr(grpc.StatusCode, e.code), e.message)
 
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
         try:
-            return await self._classify(request, self._tenant(context), context)
+            tenant = self._tenant(context)
+            self.admission.admit()
         except RequestError as e:
             await self._abort(context, e)
             raise  # unreachable: abort raises
+        try:
+            return await self._classify(request, tenant, context)
+        except RequestError as e:
+            await self._abort(context, e)
+            raise
+        finally:
+            self.admission.release()
 
     async def ClassifyBatch(
         self, request: pb.ClassifyBatchRequest, context: Context
@@ -158,9 +199,13 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                     raise RequestError(e.code, f"requests[{i}]: {e.message}") from None
             # Items were validated above; a later failure (a quota reached halfway, say)
             # answers that item with its error, keeping the work done for the others.
-            answers = await asyncio.gather(
-                *(self._classify_or_error(m, tenant, context) for m in request.requests)
-            )
+            self.admission.admit(n)
+            try:
+                answers = await asyncio.gather(
+                    *(self._classify_or_error(m, tenant, context) for m in request.requests)
+                )
+            finally:
+                self.admission.release(n)
             return pb.ClassifyBatchResponse(responses=answers)
         except RequestError as e:
             await self._abort(context, e)
@@ -178,7 +223,15 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(msg: pb.ClassifyRequest) -> None:
-            await queue.put(await self._classify_or_error(msg, tenant, context))
+            try:
+                self.admission.admit()
+            except RequestError as e:  # this item is refused; the stream goes on
+                await queue.put(self._error_response(msg, e))
+                return
+            try:
+                await queue.put(await self._classify_or_error(msg, tenant, context))
+            finally:
+                self.admission.release()
 
         async def reader() -> None:
             async for msg in request_iterator:
@@ -218,17 +271,28 @@ class Server:
         self._mtime = policy_path.stat().st_mtime if policy_path else 0.0
         self._watch: asyncio.Task[None] | None = None
         self.reloads = {"ok": 0, "rejected": 0}
+        self.admission = Admission()
+        self._limit(engine.policy)
+        metrics.inflight.set_function(lambda: self.admission.inflight)
+        metrics.loop_lag.set_function(lambda: self.admission.lag_ms)
 
-    async def start(self, address: str = "127.0.0.1:0") -> int:
+    def _limit(self, policy: Policy) -> None:
+        self.admission.max_inflight = policy.max_inflight
+        self.admission.max_lag_ms = policy.max_loop_lag_ms
+
+    async def start(self, address: str = "127.0.0.1:0", tls: Tls | None = None) -> int:
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
         self.health = health.aio.HealthServicer()
-        service = ClassifierService(self.engine, self.metrics)
+        service = ClassifierService(self.engine, self.metrics, self.admission)
         pb_grpc.add_ClassifierServicer_to_server(service, self.server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(address)
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, tls.credentials())
         # Models and bundles are loaded by now and live as long as the server: keep
         # the cyclic GC from rescanning their millions of objects on every full pass.
         gc.freeze()
@@ -237,6 +301,7 @@ class Server:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         if self.policy_path is not None:
             self._watch = asyncio.create_task(self._watch_policy())
+        self.admission.start()
         return self.port
 
     def reload(self) -> bool:
@@ -257,6 +322,7 @@ class Server:
             return False
         self.engine.swap_policy(policy, runtimes)
         self.engine.frontier = frontier
+        self._limit(policy)
         self.reloads["ok"] += 1
         log.info("policy version %s installed from %s", policy.version, self.policy_path)
         return True
@@ -276,6 +342,7 @@ class Server:
     async def stop(self, grace: float = 2.0) -> None:
         if self._watch is not None:
             self._watch.cancel()
+        await self.admission.stop()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self.server is not None:
@@ -401,16 +468,19 @@ def decision_logger(policy_of: Any, metrics: Metrics) -> Any:
     return record
 
 
-async def serve_forever(server: Server, address: str, metrics_port: int | None) -> None:
-    port = await server.start(address)
+async def serve_forever(
+    server: Server, address: str, metrics_port: int | None, tls: Tls | None = None
+) -> None:
+    port = await server.start(address, tls)
     if metrics_port is not None:
         server.metrics.serve_http(metrics_port)
     host = address.rsplit(":", 1)[0]
     # The command as this user can type it (make runs us without .venv/bin on PATH).
     cli = "tiergate" if shutil.which("tiergate") else f"{sys.executable} -m tiergate"
+    scheme, ca = ("gRPC+TLS", f" --tls-ca {tls.cert}") if tls else ("gRPC", "")
     print(
-        f"tiergate serving gRPC on {host}:{port} (policy {server.engine.policy.version}); "
-        f'try: {cli} classify --address {host}:{port} "where is my order"',
+        f"tiergate serving {scheme} on {host}:{port} (policy {server.engine.policy.version}); "
+        f'try: {cli} classify --address {host}:{port}{ca} "where is my order"',
         flush=True,
     )
     loop = asyncio.get_running_loop()

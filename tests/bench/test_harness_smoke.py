@@ -29,7 +29,8 @@ def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
     assert "[bench] frontier: 120 requests" in run.stderr  # progress on stderr
     doc = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
-    assert "SIMULATED frontier" in md and doc["simulated_frontier"] is True
+    assert "SIMULATED frontier" in md
+    assert doc["simulated_frontier"] is True
     r = doc["results"]
     assert list(r) == ["frontier", "routing", "cascade", "hybrid"]
     for name, res in r.items():
@@ -46,14 +47,16 @@ def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
     # A perfect simulated frontier: whatever it answered is right.
     assert front["accuracy"] == 1.0
     assert front["cost_per_1k_usd"] > r["hybrid"]["cost_per_1k_usd"]
-    assert r["cascade"]["cache_hit_rate"] == 0 and r["hybrid"]["cache_hit_rate"] > 0
+    assert r["cascade"]["cache_hit_rate"] == 0
+    assert r["hybrid"]["cache_hit_rate"] > 0
     assert r["routing"]["decided_by"].get("linear", 0) == 0  # the router never answers
     assert r["hybrid"]["cache_changed_answers"] is not None
     assert {t["target"][:20] for t in doc["targets"]} >= {"hybrid cost per 1k a"}
     # The sweep: rates rising from half of --rate until a step fails or the cap.
     sweep = doc["sweep"]
     rates = [p["offered_rps"] for p in sweep["points"]]
-    assert rates == sorted(rates) and rates[0] == 30
+    assert rates == sorted(rates)
+    assert rates[0] == 30
     assert sweep["max_sustained_rps"] in rates
     assert sweep["half_rate"]["offered_rps"] == sweep["max_sustained_rps"] / 2
     assert any(t["target"].startswith("cheap-tier p99") for t in doc["targets"])

@@ -7,12 +7,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from benchmarks.load import workload
 from benchmarks.load.cli import _is_loopback
 from benchmarks.load.cli import main as bench_main
 from benchmarks.load.loadgen import Tally, histogram
 from benchmarks.load.simulator import answer
+
 from tiergate.data import Example
 from tiergate.engine import normalise
 from tiergate.frontier import SimulatorParams
@@ -90,7 +90,8 @@ def test_tallies_merge_counts_and_histograms() -> None:
 
 
 def test_only_loopback_targets_by_default(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _is_loopback("127.0.0.1:50051") and _is_loopback("localhost:1")
+    assert _is_loopback("127.0.0.1:50051")
+    assert _is_loopback("localhost:1")
     assert not _is_loopback("10.1.2.3:50051")
     assert bench_main(["--target", "10.1.2.3:50051"]) == 2
     assert "not a loopback address" in capsys.readouterr().err

@@ -42,7 +42,10 @@ def test_route_mode_sends_each_request_to_one_tier(
                 "tiers": ["intent"],
                 # The router sends everything one way; the model must answer even
                 # below its own threshold when routed to.
-                "thresholds": {"linear": {"general": linear_threshold}, "intent": {"general": 1.01}},
+                "thresholds": {
+                    "linear": {"general": linear_threshold},
+                    "intent": {"general": 1.01},
+                },
             }
         }
         script = Script(default="greeting")
@@ -56,8 +59,10 @@ def test_route_mode_sends_each_request_to_one_tier(
     to_model, calls = run(0.0)
     assert (to_model.tier, calls) == ("intent", 0)
     steps = {s.tier: s for s in to_model.path}
-    assert steps["linear"].note == "router: to the intent model" and not steps["linear"].accepted
-    assert steps["intent"].accepted and steps["intent"].confidence < 1.01
+    assert steps["linear"].note == "router: to the intent model"
+    assert not steps["linear"].accepted
+    assert steps["intent"].accepted
+    assert steps["intent"].confidence < 1.01
     assert "rules" not in steps  # not in the task's tiers
 
     to_frontier, calls = run(1.01)

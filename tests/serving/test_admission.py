@@ -1,0 +1,124 @@
+"""Admission control: what cannot be served in time is refused at once, with a hint."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.fake_openai import Script, fake_provider
+from tests.serving.conftest import escalate_everything, write_policy
+from tiergate.admission import Admission
+from tiergate.engine import RequestError
+from tiergate.v1 import classifier_pb2 as pb
+
+
+def _wait_for(cond: Any, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_requests_over_the_in_flight_cap_are_refused_at_once(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    limits = {"max_inflight": 2, "max_loop_lag_ms": 0}
+    policy = write_policy(
+        tmp_path / "p.yaml", linear_bundle, tasks=escalate_everything(linear_bundle), limits=limits
+    )
+    script = Script(default="refund", delay_s=1.5)
+    with fake_provider(script) as url:
+        r = start(policy, url)
+        slow: list[Any] = []
+        threads = [
+            threading.Thread(target=lambda i=i: slow.append(r.client().classify(f"slow {i}")))
+            for i in range(2)
+        ]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: r.server.admission.inflight == 2)
+        with r.client() as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.stub.Classify(pb.ClassifyRequest(text="one too many"), timeout=30)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "2 requests in flight" in e.value.details()
+            trailers = dict(e.value.trailing_metadata())
+            assert 0 < float(trailers["retry-after-s"]) <= 1
+            # A batch takes a slot per item: refused whole while the cap is reached.
+            batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(text="x")])
+            with pytest.raises(grpc.RpcError) as e:
+                c.stub.ClassifyBatch(batch, timeout=30)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for t in threads:
+                t.join(30)
+            assert [a.tier for a in slow] == ["frontier", "frontier"]
+            assert r.server.admission.inflight == 0  # every slot given back
+            assert c.classify("room again", timeout=30).tier == "frontier"
+    assert r.server.admission.refused["inflight"] == 2
+
+
+def test_a_stream_refuses_single_items_and_goes_on(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    limits = {"max_inflight": 1, "max_loop_lag_ms": 0}
+    policy = write_policy(
+        tmp_path / "p.yaml", linear_bundle, tasks=escalate_everything(linear_bundle), limits=limits
+    )
+    with fake_provider(Script(default="refund", delay_s=0.5)) as url:
+        r = start(policy, url)
+        with r.client() as c:
+            msgs = [pb.ClassifyRequest(text=f"item {i}", client_id=str(i)) for i in range(3)]
+            answers = list(c.stub.ClassifyStream(iter(msgs), timeout=30))
+    by_id = {a.client_id: a for a in answers}
+    assert len(by_id) == 3
+    refused = [a for a in answers if a.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
+    done = [a for a in answers if a.label == "refund"]
+    assert done
+    assert refused
+    assert len(done) + len(refused) == 3
+    assert all("in flight" in a.error.message for a in refused)
+
+
+def test_a_lagging_event_loop_shuts_the_door_until_it_catches_up() -> None:
+    async def scenario() -> tuple[str, bool, float]:
+        adm = Admission(max_inflight=100, max_lag_ms=25)
+        adm.start()
+        await asyncio.sleep(0.05)
+        adm.admit()  # an idle loop admits
+        adm.release()
+        time.sleep(0.2)  # the loop is stuck behind 200 ms of work
+        await asyncio.sleep(0.006)  # one tick notices
+        try:
+            adm.admit()
+            refused = ""
+        except RequestError as e:
+            refused = f"{e.code}: {e.message}"
+            hint = e.retry_after_s or 0.0
+        await asyncio.sleep(0.3)  # the backlog has drained
+        adm.admit()
+        reopened = adm.inflight == 1
+        await adm.stop()
+        return refused, reopened, hint
+
+    refused, reopened, hint = asyncio.run(scenario())
+    assert refused.startswith("RESOURCE_EXHAUSTED: overloaded: the server runs")
+    assert "max_loop_lag_ms 25" in refused
+    assert 0.05 <= hint <= 1.0
+    assert reopened
+
+
+def test_limits_reload_with_the_policy(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
+    path = write_policy(tmp_path / "p.yaml", linear_bundle, limits={"max_inflight": 5})
+    r = start(path)
+    assert r.server.admission.max_inflight == 5
+    write_policy(
+        path, linear_bundle, version="v2", limits={"max_inflight": 7, "max_loop_lag_ms": 0}
+    )
+    assert r.server.reload()
+    assert (r.server.admission.max_inflight, r.server.admission.max_lag_ms) == (7, 0)
