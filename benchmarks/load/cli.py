@@ -309,11 +309,20 @@ def _main(args: argparse.Namespace) -> int:
 
 def _warm_up(address: str, keys: dict[str, str]) -> None:
     """A few requests outside the workload: the model's first batch pays for loading."""
+    import grpc
+
     from tiergate.client import Client
 
     with Client(address, api_key=next(iter(keys.values()))) as c:
         for i in range(3):
-            c.classify(f"warm-up request number {i}", timeout=120)
+            for attempt in range(20):
+                try:
+                    c.classify(f"warm-up request number {i}", timeout=120)
+                    break
+                except grpc.RpcError as e:  # still loading: honour the hint, try again
+                    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == 19:
+                        raise
+                    time.sleep(0.2)
 
 
 def _sweep(args: argparse.Namespace, items: list[workload.Item], keys: dict[str, str],

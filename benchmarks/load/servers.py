@@ -78,7 +78,7 @@ def echo() -> Iterator[str]:
 
 
 @contextmanager
-def simulator(params: SimulatorParams, gold: dict[str, str]) -> Iterator[str]:
+def simulator(params: SimulatorParams, gold: dict[str, tuple[str, str]]) -> Iterator[str]:
     """The simulated frontier; yields its base URL (http://127.0.0.1:PORT/v1)."""
     from benchmarks.load.simulator import serve
 

@@ -6,7 +6,10 @@ parameters, printed with every report:
 
 - accuracy: the share of texts it labels correctly. Whether a text is answered
   correctly is a hash of (seed, text), so every configuration of one run gets
-  the same answer for the same text, as from a deterministic real model.
+  the same answer for the same text, as from a deterministic real model; a
+  paraphrase gets the answer of the text it rewords (a model reads the intent,
+  not the wording), so a semantic-cache hit is judged against what the frontier
+  would have said, not against independent noise.
 - latency: lognormal with the given median and 95th percentile.
 - price: per million input and output tokens; the usage it reports counts
   ~4 characters per token of the prompt, and a fixed number of output tokens.
@@ -35,16 +38,18 @@ def _unit(seed: int, text: str, salt: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def answer(params: SimulatorParams, gold: dict[str, str], text: str, labels: list[str]) -> str:
+def answer(
+    params: SimulatorParams, gold: dict[str, tuple[str, str]], text: str, labels: list[str]
+) -> str:
     """The label the simulated model gives ``text``: right with probability ``accuracy``."""
-    truth = gold.get(text, "oos")
-    if _unit(params.seed, text, "correct") < params.accuracy or len(labels) < 2:
+    truth, source = gold.get(text, ("oos", text))
+    if _unit(params.seed, source, "correct") < params.accuracy or len(labels) < 2:
         return truth if truth in labels or not labels else labels[0]
     others = [x for x in labels if x != truth]
-    return others[int(_unit(params.seed, text, "wrong") * len(others))]
+    return others[int(_unit(params.seed, source, "wrong") * len(others))]
 
 
-def serve(params: SimulatorParams, gold: dict[str, str], port_q: Any) -> None:
+def serve(params: SimulatorParams, gold: dict[str, tuple[str, str]], port_q: Any) -> None:
     """Runs the server (in its own process) and puts its port on ``port_q``."""
     from aiohttp import web
 

@@ -83,6 +83,7 @@ class Item:
     kind: str  # fresh | repeat | paraphrase
     tenant: str
     risk_tags: tuple[str, ...] = ()
+    source: str = ""  # repeats and paraphrases: the fresh text they come from
 
 
 # Rewordings that keep the intent: politeness, hedges, filler. Each paraphrase
@@ -147,11 +148,12 @@ def build(pool: list[Example], mix: Mix, n: int, seed: int = 0) -> list[Item]:
         mine = seen[tenant][-500:]
         if mine and r < mix.repeats:
             src = rng.choice(mine)
-            out.append(Item(src.text, src.label, "repeat", tenant, tags))
+            out.append(Item(src.text, src.label, "repeat", tenant, tags, src.text))
             continue
         if mine and r < mix.repeats + mix.paraphrases:
             src = rng.choice(mine)
-            out.append(Item(paraphrase(src.text, rng), src.label, "paraphrase", tenant, tags))
+            reworded = paraphrase(src.text, rng)
+            out.append(Item(reworded, src.label, "paraphrase", tenant, tags, src.text))
             continue
         e = fresh[next_fresh % len(fresh)]
         next_fresh += 1
@@ -161,6 +163,6 @@ def build(pool: list[Example], mix: Mix, n: int, seed: int = 0) -> list[Item]:
     return out
 
 
-def gold(items: list[Item]) -> dict[str, str]:
-    """text -> true label, for the frontier simulator."""
-    return {i.text: i.label for i in items}
+def gold(items: list[Item]) -> dict[str, tuple[str, str]]:
+    """text -> (true label, the text it rewords or itself), for the frontier simulator."""
+    return {i.text: (i.label, i.source or i.text) for i in items}

@@ -28,7 +28,7 @@ Example::
     cache: {exact_ttl_s: 3600, semantic_ttl_s: 3600, semantic_threshold: 0.95}
     limits: {max_text_bytes: 16384, max_batch: 256,
              max_inflight: 4096,         # requests in flight; more are refused at once
-             max_loop_lag_ms: 25}        # refuse new requests while the server runs
+             max_loop_lag_ms: 50}        # refuse new requests while the server runs
                                          # this far behind (0: off); see admission.py
     log: {raw_text: false}
     frontier:                        # escalation providers, tried in this order
@@ -118,7 +118,7 @@ class Policy:
     max_text_bytes: int = 16_384
     max_batch: int = 256
     max_inflight: int = 4096
-    max_loop_lag_ms: float = 25.0
+    max_loop_lag_ms: float = 50.0
     log_raw_text: bool = False
     frontier: FrontierConfig | None = None  # None: no escalation unless the command line sets one
     source: str = "<built-in>"
@@ -298,7 +298,7 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
             _number(f"{source}: limits.max_inflight", limits.get("max_inflight", 4096), minimum=1)
         ),
         max_loop_lag_ms=_number(
-            f"{source}: limits.max_loop_lag_ms", limits.get("max_loop_lag_ms", 25.0)
+            f"{source}: limits.max_loop_lag_ms", limits.get("max_loop_lag_ms", 50.0)
         ),
         log_raw_text=bool(log.get("raw_text", False)),
         frontier=(

@@ -40,6 +40,9 @@ def test_the_mix_is_what_was_asked_and_seeded() -> None:
     for i in items:
         if i.kind == "repeat":
             assert i.text in earlier[i.tenant]
+            assert i.source == i.text
+        if i.kind == "paraphrase":
+            assert i.source in earlier[i.tenant]
         earlier[i.tenant].add(i.text)
 
 
@@ -63,15 +66,19 @@ def test_bad_mixes_and_tenants_are_refused() -> None:
 
 def test_the_simulator_is_right_as_often_as_told_and_consistent() -> None:
     labels = ["a", "b", "c", "oos"]
-    gold = {f"t{i}": labels[i % 4] for i in range(4000)}
+    gold = {f"t{i}": (labels[i % 4], f"t{i}") for i in range(4000)}
     params = SimulatorParams(accuracy=0.8, seed=3)
     answers = {t: answer(params, gold, t, labels) for t in gold}
-    right = sum(answers[t] == gold[t] for t in gold) / len(gold)
+    right = sum(answers[t] == gold[t][0] for t in gold) / len(gold)
     assert right == pytest.approx(0.8, abs=0.03)
     assert all(a in labels for a in answers.values())
     assert all(answer(params, gold, t, labels) == answers[t] for t in list(gold)[:200])
+    # A rewording gets its original's answer, right or wrong.
+    reworded = {f"please t{i}": (gold[f"t{i}"][0], f"t{i}") for i in range(4000)}
+    assert all(answer(params, reworded, f"please t{i}", labels) == answers[f"t{i}"]
+               for i in range(4000))  # fmt: skip
     perfect = SimulatorParams(accuracy=1.0)
-    assert all(answer(perfect, gold, t, labels) == gold[t] for t in gold)
+    assert all(answer(perfect, gold, t, labels) == gold[t][0] for t in gold)
 
 
 def test_tallies_merge_counts_and_histograms() -> None:

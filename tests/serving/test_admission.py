@@ -92,8 +92,14 @@ def test_a_lagging_event_loop_shuts_the_door_until_it_catches_up() -> None:
         await asyncio.sleep(0.05)
         adm.admit()  # an idle loop admits
         adm.release()
-        time.sleep(0.2)  # the loop is stuck behind 200 ms of work
-        await asyncio.sleep(0.006)  # one tick notices
+        time.sleep(0.1)  # one stall alone does not shut the door ...
+        await asyncio.sleep(0.006)
+        adm.admit()
+        adm.release()
+        await asyncio.sleep(0.1)
+        for _ in range(8):  # ... a backlog that persists does
+            time.sleep(0.06)
+            await asyncio.sleep(0)
         try:
             adm.admit()
             refused = ""
