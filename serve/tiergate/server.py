@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import orjson
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -74,6 +75,56 @@ def to_proto(d: Decision) -> pb.ClassifyResponse:
         pending_review=d.pending_review,
         client_id=d.client_id,
     )
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are not a valid message (a string field that is not UTF-8,
+    corrupt bytes): handed to the servicer, which answers INVALID_ARGUMENT, where the
+    generated deserializer would have failed the call with a bare INTERNAL."""
+
+    message: str
+    client_id: str = ""
+
+    def error(self) -> RequestError:
+        return RequestError(
+            "INVALID_ARGUMENT",
+            f"the request is not a valid {self.message}: a string field (text, task, ...) "
+            "that is not UTF-8, or corrupt bytes",
+        )
+
+
+def _lenient(message: Any) -> Any:
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return Undecodable(message.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def add_service(service: ClassifierService, server: grpc.aio.Server) -> None:
+    """The generated registration, with request parsing that cannot fail the call."""
+    handlers = {
+        "Classify": grpc.unary_unary_rpc_method_handler(
+            service.Classify,
+            request_deserializer=_lenient(pb.ClassifyRequest),
+            response_serializer=pb.ClassifyResponse.SerializeToString,
+        ),
+        "ClassifyBatch": grpc.unary_unary_rpc_method_handler(
+            service.ClassifyBatch,
+            request_deserializer=_lenient(pb.ClassifyBatchRequest),
+            response_serializer=pb.ClassifyBatchResponse.SerializeToString,
+        ),
+        "ClassifyStream": grpc.stream_stream_rpc_method_handler(
+            service.ClassifyStream,
+            request_deserializer=_lenient(pb.ClassifyRequest),
+            response_serializer=pb.ClassifyResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 @dataclass(frozen=True)
@@ -153,7 +204,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 log.exception("batch or stream item failed")
             return self._error_response(msg, e)
 
-    def _error_response(self, msg: pb.ClassifyRequest, e: RequestError) -> pb.ClassifyResponse:
+    def _error_response(
+        self, msg: pb.ClassifyRequest | Undecodable, e: RequestError
+    ) -> pb.ClassifyResponse:
         self.metrics.errors.labels(e.code).inc()
         code = getattr(grpc.StatusCode, e.code).value[0]
         return pb.ClassifyResponse(
@@ -168,6 +221,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             tenant = self._tenant(context)
             self.admission.admit()
         except RequestError as e:
@@ -185,6 +240,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self, request: pb.ClassifyBatchRequest, context: Context
     ) -> pb.ClassifyBatchResponse:
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             tenant = self._tenant(context)
             n = len(request.requests)
             if n > self.engine.policy.max_batch:
@@ -223,6 +280,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(msg: pb.ClassifyRequest) -> None:
+            if isinstance(msg, Undecodable):
+                await queue.put(self._error_response(msg, msg.error()))
+                return
             try:
                 self.admission.admit()
             except RequestError as e:  # this item is refused; the stream goes on
@@ -284,7 +344,7 @@ class Server:
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
         self.health = health.aio.HealthServicer()
         service = ClassifierService(self.engine, self.metrics, self.admission)
-        pb_grpc.add_ClassifierServicer_to_server(service, self.server)  # type: ignore[no-untyped-call]
+        add_service(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

@@ -1,0 +1,123 @@
+"""Hostile input over real gRPC: every request gets a clear status, the server lives on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.serving.conftest import write_policy
+from tiergate.v1 import classifier_pb2 as pb
+
+METHODS = ("Classify", "ClassifyBatch")
+# What a client may get back for a malformed or odd request; never INTERNAL/UNKNOWN.
+CLEAR = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
+
+
+def _raw(channel: grpc.Channel, method: str) -> Any:
+    # Bytes in, bytes out: nothing on the client side validates the request.
+    return channel.unary_unary(f"/tiergate.v1.Classifier/{method}")
+
+
+def _invalid_utf8(field: int, payload: bytes) -> bytes:
+    # A protobuf length-delimited field: tag (field << 3 | 2), length, bytes.
+    return bytes([field << 3 | 2, len(payload)]) + payload
+
+
+def test_invalid_utf8_is_invalid_argument(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle))
+    with grpc.insecure_channel(r.address) as ch:
+        for field in (1, 2):  # text, task
+            with pytest.raises(grpc.RpcError) as e:
+                _raw(ch, "Classify")(_invalid_utf8(field, b"caf\xc3 \xff\xfe"), timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid tiergate.v1.ClassifyRequest" in e.value.details()
+            assert "UTF-8" in e.value.details()
+        item = _invalid_utf8(1, b"\xff")
+        with pytest.raises(grpc.RpcError) as e:
+            _raw(ch, "ClassifyBatch")(_invalid_utf8(1, item), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # A stream answers the bad item with its error and goes on with the next.
+        stream = ch.stream_stream("/tiergate.v1.Classifier/ClassifyStream")
+        good = pb.ClassifyRequest(text="hello there", client_id="ok").SerializeToString()
+        answers = [pb.ClassifyResponse.FromString(b) for b in
+                   stream(iter([_invalid_utf8(1, b"\xff"), good]), timeout=10)]  # fmt: skip
+    errors = [a for a in answers if a.error.code]
+    assert len(answers) == 2
+    assert len(errors) == 1
+    assert errors[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert any(a.client_id == "ok" and a.label for a in answers)
+
+
+def test_an_oversized_message_is_refused_clearly(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle))
+    with grpc.insecure_channel(r.address) as ch:
+        huge = pb.ClassifyRequest(text="a" * (9 << 20)).SerializeToString()
+        with pytest.raises(grpc.RpcError) as e:
+            _raw(ch, "Classify")(huge, timeout=30)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in e.value.details()
+        big = pb.ClassifyRequest(text="a" * 100_000).SerializeToString()  # under 8 MB
+        with pytest.raises(grpc.RpcError) as e:
+            _raw(ch, "Classify")(big, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "limit" in e.value.details()
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    method=st.sampled_from(METHODS),
+    data=st.one_of(
+        st.binary(max_size=300),
+        # Well-formed messages with hostile text: control characters, odd scripts,
+        # deep repetitions, sizes around the configured limit.
+        st.builds(
+            lambda t, n: pb.ClassifyRequest(text=t * n).SerializeToString(),
+            st.text(st.characters(codec="utf-8"), max_size=40),
+            st.integers(1, 80),
+        ),
+    ),
+)
+def test_fuzzed_requests_get_clear_statuses(
+    start: Any, linear_bundle: Path, tmp_path: Path, method: str, data: bytes
+) -> None:
+    r = _server(start, linear_bundle, tmp_path)
+    with grpc.insecure_channel(r.address) as ch:
+        details = "ok"
+        try:
+            _raw(ch, method)(data, timeout=10)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details()
+        assert code in CLEAR, (code, data[:80])
+        assert details, "an error must say what is wrong"
+        # ... and the server still answers a normal request.
+        ok = ch.unary_unary(
+            "/tiergate.v1.Classifier/Classify",
+            request_serializer=pb.ClassifyRequest.SerializeToString,
+            response_deserializer=pb.ClassifyResponse.FromString,
+        )(pb.ClassifyRequest(text="hello there"), timeout=10)
+        assert ok.label
+
+
+_servers: dict[int, Any] = {}
+
+
+def _server(start: Any, bundle: Path, tmp_path: Path) -> Any:
+    # One server for all the examples hypothesis draws in one test run: the
+    # function-scoped fixture lives across them, and stops the server after.
+    key = id(start)
+    if key not in _servers:
+        _servers.clear()
+        _servers[key] = start(write_policy(tmp_path / "p.yaml", bundle))
+    return _servers[key]
