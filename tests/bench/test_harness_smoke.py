@@ -60,5 +60,7 @@ def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
     assert sweep["max_sustained_rps"] in rates
     assert sweep["half_rate"]["offered_rps"] == sweep["max_sustained_rps"] / 2
     assert any(t["target"].startswith("cheap-tier p99") for t in doc["targets"])
+    echo = sweep["echo_at_half_rate_ms"]
+    assert 0 < echo["p50"] <= echo["p99"]
     for png in ("latency_cdf.png", "tier_mix.png", "sweep.png"):
         assert (out / png).stat().st_size > 10_000
