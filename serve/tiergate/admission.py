@@ -10,9 +10,10 @@ Two signals, both cheap to read on every request:
   RESOURCE_EXHAUSTED and a retry hint, and the admitted ones keep their
   latency instead of all of them missing their deadlines together.
 
-The lag is a moving average over ~25 ms of ticks: a lone stall (a model's first
-batch, a garbage collection) leaves the door open; a backlog that persists, the
-mark of more load than the server can take, shuts it until the loop catches up.
+The lag is a moving average over the last few ticks, each counting for at most
+twice the limit: a lone stall (a model's first batch, a garbage collection)
+leaves the door open; a backlog that persists, the mark of more load than the
+server can take, shuts it until the loop catches up.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Admission:
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        if self._task is None and self.max_lag_ms > 0:
+        if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._watch_lag())
 
     async def stop(self) -> None:
@@ -52,6 +53,10 @@ class Admission:
             t0 = loop.time()
             await asyncio.sleep(TICK_S)
             late_ms = max(0.0, (loop.time() - t0 - TICK_S) * 1000)
+            # A tick counts for at most twice the limit: one long stall alone cannot
+            # shut the door, four late ticks in a row do.
+            if self.max_lag_ms > 0:
+                late_ms = min(late_ms, 2 * self.max_lag_ms)
             self.lag_ms = 0.8 * self.lag_ms + 0.2 * late_ms
 
     def admit(self, n: int = 1) -> None:

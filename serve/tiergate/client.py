@@ -38,15 +38,17 @@ def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
 def _credentials(
     tls_ca: str | Path | None, tls_cert: str | Path | None, tls_key: str | Path | None
 ) -> grpc.ChannelCredentials | None:
-    """TLS when ``tls_ca`` (the CA that signed the server's certificate) is given; with
-    ``tls_cert``/``tls_key``, this client's own certificate for mutual TLS."""
-    if tls_ca is None:
+    """TLS when any of these is given: ``tls_ca`` the CA that signed the server's
+    certificate (default: the system's roots); ``tls_cert`` and ``tls_key`` this
+    client's own certificate, for mutual TLS."""
+    if tls_ca is None and tls_cert is None and tls_key is None:
         return None
-    mutual = tls_cert is not None and tls_key is not None
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("mutual TLS needs both tls_cert and tls_key")
     return grpc.ssl_channel_credentials(
-        root_certificates=Path(tls_ca).read_bytes(),
-        private_key=Path(tls_key).read_bytes() if mutual and tls_key else None,
-        certificate_chain=Path(tls_cert).read_bytes() if mutual and tls_cert else None,
+        root_certificates=Path(tls_ca).read_bytes() if tls_ca is not None else None,
+        private_key=Path(tls_key).read_bytes() if tls_key is not None else None,
+        certificate_chain=Path(tls_cert).read_bytes() if tls_cert is not None else None,
     )
 
 

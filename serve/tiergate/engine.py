@@ -271,11 +271,7 @@ class TaskRuntime:
             bundle.linear_model(calibrated=True) if bundle.has("linear") else None
         )
         self.label_domains = bundle.label_domains
-        if task.mode == "route" and not (bundle.has("linear") and bundle.has("intent")):
-            raise ConfigError(
-                f"task {task.name!r}: mode route needs a linear tier (the router) and an "
-                f"intent model in its bundle {task.bundle}"
-            )
+        self._check_mode(task, bundle)
         self.gates = self._gates(task, bundle)
         self.backend = backend if bundle.has("intent") else None
         self.batcher: MicroBatcher | None = None
@@ -306,10 +302,19 @@ class TaskRuntime:
     def for_task(self, task: Task) -> TaskRuntime:
         """The same loaded tiers (and batcher) under another task's settings: what a policy
         reload does for a bundle it already has, without reading the bundle again."""
+        self._check_mode(task, self.bundle)
         clone = copy.copy(self)
         clone.task = task
         clone.gates = self._gates(task, self.bundle)
         return clone
+
+    @staticmethod
+    def _check_mode(task: Task, bundle: Bundle) -> None:
+        if task.mode == "route" and not (bundle.has("linear") and bundle.has("intent")):
+            raise ConfigError(
+                f"task {task.name!r}: mode route needs a linear tier (the router) and an "
+                f"intent model in its bundle {task.bundle}"
+            )
 
     @staticmethod
     def _gates(task: Task, bundle: Bundle) -> dict[str, DomainGate]:
@@ -550,13 +555,16 @@ class Engine:
             top, prob = rt.linear.top_k([req.text], 1)
             lin_conf = float(rt.calibrators["linear"].map_confidence(prob[0, 0]))
             if route:
+                kept = best  # the router is no answer, not even a degraded one
                 routed_to_model = consider("linear", int(top[0, 0]), lin_conf, _us(t0))
+                best = kept
                 self._router_step(path, d, routed_to_model)
             elif consider("linear", int(top[0, 0]), lin_conf, _us(t0)):
                 return self._finish(d, cache_key, rt, policy)
 
         vector = None
-        use_model = task.uses("intent") and (routed_to_model or not route)
+        # (force_tier=intent skips the router and goes to the model, as in a cascade.)
+        use_model = task.uses("intent") and (routed_to_model or not route or start_at >= 2)
         if rt.batcher is not None and use_model and start_at <= 2 and stop_at >= 2:
             left = req.remaining_ms()
             why = self._too_slow("intent", left, rt)

@@ -274,7 +274,8 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
     )
     if threshold > 1:
         raise ConfigError(f"{source}: cache.semantic_threshold must be at most 1")
-    return Policy(
+
+    policy = Policy(
         version=str(version),
         default_task=default_task,
         tasks=tasks,
@@ -308,6 +309,12 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
         ),
         source=source,
     )
+    if policy.max_batch > policy.max_inflight:
+        raise ConfigError(
+            f"{source}: limits.max_batch ({policy.max_batch}) exceeds limits.max_inflight "
+            f"({policy.max_inflight}): such a batch could never be admitted"
+        )
+    return policy
 
 
 def parse_frontier(where: str, raw: dict[str, Any]) -> FrontierConfig:

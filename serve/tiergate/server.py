@@ -294,20 +294,26 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 self.admission.release()
 
         async def reader() -> None:
-            async for msg in request_iterator:
-                t = asyncio.create_task(one(msg))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks))
-            await queue.put(None)
+            try:
+                async for msg in request_iterator:
+                    t = asyncio.create_task(one(msg))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks))
+            finally:  # however reading ends, the answering loop must learn of it
+                queue.put_nowait(None)
 
         feeder = asyncio.create_task(reader())
         try:
             while (item := await queue.get()) is not None:
                 yield item
         finally:
+            # A client gone or a call cancelled: its items stop too, freeing their
+            # admission slots and sparing the frontier calls nobody will read.
             feeder.cancel()
+            for t in list(tasks):
+                t.cancel()
 
 
 class Server:
@@ -361,7 +367,7 @@ class Server:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         if self.policy_path is not None:
             self._watch = asyncio.create_task(self._watch_policy())
-        self.admission.start()
+        self.admission.start()  # always: a reload may turn lag shedding on
         return self.port
 
     def reload(self) -> bool:
@@ -537,7 +543,9 @@ async def serve_forever(
     host = address.rsplit(":", 1)[0]
     # The command as this user can type it (make runs us without .venv/bin on PATH).
     cli = "tiergate" if shutil.which("tiergate") else f"{sys.executable} -m tiergate"
-    scheme, ca = ("gRPC+TLS", f" --tls-ca {tls.cert}") if tls else ("gRPC", "")
+    scheme, ca = ("gRPC+TLS", " --tls-ca CA.pem") if tls else ("gRPC", "")
+    if tls is not None and tls.client_ca is not None:
+        ca += " --tls-cert CLIENT.pem --tls-key CLIENT.key"
     print(
         f"tiergate serving {scheme} on {host}:{port} (policy {server.engine.policy.version}); "
         f'try: {cli} classify --address {host}:{port}{ca} "where is my order"',

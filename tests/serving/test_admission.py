@@ -28,7 +28,7 @@ def _wait_for(cond: Any, timeout_s: float = 20.0) -> None:
 def test_requests_over_the_in_flight_cap_are_refused_at_once(
     start: Any, linear_bundle: Path, tmp_path: Path
 ) -> None:
-    limits = {"max_inflight": 2, "max_loop_lag_ms": 0}
+    limits = {"max_inflight": 2, "max_batch": 2, "max_loop_lag_ms": 0}
     policy = write_policy(
         tmp_path / "p.yaml", linear_bundle, tasks=escalate_everything(linear_bundle), limits=limits
     )
@@ -66,7 +66,7 @@ def test_requests_over_the_in_flight_cap_are_refused_at_once(
 def test_a_stream_refuses_single_items_and_goes_on(
     start: Any, linear_bundle: Path, tmp_path: Path
 ) -> None:
-    limits = {"max_inflight": 1, "max_loop_lag_ms": 0}
+    limits = {"max_inflight": 1, "max_batch": 1, "max_loop_lag_ms": 0}
     policy = write_policy(
         tmp_path / "p.yaml", linear_bundle, tasks=escalate_everything(linear_bundle), limits=limits
     )
@@ -88,6 +88,7 @@ def test_a_stream_refuses_single_items_and_goes_on(
 def test_a_lagging_event_loop_shuts_the_door_until_it_catches_up() -> None:
     async def scenario() -> tuple[str, bool, float]:
         adm = Admission(max_inflight=100, max_lag_ms=25)
+        hint = 0.0
         adm.start()
         await asyncio.sleep(0.05)
         adm.admit()  # an idle loop admits
@@ -97,7 +98,7 @@ def test_a_lagging_event_loop_shuts_the_door_until_it_catches_up() -> None:
         adm.admit()
         adm.release()
         await asyncio.sleep(0.1)
-        for _ in range(8):  # ... a backlog that persists does
+        for _ in range(16):  # ... a backlog that persists does
             time.sleep(0.06)
             await asyncio.sleep(0)
         try:
@@ -120,11 +121,29 @@ def test_a_lagging_event_loop_shuts_the_door_until_it_catches_up() -> None:
 
 
 def test_limits_reload_with_the_policy(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
-    path = write_policy(tmp_path / "p.yaml", linear_bundle, limits={"max_inflight": 5})
+    path = write_policy(
+        tmp_path / "p.yaml", linear_bundle, limits={"max_inflight": 5, "max_batch": 5}
+    )
     r = start(path)
     assert r.server.admission.max_inflight == 5
     write_policy(
-        path, linear_bundle, version="v2", limits={"max_inflight": 7, "max_loop_lag_ms": 0}
+        path,
+        linear_bundle,
+        version="v2",
+        limits={"max_inflight": 7, "max_batch": 7, "max_loop_lag_ms": 0},
     )
     assert r.server.reload()
     assert (r.server.admission.max_inflight, r.server.admission.max_lag_ms) == (7, 0)
+
+
+def test_a_batch_limit_over_the_in_flight_cap_is_a_policy_error(
+    linear_bundle: Path, tmp_path: Path
+) -> None:
+    from tiergate._core import ConfigError
+    from tiergate.policy import load_policy
+
+    path = write_policy(
+        tmp_path / "p.yaml", linear_bundle, limits={"max_batch": 64, "max_inflight": 16}
+    )
+    with pytest.raises(ConfigError, match=r"max_batch \(64\) exceeds limits\.max_inflight"):
+        load_policy(path)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.fake_openai import Script, fake_provider
-from tests.serving.conftest import write_policy
+from tests.serving.conftest import code_of, write_policy
 from tiergate._core import ConfigError
 from tiergate.policy import load_policy
 
@@ -34,7 +35,7 @@ def test_an_empty_tier_set_sends_everything_to_the_frontier(
 def test_route_mode_sends_each_request_to_one_tier(
     start: Any, full_bundle: Path, tmp_path: Path
 ) -> None:
-    def run(linear_threshold: float) -> Any:
+    def run(linear_threshold: float, force_tier: str = "") -> Any:
         tasks = {
             "intents": {
                 "bundle": str(full_bundle),
@@ -53,7 +54,7 @@ def test_route_mode_sends_each_request_to_one_tier(
         with fake_provider(script) as url:
             r = start(policy, url)
             with r.client() as c:
-                answer = c.classify("where is my package", timeout=30)
+                answer = c.classify("where is my package", force_tier=force_tier, timeout=30)
         return answer, script.calls
 
     to_model, calls = run(0.0)
@@ -64,6 +65,10 @@ def test_route_mode_sends_each_request_to_one_tier(
     assert steps["intent"].accepted
     assert steps["intent"].confidence < 1.01
     assert "rules" not in steps  # not in the task's tiers
+
+    # A hint that skips the router goes to the model, as it would in a cascade.
+    forced, calls = run(1.01, force_tier="intent")
+    assert (forced.tier, calls) == ("intent", 0)
 
     to_frontier, calls = run(1.01)
     assert (to_frontier.tier, calls) == ("frontier", 1)
@@ -88,3 +93,21 @@ def test_route_mode_needs_a_router_and_a_model(
     tasks = {"intents": {"bundle": str(linear_bundle), "mode": "route"}}
     with pytest.raises(ConfigError, match="mode route needs a linear tier"):
         start(write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks))
+
+
+def test_the_router_never_answers_even_degraded(
+    start: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    # Routed to the frontier, and no frontier: nothing may answer with the router's guess.
+    tasks = {
+        "intents": {
+            "bundle": str(full_bundle),
+            "mode": "route",
+            "tiers": ["intent"],
+            "thresholds": {"linear": {"general": 1.01}},
+        }
+    }
+    r = start(write_policy(tmp_path / "p.yaml", full_bundle, tasks=tasks))
+    with r.client() as c:
+        code = code_of(lambda: c.classify("where is my package", timeout=30))
+    assert code == grpc.StatusCode.UNAVAILABLE

@@ -112,6 +112,11 @@ def test_mutual_tls_refuses_clients_without_a_certificate(pki: Path, serve_tls: 
         assert c.classify("hello there", timeout=10).label
 
 
+def test_a_client_certificate_needs_its_key(pki: Path) -> None:
+    with pytest.raises(ValueError, match="both tls_cert and tls_key"):
+        Client("127.0.0.1:1", tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem")
+
+
 def test_broken_tls_files_are_named(pki: Path, tmp_path: Path) -> None:
     (tmp_path / "junk.pem").write_text("not a certificate")
     with pytest.raises(ConfigError, match=r"TLS certificate .*junk\.pem: not a PEM file"):
