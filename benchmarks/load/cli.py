@@ -397,7 +397,8 @@ def _sweep(args: argparse.Namespace, items: list[workload.Item], keys: dict[str,
 def _sweep_markdown(sweep: dict[str, Any], budget_ms: float) -> str:
     lines = ["", f"Rate sweep (hybrid, open loop; sustained: p99 <= {budget_ms:g} ms, "
              "< 1% errors):", "",
-             "| offered req/s | answered req/s | p50 ms | p99 ms | cheap-tier p99 ms | sustained |",
+             "| offered req/s | answered req/s (incl. drain) | p50 ms | p99 ms | cheap-tier p99 ms "
+             "| sustained |",
              "|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for p in sweep["points"]:
         lines.append(f"| {p['offered_rps']:,.0f} | {p['achieved_rps']:,.0f} "

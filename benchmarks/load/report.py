@@ -88,13 +88,24 @@ def markdown(results: dict[str, dict[str, Any]], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_latency_cdf(tallies: dict[str, Tally], path: Path) -> None:
+def _figure() -> tuple[Any, Any, Any]:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt, fig, ax
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_latency_cdf(tallies: dict[str, Tally], path: Path) -> None:
+    plt, fig, ax = _figure()
     for name, t in tallies.items():
         h, _ = t.histograms()
         if not h.get_total_count():
@@ -110,18 +121,11 @@ def plot_latency_cdf(tallies: dict[str, Tally], path: Path) -> None:
     ax.set_title("Latency CDF per configuration")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_tier_mix(results: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plt, fig, ax = _figure()
     names = list(results)
     bottom = [0.0] * len(names)
     for tier in DECIDERS:
@@ -135,30 +139,23 @@ def plot_tier_mix(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("share of requests decided")
     ax.set_title("Which tier decided (cost per 1,000 requests on top)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_sweep(points: list[dict[str, Any]], budget_ms: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [p["achieved_rps"] for p in points]
+    plt, fig, ax = _figure()
+    # Offered load on x: open loop holds it whatever the server does, while the
+    # answered rate over a run includes the drain after the last send.
+    xs = [p["offered_rps"] for p in points]
     for key, style in (("p50", "o-"), ("p99", "s-")):
         ax.plot(xs, [p["latency_ms"][key] for p in points], style, label=key)
     cheap = [p["cheap_tier_latency_ms"]["p99"] for p in points]
     ax.plot(xs, cheap, "^--", label="p99, cheap tiers")
     ax.axhline(budget_ms, color="red", lw=0.8, ls=":", label=f"p99 budget {budget_ms:g} ms")
     ax.set_yscale("log")
-    ax.set_xlabel("throughput (requests/s)")
+    ax.set_xlabel("offered load (requests/s, Poisson arrivals)")
     ax.set_ylabel("latency (ms, log scale)")
     ax.set_title("Latency versus throughput (open loop, rate sweep)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)

@@ -276,7 +276,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         except RequestError as e:
             await self._abort(context, e)
             return
-        queue: asyncio.Queue[pb.ClassifyResponse | None] = asyncio.Queue()
+        # Backpressure: at most max_batch items of one stream are worked on or wait to
+        # be sent. A client that writes and does not read stops being read, rather
+        # than growing our memory.
+        limit = self.engine.policy.max_batch
+        queue: asyncio.Queue[pb.ClassifyResponse | None] = asyncio.Queue(maxsize=limit + 1)
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(msg: pb.ClassifyRequest) -> None:
@@ -296,13 +300,18 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         async def reader() -> None:
             try:
                 async for msg in request_iterator:
+                    while len(tasks) >= limit:
+                        await asyncio.wait(list(tasks), return_when=asyncio.FIRST_COMPLETED)
                     t = asyncio.create_task(one(msg))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
                 while tasks:
                     await asyncio.gather(*list(tasks))
-            finally:  # however reading ends, the answering loop must learn of it
-                queue.put_nowait(None)
+            except asyncio.CancelledError:
+                raise  # the call is over: nobody reads the answers any more
+            except Exception:  # the request stream broke: end the answers with what we have
+                log.exception("reading a ClassifyStream failed")
+            await queue.put(None)
 
         feeder = asyncio.create_task(reader())
         try:

@@ -70,19 +70,20 @@ def test_a_stream_refuses_single_items_and_goes_on(
     policy = write_policy(
         tmp_path / "p.yaml", linear_bundle, tasks=escalate_everything(linear_bundle), limits=limits
     )
-    with fake_provider(Script(default="refund", delay_s=0.5)) as url:
+    with fake_provider(Script(default="refund", delay_s=1.0)) as url:
         r = start(policy, url)
+        busy = threading.Thread(target=lambda: r.client().classify("holds the slot", timeout=30))
+        busy.start()
+        _wait_for(lambda: r.server.admission.inflight == 1)
         with r.client() as c:
             msgs = [pb.ClassifyRequest(text=f"item {i}", client_id=str(i)) for i in range(3)]
-            answers = list(c.stub.ClassifyStream(iter(msgs), timeout=30))
-    by_id = {a.client_id: a for a in answers}
-    assert len(by_id) == 3
-    refused = [a for a in answers if a.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
-    done = [a for a in answers if a.label == "refund"]
-    assert done
-    assert refused
-    assert len(done) + len(refused) == 3
+            refused = list(c.stub.ClassifyStream(iter(msgs), timeout=30))
+            busy.join(30)
+            after = list(c.stub.ClassifyStream(iter(msgs[:1]), timeout=30))
+    assert sorted(a.client_id for a in refused) == ["0", "1", "2"]
+    assert all(a.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] for a in refused)
     assert all("in flight" in a.error.message for a in refused)
+    assert [(a.client_id, a.label) for a in after] == [("0", "refund")]
 
 
 def test_a_lagging_event_loop_shuts_the_door_until_it_catches_up() -> None:
@@ -147,3 +148,33 @@ def test_a_batch_limit_over_the_in_flight_cap_is_a_policy_error(
     )
     with pytest.raises(ConfigError, match=r"max_batch \(64\) exceeds limits\.max_inflight"):
         load_policy(path)
+
+
+def test_a_stream_works_on_at_most_max_batch_items_at_once(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    limits = {"max_batch": 3, "max_loop_lag_ms": 0}
+    policy = write_policy(
+        tmp_path / "p.yaml", linear_bundle, tasks=escalate_everything(linear_bundle), limits=limits
+    )
+    peak = 0
+    done = threading.Event()
+
+    def watch(r: Any) -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, r.server.admission.inflight)
+            time.sleep(0.002)
+
+    with fake_provider(Script(default="refund", delay_s=0.05)) as url:
+        r = start(policy, url)
+        watcher = threading.Thread(target=watch, args=(r,))
+        watcher.start()
+        with r.client() as c:
+            msgs = [pb.ClassifyRequest(text=f"item {i}", client_id=str(i)) for i in range(20)]
+            answers = list(c.stub.ClassifyStream(iter(msgs), timeout=60))
+        done.set()
+        watcher.join()
+    assert sorted(int(a.client_id) for a in answers) == list(range(20))
+    assert all(a.label == "refund" for a in answers)
+    assert 1 <= peak <= 3
