@@ -32,6 +32,7 @@ class Usage:
     escalations: int = 0
     spent_usd: float = 0.0
     reserved_usd: float = 0.0
+    open_reservations: int = 0
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Ledger:
                 )
             u.escalations += 1
             u.reserved_usd += estimate_usd
+            u.open_reservations += 1
             return Reservation(tenant.name, u.day, estimate_usd)
 
     def settle(self, reservation: Reservation, actual_usd: float) -> None:
@@ -101,10 +103,16 @@ class Ledger:
             u = self.usage.get(reservation.tenant)
             if u is None or u.day != reservation.day:
                 return  # the day rolled over; yesterday's books are closed
+            u.open_reservations -= 1
+            # With none open, nothing is reserved: exactly 0, not float residue.
             u.reserved_usd = max(0.0, u.reserved_usd - reservation.amount)
+            if u.open_reservations == 0:
+                u.reserved_usd = 0.0
             u.spent_usd += actual_usd
 
     def snapshot(self, tenant: str) -> Usage:
         with self.lock:
             u = self._today(tenant)
-            return Usage(u.day, u.requests, u.escalations, u.spent_usd, u.reserved_usd)
+            return Usage(
+                u.day, u.requests, u.escalations, u.spent_usd, u.reserved_usd, u.open_reservations
+            )

@@ -372,6 +372,9 @@ class Engine:
         # drain into the review system; raw text only when the policy allows it.
         self.review_queue: deque[dict[str, Any]] = deque(maxlen=10_000)
         self.on_decision = on_decision
+        # An admitted request that ends without a decision (an error, a cancelled
+        # call) is recorded too: every admitted request leaves exactly one record.
+        self.on_failure: Callable[[Request, str, str, float], None] | None = None
 
     @property
     def policy(self) -> Policy:
@@ -471,7 +474,13 @@ class Engine:
         if runtime.task.p99_ms is not None:
             target = time.monotonic() + runtime.task.p99_ms / 1000
             req.deadline = target if req.deadline is None else min(req.deadline, target)
-        return await self._decide(req, runtime, policy)
+        started = time.perf_counter()
+        try:
+            return await self._decide(req, runtime, policy)
+        except BaseException as e:
+            if self.on_failure is not None:
+                self.on_failure(req, *_failure(e), time.perf_counter() - started)
+            raise
 
     async def _decide(self, req: Request, rt: TaskRuntime, policy: Policy) -> Decision:
         path: list[Step] = []
@@ -748,6 +757,15 @@ class Engine:
         )
         d.label, d.tier, d.pending_review = "pending_review", "review", True
         return d
+
+
+def _failure(e: BaseException) -> tuple[str, str]:
+    """(status code, message) of a request that ended without a decision."""
+    if isinstance(e, RequestError):
+        return e.code, e.message
+    if isinstance(e, asyncio.CancelledError):
+        return "CANCELLED", "the call ended before a decision"
+    return "INTERNAL", repr(e)
 
 
 def _us(t0: float) -> int:

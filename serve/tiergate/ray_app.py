@@ -267,10 +267,11 @@ class Frontend:
         )
         first = next(iter(runtimes.values()))
         from tiergate.engine import Engine
-        from tiergate.server import Server, decision_logger
+        from tiergate.server import Server, decision_logger, failure_logger
 
         engine = Engine(policy, runtimes, frontier=remote, semantic_dim=embedding_dim(first))
         engine.on_decision = decision_logger(lambda: engine.policy, self.metrics)
+        engine.on_failure = failure_logger(lambda: engine.policy)
         path = Path(source["policy"]) if "policy" in source else None
         bundle = Path(source["bundle"]) if "bundle" in source else None
         self.server = Server(engine, path, self.metrics, runtime, frontier, bundle)

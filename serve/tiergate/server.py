@@ -439,6 +439,7 @@ def build_server(
     frontier = escalator(pinned or policy.frontier, metrics)
     engine = Engine(policy, runtimes, frontier=frontier, semantic_dim=embedding_dim(first))
     engine.on_decision = decision_logger(lambda: engine.policy, metrics)
+    engine.on_failure = failure_logger(lambda: engine.policy)
     return Server(engine, policy_path, metrics, runtime_factory, pinned, default_bundle)
 
 
@@ -491,6 +492,26 @@ def _created(bundle: Path) -> str:
         return str(orjson.loads((bundle / "manifest.json").read_bytes()).get("created", ""))
     except (OSError, orjson.JSONDecodeError):
         return ""
+
+
+def failure_logger(policy_of: Any) -> Any:
+    """The engine's on_failure hook: the log line of an admitted request that ended
+    with an error instead of a decision (same stream as the decisions)."""
+
+    def failed(req: Request, code: str, message: str, seconds: float) -> None:
+        if decisions_log.isEnabledFor(logging.INFO):
+            line = {
+                "request_id": req.request_id,
+                "tenant": req.tenant.name,
+                "task": req.task or policy_of().default_task,
+                "error": code,
+                "message": message,
+                "policy_version": policy_of().version,
+                "latency_us": int(seconds * 1e6),
+            }
+            decisions_log.info(orjson.dumps(line).decode())
+
+    return failed
 
 
 def decision_logger(policy_of: Any, metrics: Metrics) -> Any:
