@@ -229,7 +229,6 @@ class RemoteEscalation:
     # One per node: the replicas of a host share its gRPC port (SO_REUSEPORT), and
     # clients or a TCP load balancer spread over the nodes.
     max_replicas_per_node=1,
-    num_replicas=1,
 )
 class Frontend:
     """Our grpc.aio server in a Serve replica: Ray starts, places and restarts it."""
@@ -299,8 +298,51 @@ class Frontend:
         """Re-reads the policy file (each replica also watches it for changes)."""
         return self.server.reload() if self.server.policy_path is not None else False
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The load signals of this replica, for :func:`frontend_autoscaling_policy`.
+
+        Serve's own signal (ongoing requests) cannot see our traffic: it reaches
+        the gRPC server in this replica, not Serve's request path."""
+        a = self.server.admission
+        return {"inflight": float(a.inflight), "loop_lag_ms": a.lag_ms}
+
     async def stop(self) -> None:
         await self.server.stop(0.5)
+
+
+# The front end scales on its own signals: one more replica while the replicas run
+# behind (their event loops lag) or hold many requests, one fewer once all of them
+# have been idle for a few decisions in a row.
+LAG_UP_MS = 10.0
+INFLIGHT_UP = 256.0
+LAG_IDLE_MS = 1.0
+INFLIGHT_IDLE = 8.0
+IDLE_DECISIONS = 6
+
+
+def frontend_autoscaling_policy(ctx: Any) -> tuple[int, dict[str, Any]]:
+    """A Serve custom autoscaling policy (``AutoscalingContext`` in, target replicas and
+    the policy's state out) for the Frontend deployment."""
+    metrics = ctx.aggregated_metrics or {}
+    lag = list((metrics.get("loop_lag_ms") or {}).values())
+    inflight = list((metrics.get("inflight") or {}).values())
+    current = int(ctx.current_num_replicas)
+    state = dict(ctx.policy_state or {})
+    target = current
+    mean_lag = sum(lag) / len(lag) if lag else 0.0
+    mean_inflight = sum(inflight) / len(inflight) if inflight else 0.0
+    if not lag:  # no report yet: stay
+        pass
+    elif mean_lag > LAG_UP_MS or mean_inflight > INFLIGHT_UP:
+        target, state["idle"] = current + 1, 0
+    elif max(lag) < LAG_IDLE_MS and max(inflight, default=0.0) < INFLIGHT_IDLE:
+        state["idle"] = state.get("idle", 0) + 1
+        if state["idle"] >= IDLE_DECISIONS:
+            target, state["idle"] = current - 1, 0
+    else:
+        state["idle"] = 0
+    low, high = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+    return max(low, min(high, target)), state
 
 
 def deployment(cls: type) -> Any:
@@ -326,7 +368,10 @@ def build_app(args: dict[str, Any]) -> Any:
     embeddings, "packaged" for the shipped MiniLM, null for none); ``frontier``
     (provider settings, overriding the policy's); ``metrics_port``; ``tls``
     ({cert, key, client_ca}: PEM files on every node, for TLS on the gRPC port);
-    ``frontends`` (replicas, one per node); ``intent`` and ``frontend``
+    ``frontends`` (replicas at the start and at the least, one per node) and
+    ``frontends_max`` (the most; the front end scales between them on its event-loop
+    lag and requests in flight, see :func:`frontend_autoscaling_policy`); ``intent``
+    and ``frontend``
     (deployment options for those deployments: autoscaling_config,
     ray_actor_options, ...).
     """
@@ -349,7 +394,13 @@ def build_app(args: dict[str, Any]) -> Any:
     if args.get("frontier"):
         frontier = parse_frontier("frontier", dict(args["frontier"]))
     escalation = deployment(EscalationTier).bind(frontier) if frontier is not None else None
-    options = {"num_replicas": int(args.get("frontends", 1)), **(args.get("frontend") or {})}
+    low = int(args.get("frontends", 1))
+    high = max(low, int(args.get("frontends_max", low)))
+    autoscaling = {
+        "min_replicas": low, "initial_replicas": low, "max_replicas": high,
+        "policy": {"policy_function": "tiergate.ray_app:frontend_autoscaling_policy"},
+    }  # fmt: skip
+    options = {"autoscaling_config": autoscaling, **(args.get("frontend") or {})}
     return (
         deployment(Frontend)
         .options(**options)
