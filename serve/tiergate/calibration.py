@@ -43,6 +43,25 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 
+def parse_methods(spec: str) -> tuple[Method, dict[str, Method]]:
+    """``"platt"`` (every tier) or ``"linear=platt,intent=temperature"`` (per tier,
+    the others temperature) -> (default method, per-tier methods)."""
+    tiers = ("linear", "intent")
+    if "=" not in spec:
+        if spec not in METHODS:
+            raise ConfigError(f"calibration method must be one of {METHODS}, not {spec!r}")
+        return spec, {}
+    per_tier: dict[str, Method] = {}
+    for part in spec.split(","):
+        tier, _, method = part.strip().partition("=")
+        if tier not in tiers:
+            raise ConfigError(f"calibration: unknown tier {tier!r}; use {tiers}")
+        if method not in METHODS:
+            raise ConfigError(f"calibration of {tier}: {method!r} is not one of {METHODS}")
+        per_tier[tier] = method
+    return "temperature", per_tier
+
+
 def softmax(logits: npt.ArrayLike, temperature: float = 1.0) -> FloatArray:
     z = np.asarray(logits, dtype=np.float64) / temperature
     z = z - z.max(axis=1, keepdims=True)

@@ -69,7 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="PyTorch threads (default: all cores)")
     c = t.add_argument_group("calibration and gate")
     c.add_argument(
-        "--calibration", choices=["temperature", "platt", "isotonic"], default="temperature"
+        "--calibration",
+        default="temperature",
+        metavar="METHOD or TIER=METHOD,...",
+        help="temperature (default), platt or isotonic for every tier, or per tier, e.g. "
+        "linear=platt,intent=temperature (tiers left out get temperature)",
     )
     c.add_argument(
         "--target-precision",
@@ -232,10 +236,12 @@ def _splits(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from tiergate.calibration import parse_methods
     from tiergate.gate import Prices, Target
     from tiergate.train import TrainOptions, train_bundle
     from tiergate.train.intent import IntentTrainConfig
 
+    default_method, per_tier = parse_methods(args.calibration)
     intent = None
     if not args.no_intent:
         intent = IntentTrainConfig(
@@ -251,7 +257,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = TrainOptions(
         rules=args.rules,
         intent=intent,
-        calibration=args.calibration,
+        calibration=default_method,
+        tier_calibration=per_tier,
         target=Target(args.target_precision, args.max_escalation),
         prices=Prices(frontier_per_request=args.frontier_cost),
         seed=args.seed,

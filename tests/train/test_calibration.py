@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -126,3 +131,40 @@ def test_mix_weight_rewards_an_informative_second_opinion_only() -> None:
 def test_broken_bias_and_mix_entries_are_rejected(raw: object, message: str) -> None:
     with pytest.raises(FormatError, match=message):
         Calibrator.from_json(raw, "manifest.json: tiers.intent", n_labels=5)
+
+
+def test_calibration_methods_per_tier_are_parsed_and_checked() -> None:
+    from tiergate.calibration import parse_methods
+
+    assert parse_methods("platt") == ("platt", {})
+    assert parse_methods("linear=platt, intent=isotonic") == (
+        "temperature",
+        {"linear": "platt", "intent": "isotonic"},
+    )
+    for bad, message in (
+        ("softmax", "must be one of"),
+        ("rules=platt", "unknown tier 'rules'"),
+        ("linear=plat", "'plat' is not one of"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_methods(bad)
+
+
+def test_train_uses_the_method_given_for_each_tier(tmp_path: Path) -> None:
+    examples = Path(__file__).resolve().parents[2] / "serve/tiergate/examples/intents.jsonl"
+    out = tmp_path / "b"
+    run = subprocess.run(
+        [sys.executable, "-m", "tiergate", "train", "--data", str(examples), "--out", str(out),
+         "--no-intent", "--quiet", "--calibration", "linear=platt"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tiers"]["linear"]["calibration"]["method"] == "platt"
+    bad = subprocess.run(
+        [sys.executable, "-m", "tiergate", "train", "--data", str(examples), "--out",
+         str(tmp_path / "c"), "--no-intent", "--calibration", "linear=best"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "'best' is not one of" in bad.stderr

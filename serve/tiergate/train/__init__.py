@@ -46,6 +46,8 @@ class TrainOptions:
     rules: Path | None = None
     intent: IntentTrainConfig | None = field(default_factory=IntentTrainConfig)
     calibration: Method = "temperature"
+    # Per-tier choices that override ``calibration`` (e.g. {"linear": "platt"}).
+    tier_calibration: dict[str, Method] = field(default_factory=dict)
     target: Target = field(default_factory=Target)
     prices: Prices = field(default_factory=Prices)
     seed: int = 0
@@ -122,7 +124,7 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
         np.asarray(model.decision_function(texts(splits.test)), dtype=np.float64),
         y_val,
         y_test,
-        options.calibration,
+        options.tier_calibration.get("linear", options.calibration),
         out,
         in_scope,
         oos_column if len(labels) > 2 else None,  # a binary model has one output column
@@ -159,7 +161,7 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
             backend.logits(texts(splits.test)),
             y_val,
             y_test,
-            options.calibration,
+            options.tier_calibration.get("intent", options.calibration),
             out,
             in_scope,
             oos_column,
