@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
         help="labelled data for the workload: its test split is used (default: "
         "CLINC150 from ../shared/data when present, else the shipped examples)",
     )
-    p.add_argument("--out", type=Path, default=Path("bench-report"), help="report directory")
+    p.add_argument("--out", type=Path, default=Path("bench-results/load"), help="report directory")
     p.add_argument(
         "--configs",
         default=",".join(configs.CONFIGS),
