@@ -534,13 +534,19 @@ class Engine:
         def domain_of(pred: int) -> str:
             return strict or rt.label_domains.get(labels[pred], GENERAL)
 
-        def consider(tier: str, pred: int, conf: float, micros: int) -> bool:
+        def consider(tier: str, pred: int, conf: float, micros: int, router: bool = False) -> bool:
+            """Whether ``tier`` answers (gate passed). A router only says where the
+            request goes: it never answers, not even as a degraded fallback."""
             nonlocal best
             label = labels[pred] if pred >= 0 else ""
             threshold = rt.gates[tier].threshold(domain_of(pred)) if pred >= 0 else 0.0
             ok = pred >= 0 and conf >= threshold and action != "escalate"
             note = "risk policy escalates" if action == "escalate" and pred >= 0 else ""
-            path.append(Step(tier, label, conf, threshold, ok, micros, note))
+            if router:
+                note = "router: to the intent model" if ok else "router: to the frontier"
+            path.append(Step(tier, label, conf, threshold, ok and not router, micros, note))
+            if router:
+                return ok
             if pred >= 0 and conf > best[0]:
                 best = (conf, label, tier)
             if ok:
@@ -564,10 +570,7 @@ class Engine:
             top, prob = rt.linear.top_k([req.text], 1)
             lin_conf = float(rt.calibrators["linear"].map_confidence(prob[0, 0]))
             if route:
-                kept = best  # the router is no answer, not even a degraded one
-                routed_to_model = consider("linear", int(top[0, 0]), lin_conf, _us(t0))
-                best = kept
-                self._router_step(path, d, routed_to_model)
+                routed_to_model = consider("linear", int(top[0, 0]), lin_conf, _us(t0), True)
             elif consider("linear", int(top[0, 0]), lin_conf, _us(t0)):
                 return self._finish(d, cache_key, rt, policy)
 
@@ -704,15 +707,6 @@ class Engine:
         if cacheable:
             self.exact.put(cache_key, d, policy.exact_ttl_s)
         return d
-
-    @staticmethod
-    def _router_step(path: list[Step], d: Decision, to_model: bool) -> None:
-        """Routing mode: the linear tier's step records where it sent the request; it
-        never answers itself."""
-        step = path[-1]
-        step.accepted = False
-        step.note = "router: to the intent model" if to_model else "router: to the frontier"
-        d.label, d.confidence, d.tier = "", 0.0, ""
 
     def _too_slow(self, tier: str, left_ms: float, rt: TaskRuntime) -> str | None:
         """Why ``tier`` must be skipped, or None when it may run.
