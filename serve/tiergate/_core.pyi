@@ -221,6 +221,13 @@ class SemanticCache:
         """get() for each row of vectors."""
     def clear(self, namespace: str) -> None:
         """Drops every entry of namespace."""
+    def save(self, path: str | os.PathLike[str]) -> int:
+        """Writes every live entry to path (atomically); returns how many."""
+    def restore(self, path: str | os.PathLike[str]) -> int:
+        """Adds a snapshot's entries; returns how many were still live.
+
+        Raises FormatError (naming the path, restoring nothing) for a corrupt,
+        truncated or foreign file, or one made for another dim or metric."""
     def namespaces(self) -> list[str]:
         """Namespaces that have held entries, sorted."""
     def stats(self) -> dict[str, Any]:

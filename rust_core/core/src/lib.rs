@@ -3,6 +3,7 @@
 //! Each module is one tier or one building block of a tier; the PyO3 layer in
 //! `rust_core/py` only converts types and releases the GIL around these calls.
 
+pub mod envelope;
 pub mod error;
 pub mod text;
 

@@ -1,5 +1,7 @@
 //! Python wrapper: `SemanticCache`, per-tenant lookups by embedding similarity.
 
+use std::path::PathBuf;
+
 use numpy::{AllowTypeChange, PyArrayLikeDyn};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -101,6 +103,19 @@ impl PySemanticCache {
     /// Drops every entry of ``namespace`` (its counters stay).
     fn clear(&self, py: Python<'_>, namespace: &str) -> PyResult<()> {
         py.detach(|| self.inner.clear(namespace)).py()
+    }
+
+    /// Writes every live entry to ``path`` (atomically); returns how many.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<usize> {
+        py.detach(|| self.inner.save(&path)).py()
+    }
+
+    /// Adds the entries of a snapshot written by ``save``; returns how many were
+    /// still live (the time since the save counts against the TTL). A corrupt,
+    /// truncated or foreign file, or one made for another dim or metric, raises
+    /// ``FormatError`` naming the path and restores nothing.
+    fn restore(&self, py: Python<'_>, path: PathBuf) -> PyResult<usize> {
+        py.detach(|| self.inner.restore(&path)).py()
     }
 
     /// Namespaces that have held entries, sorted.

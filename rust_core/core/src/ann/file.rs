@@ -1,14 +1,6 @@
-//! The on-disk format of an [`AnnIndex`]:
-//!
-//! ```text
-//! magic        8 bytes  b"TGANNIDX"
-//! version      u32 LE   FORMAT_VERSION
-//! header_len   u32 LE
-//! header       JSON     settings and entry count
-//! payload_len  u64 LE
-//! payload      bytes    see below
-//! crc32        u32 LE   over every byte above
-//! ```
+//! The on-disk format of an [`AnnIndex`]: the shared [`envelope`](crate::envelope)
+//! with magic `b"TGANNIDX"`, a JSON header of settings and entry count, and
+//! this payload.
 //!
 //! Version 2 (our own HNSW; version 1 held usearch's serialisation), payload
 //! little-endian:
@@ -29,7 +21,6 @@
 //! names the path, never a crash or a silently wrong index. (The checksum
 //! guards against accidents, not against a forger: load only files you wrote.)
 
-use std::io::Write;
 use std::path::Path;
 
 use parking_lot::{Mutex, RwLock};
@@ -39,11 +30,17 @@ use super::flat::slack;
 use super::hnsw::MAX_LEVEL;
 use super::store::{DELETED, LIVE};
 use super::{AnnConfig, AnnIndex, Inner, Metric, Storage};
+use crate::envelope::{self, Kind, Reader};
 use crate::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"TGANNIDX";
 pub const FORMAT_VERSION: u32 = 2;
-const FIXED: usize = 8 + 4 + 4 + 8 + 4;
+const KIND: Kind = Kind {
+    magic: MAGIC,
+    version: FORMAT_VERSION,
+    what: "a tiergate ANN index",
+    on_old_version: "rebuild the index from its vectors",
+};
 
 #[derive(Serialize, Deserialize)]
 struct Header {
@@ -97,47 +94,9 @@ fn payload(inner: &Inner) -> Vec<u8> {
     out
 }
 
-/// Reads the payload front to back; running out is an error, not a panic.
-struct Reader<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
-        if n > self.bytes.len() {
-            return Err("payload ends in the middle of an entry (corrupt)".into());
-        }
-        let (head, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Ok(head)
-    }
-
-    fn u8(&mut self) -> std::result::Result<u8, String> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> std::result::Result<u32, String> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-
-    fn u64(&mut self) -> std::result::Result<u64, String> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-
-    fn f32(&mut self) -> std::result::Result<f32, String> {
-        Ok(f32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-}
-
 /// Rebuilds the index state from a version-2 payload, checking everything.
 fn read_payload(config: &AnnConfig, bytes: &[u8]) -> std::result::Result<Inner, String> {
-    let mut r = Reader { bytes };
+    let mut r = Reader::new(bytes);
     let n = r.u64()?;
     // Every slot takes an id, a state and its vector: a count the payload
     // cannot hold is corrupt, and must not size an allocation.
@@ -233,8 +192,8 @@ fn read_payload(config: &AnnConfig, bytes: &[u8]) -> std::result::Result<Inner, 
             lists.push(node);
         }
     }
-    if !r.bytes.is_empty() {
-        return Err(format!("{} bytes follow the last slot", r.bytes.len()));
+    if r.remaining() > 0 {
+        return Err(format!("{} bytes follow the last slot", r.remaining()));
     }
     store.publish(n);
     if let Some(g) = &inner.graph {
@@ -284,73 +243,14 @@ impl AnnIndex {
         })
         .expect("header serialises");
         drop(inner);
-        let mut bytes = Vec::with_capacity(FIXED + header.len() + payload.len());
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&header);
-        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&payload);
-        let crc = crc32fast::hash(&bytes);
-        bytes.extend_from_slice(&crc.to_le_bytes());
-
-        let tmp = path.with_extension("tmp-write");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(path, e)
-        })
+        envelope::write(path, &KIND, &header, &payload)
     }
 
     /// Reads an index written by [`AnnIndex::save`].
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let opened = envelope::read(path, &KIND)?;
         let bad = |reason: String| Error::format(path, reason);
-        if bytes.len() < FIXED {
-            return Err(bad(format!(
-                "file is {} bytes, too short to be a tiergate index (truncated?)",
-                bytes.len()
-            )));
-        }
-        if &bytes[..8] != MAGIC {
-            return Err(bad("not a tiergate ANN index (wrong magic bytes)".into()));
-        }
-        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION {
-            return Err(bad(format!(
-                "format version {version} is not supported (this tiergate reads version {FORMAT_VERSION}; rebuild the index from its vectors)"
-            )));
-        }
-        let (body, tail) = bytes.split_at(bytes.len() - 4);
-        let stored = u32::from_le_bytes(tail.try_into().expect("4 bytes"));
-        let header_len = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
-        let payload_at = 16usize
-            .checked_add(header_len)
-            .and_then(|x| x.checked_add(8))
-            .filter(|&x| x <= body.len())
-            .ok_or_else(|| {
-                bad("header length points past the end of the file (truncated?)".into())
-            })?;
-        let payload_len = u64::from_le_bytes(
-            bytes[payload_at - 8..payload_at]
-                .try_into()
-                .expect("8 bytes"),
-        );
-        if (payload_at as u64).checked_add(payload_len) != Some(body.len() as u64) {
-            return Err(bad(format!(
-                "payload should be {payload_len} bytes but the file holds {} (truncated or padded)",
-                body.len() - payload_at
-            )));
-        }
-        if crc32fast::hash(body) != stored {
-            return Err(bad("checksum mismatch: the file is corrupt".into()));
-        }
-        let header: Header = serde_json::from_slice(&bytes[16..16 + header_len])
+        let header: Header = serde_json::from_slice(opened.header())
             .map_err(|e| bad(format!("header is not valid: {e}")))?;
         let config = AnnConfig {
             dim: header.dim,
@@ -362,7 +262,7 @@ impl AnnIndex {
             exact_below: header.exact_below,
         };
         config.validate().map_err(|e| bad(e.to_string()))?;
-        let inner = read_payload(&config, &body[payload_at..]).map_err(bad)?;
+        let inner = read_payload(&config, opened.payload()).map_err(bad)?;
         if inner.store.live() != header.count {
             return Err(bad(format!(
                 "payload holds {} live entries, header says {}",
@@ -533,6 +433,42 @@ mod tests {
             let e = AnnIndex::load(&p).unwrap_err();
             assert!(matches!(e, Error::Format { .. }), "case {i}: {e}");
             assert!(e.to_string().contains(expected), "case {i}: {e}");
+        }
+    }
+
+    /// Mutated files (see `envelope::testing`) are errors or valid indexes
+    /// that answer searches, never panics. Both graph and exact layouts.
+    #[test]
+    fn mutated_indexes_never_panic() {
+        let dir = tmpdir("fuzz");
+        for (n, name) in [(6u64, "exact"), (80, "graph")] {
+            let mut config = AnnConfig::new(4);
+            config.exact_below = 16;
+            let idx = AnnIndex::new(config).unwrap();
+            let ids: Vec<u64> = (0..n).collect();
+            idx.add(&ids, &vectors(n as usize, 4)).unwrap();
+            let path = dir.join(format!("{name}.tgann"));
+            idx.save(&path).unwrap();
+            let good = std::fs::read(&path).unwrap();
+            let mutant = dir.join(format!("{name}.mutant"));
+            let (mut errors, mut loaded) = (0, 0);
+            for m in crate::envelope::testing::mutants(&good, 1500) {
+                std::fs::write(&mutant, &m).unwrap();
+                match AnnIndex::load(&mutant) {
+                    Ok(back) => {
+                        back.search(&[0.5, 0.5, 0.1, 0.0], 3, None).unwrap();
+                        loaded += 1;
+                    }
+                    Err(e) => {
+                        assert!(matches!(e, Error::Format { .. }), "{name}: {e}");
+                        errors += 1;
+                    }
+                }
+            }
+            assert!(
+                errors > 500 && loaded > 0,
+                "{name}: {errors} errors, {loaded} loaded"
+            );
         }
     }
 

@@ -2,6 +2,8 @@
 //! similar enough one. Per-namespace (tenant) ANN lookups with a similarity
 //! threshold, a TTL, and an LRU capacity.
 //!
+//! Snapshots (`save` / `restore`, in `file.rs`) carry the entries across a restart.
+//!
 //! Isolation is structural: every namespace has its own index and entry map,
 //! so no lookup can ever reach another namespace's entries.
 
@@ -15,6 +17,8 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::ann::{check_vectors, AnnConfig, AnnIndex, Metric};
 use crate::{Error, Result};
+
+mod file;
 
 /// Candidates examined per lookup: the best one may have expired.
 const CANDIDATES: usize = 4;
@@ -160,6 +164,11 @@ impl SemanticCache {
                 self.config.dim
             )));
         }
+        self.insert(namespace, vector, value, (self.clock)())
+    }
+
+    /// Stores an entry as if it had been put at `stored_at` on the cache's clock.
+    fn insert(&self, namespace: &str, vector: &[f32], value: &[u8], stored_at: f64) -> Result<()> {
         let ns = self.namespace_or_create(namespace)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut state = ns.state.lock();
@@ -174,7 +183,7 @@ impl SemanticCache {
             id,
             Entry {
                 value: Arc::from(value),
-                stored_at: (self.clock)(),
+                stored_at,
             },
         );
         state.stats.entries = state.entries.len() as u64;
