@@ -5,14 +5,20 @@ after it with the price the provider reported, so concurrent requests can
 never push a tenant past its cap: a reservation that would cross the cap is
 refused up front. The ledger is touched only from the event loop (no await
 between check and update), and a lock makes it safe from threads too.
+
+With a journal (``tiergate.state``) the books outlive the process: each
+reservation is written before the frontier call it pays for and each
+settlement as it happens, request counts once a second.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from tiergate.policy import Tenant
 
@@ -41,6 +47,11 @@ class Reservation:
     day: int
     amount: float
     settled: bool = field(default=False)
+    id: int = 0
+
+
+class Journal(Protocol):
+    def record(self, event: dict[str, Any]) -> None: ...
 
 
 class Ledger:
@@ -48,6 +59,20 @@ class Ledger:
         self.clock = clock
         self.usage: dict[str, Usage] = {}
         self.lock = threading.Lock()
+        self.journal: Journal | None = None
+        self.next_id = 0
+        # Requests counted since the last flush, per (tenant, day): a line per
+        # request would cost the cheap tiers a write each.
+        self.unflushed: Counter[tuple[str, int]] = Counter()
+
+    def flush(self) -> None:
+        """Writes the request counts gathered since the last flush to the journal."""
+        with self.lock:
+            if self.journal is None or not self.unflushed:
+                return
+            counts, self.unflushed = self.unflushed, Counter()
+            for (tenant, day), n in counts.items():
+                self.journal.record({"e": "requests", "tenant": tenant, "day": day, "n": n})
 
     def _today(self, tenant: str) -> Usage:
         day = int(self.clock() // DAY_S)
@@ -70,6 +95,8 @@ class Ledger:
                     self._retry_after(),
                 )
             u.requests += 1
+            if self.journal is not None:
+                self.unflushed[(tenant.name, u.day)] += 1
 
     def reserve_escalation(self, tenant: Tenant, estimate_usd: float) -> Reservation:
         """Reserves one escalation and its estimated cost, or raises QuotaExceeded."""
@@ -92,7 +119,13 @@ class Ledger:
             u.escalations += 1
             u.reserved_usd += estimate_usd
             u.open_reservations += 1
-            return Reservation(tenant.name, u.day, estimate_usd)
+            self.next_id += 1
+            r = Reservation(tenant.name, u.day, estimate_usd, id=self.next_id)
+            if self.journal is not None:
+                self.journal.record(
+                    {"e": "reserve", "id": r.id, "tenant": r.tenant, "day": r.day, "usd": r.amount}
+                )
+            return r
 
     def settle(self, reservation: Reservation, actual_usd: float) -> None:
         """Replaces the reserved amount with the actual cost (0 releases a failed call)."""
@@ -100,6 +133,11 @@ class Ledger:
             if reservation.settled:
                 return
             reservation.settled = True
+            if self.journal is not None:
+                self.journal.record(
+                    {"e": "settle", "id": reservation.id, "tenant": reservation.tenant,
+                     "day": reservation.day, "usd": actual_usd}
+                )  # fmt: skip
             u = self.usage.get(reservation.tenant)
             if u is None or u.day != reservation.day:
                 return  # the day rolled over; yesterday's books are closed

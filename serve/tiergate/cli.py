@@ -163,6 +163,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--price-in", type=float, default=0.15, help="USD per million input tokens")
     s.add_argument("--price-out", type=float, default=0.60, help="USD per million output tokens")
     s.add_argument("--log-decisions", action="store_true", help="one JSON line per request")
+    s.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".tiergate/state"),
+        help="where spend counters and the semantic-cache snapshot outlive a restart "
+        "(default .tiergate/state; 'none': keep them in memory only)",
+    )
     s.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain (PEM)")
     s.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     s.add_argument(
@@ -341,6 +348,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else default_policy(args.bundle.resolve())
     )
     print(f"loading {len(policy.tasks)} task(s): {', '.join(policy.tasks)}", file=sys.stderr)
+    state_dir = None if str(args.state_dir) == "none" else args.state_dir.resolve()
     if args.runtime == "ray":
         from tiergate.ray_app import run
 
@@ -363,11 +371,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "frontier": frontier,
                 "metrics_port": args.metrics_port or None,
                 "tls": None if tls is None else {k: str(v) for k, v in vars(tls).items() if v},
+                "state_dir": str(state_dir) if state_dir else None,
             },
             args.ray_address,
         )
         return 0
-    server = build_server(policy, args.policy, _provider(args), default_bundle=args.bundle)
+    server = build_server(
+        policy, args.policy, _provider(args), default_bundle=args.bundle, state_dir=state_dir
+    )
     asyncio.run(serve_forever(server, args.address, args.metrics_port or None, tls))
     return 0
 

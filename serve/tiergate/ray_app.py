@@ -242,6 +242,7 @@ class Frontend:
         frontier: FrontierConfig | None,
         metrics_port: int | None = None,
         tls: dict[str, str] | None = None,
+        state_dir: str | None = None,
     ):
         from tiergate.server import build_runtimes, embedding_dim
 
@@ -273,7 +274,8 @@ class Frontend:
         engine.on_failure = failure_logger(lambda: engine.policy)
         path = Path(source["policy"]) if "policy" in source else None
         bundle = Path(source["bundle"]) if "bundle" in source else None
-        self.server = Server(engine, path, self.metrics, runtime, frontier, bundle)
+        self.server = Server(engine, path, self.metrics, runtime, frontier, bundle,
+                             Path(state_dir) if state_dir else None)  # fmt: skip
         from tiergate.server import Tls
 
         files = Tls(
@@ -368,6 +370,9 @@ def build_app(args: dict[str, Any]) -> Any:
     embeddings, "packaged" for the shipped MiniLM, null for none); ``frontier``
     (provider settings, overriding the policy's); ``metrics_port``; ``tls``
     ({cert, key, client_ca}: PEM files on every node, for TLS on the gRPC port);
+    ``state_dir`` (where a front end keeps spend counters and the semantic-cache
+    snapshot across restarts: one front end per directory and node, see
+    tiergate.state; null keeps them in memory);
     ``frontends`` (replicas at the start and at the least, one per node) and
     ``frontends_max`` (the most; the front end scales between them on its event-loop
     lag and requests in flight, see :func:`frontend_autoscaling_policy`); ``intent``
@@ -412,6 +417,7 @@ def build_app(args: dict[str, Any]) -> Any:
             frontier,
             args.get("metrics_port"),
             args.get("tls"),
+            args.get("state_dir"),
         )
     )
 

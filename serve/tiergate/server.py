@@ -27,6 +27,7 @@ from tiergate.escalation import Attempt, Escalator, FrontierConfig
 from tiergate.frontier import ProviderConfig
 from tiergate.metrics import Metrics
 from tiergate.policy import Policy, Tenant, load_policy
+from tiergate.state import StateDirBusy, StateStore
 from tiergate.v1 import classifier_pb2 as pb
 from tiergate.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -331,8 +332,15 @@ class Server:
     def __init__(self, engine: Engine, policy_path: Path | None, metrics: Metrics,
                  runtime_factory: Any = in_process_runtime,
                  pinned_frontier: FrontierConfig | None = None,
-                 default_bundle: Path | None = None):  # fmt: skip
+                 default_bundle: Path | None = None,
+                 state_dir: Path | None = None,
+                 snapshot_interval_s: float = 60.0):  # fmt: skip
         self.engine = engine
+        # Spend counters and the semantic cache outlive the process there (tiergate.state).
+        self.state_dir = state_dir
+        self.snapshot_interval_s = snapshot_interval_s
+        self.state: StateStore | None = None
+        self._keep: asyncio.Task[None] | None = None
         self.default_bundle = default_bundle  # for tasks the policy file leaves without one
         # Providers given on the command line win over the policy's, across reloads.
         self.pinned_frontier = pinned_frontier
@@ -355,7 +363,42 @@ class Server:
         self.admission.max_inflight = policy.max_inflight
         self.admission.max_lag_ms = policy.max_loop_lag_ms
 
+    def _open_state(self) -> None:
+        """Restores the books and the cache before the first request can arrive."""
+        if self.state_dir is None:
+            return
+        try:
+            self.state = StateStore(self.state_dir)
+        except StateDirBusy as e:
+            log.warning("%s: this front end keeps its spend counters and cache in memory", e)
+            return
+        books = self.state.restore_ledger(self.engine.ledger)
+        cached = self.state.restore_cache(self.engine.semantic)
+        log.info(
+            "state from %s: books of %d tenant(s) for today, %d semantic-cache entries",
+            self.state_dir, len(books.usage), cached,
+        )  # fmt: skip
+
+    async def _keep_state(self) -> None:
+        """Request counts reach the journal each second; the cache each interval."""
+        assert self.state is not None
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            self.engine.ledger.flush()
+            if time.monotonic() - last >= self.snapshot_interval_s:
+                last = time.monotonic()
+                await self._save_cache()
+
+    async def _save_cache(self) -> None:
+        assert self.state is not None
+        try:
+            await asyncio.to_thread(self.state.save_cache, self.engine.semantic)
+        except OSError as e:  # a full disk must not take the server down
+            log.error("could not save the semantic cache: %s", e)
+
     async def start(self, address: str = "127.0.0.1:0", tls: Tls | None = None) -> int:
+        self._open_state()
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
         self.health = health.aio.HealthServicer()
         service = ClassifierService(self.engine, self.metrics, self.admission)
@@ -377,6 +420,8 @@ class Server:
         if self.policy_path is not None:
             self._watch = asyncio.create_task(self._watch_policy())
         self.admission.start()  # always: a reload may turn lag shedding on
+        if self.state is not None:
+            self._keep = asyncio.create_task(self._keep_state())
         return self.port
 
     def reload(self) -> bool:
@@ -422,6 +467,12 @@ class Server:
             await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self._keep is not None:
+            self._keep.cancel()
+        if self.state is not None:  # after the last request: nothing is left unwritten
+            await self._save_cache()
+            self.state.close()
+            self.state = None
 
 
 def build_server(
@@ -430,6 +481,7 @@ def build_server(
     provider: ProviderConfig | None = None,
     runtime_factory: Any = in_process_runtime,
     default_bundle: Path | None = None,
+    state_dir: Path | None = None,
 ) -> Server:
     """The front end for ``policy``: tiers loaded, engine, metrics and decision log wired."""
     runtimes = build_runtimes(policy, runtime_factory)
@@ -440,7 +492,8 @@ def build_server(
     engine = Engine(policy, runtimes, frontier=frontier, semantic_dim=embedding_dim(first))
     engine.on_decision = decision_logger(lambda: engine.policy, metrics)
     engine.on_failure = failure_logger(lambda: engine.policy)
-    return Server(engine, policy_path, metrics, runtime_factory, pinned, default_bundle)
+    return Server(engine, policy_path, metrics, runtime_factory, pinned, default_bundle,
+                  state_dir)  # fmt: skip
 
 
 def escalator(config: FrontierConfig | None, metrics: Metrics) -> Escalator | None:

@@ -37,6 +37,10 @@ class Running:
     def client(self, key: str | None = None) -> Client:
         return Client(self.address, api_key=key)
 
+    def stop(self) -> None:
+        """A graceful stop, as on SIGTERM (stopping again later is harmless)."""
+        asyncio.run_coroutine_threadsafe(self.server.stop(0.5), self.loop).result(30)
+
 
 def write_policy(path: Path, bundle: Path, **changes: Any) -> Path:
     doc: dict[str, Any] = {
@@ -61,11 +65,12 @@ def start(tmp_path: Path) -> Iterator[Any]:
     running: list[Running] = []
     threads: list[threading.Thread] = []
 
-    def _start(policy_path: Path, frontier_url: str | None = None, price: float = 1.0) -> Running:
+    def _start(policy_path: Path, frontier_url: str | None = None, price: float = 1.0,
+               state_dir: Path | None = None) -> Running:  # fmt: skip
         provider = None
         if frontier_url:
             provider = ProviderConfig("loopback", frontier_url, "m", None, price, price)
-        server = build_server(load_policy(policy_path), policy_path, provider)
+        server = build_server(load_policy(policy_path), policy_path, provider, state_dir=state_dir)
         engine = server.engine
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)

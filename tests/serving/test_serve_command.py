@@ -13,7 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from tiergate.accounting import DAY_S
 from tiergate.client import Client
+from tiergate.state import LEDGER, replay
 
 
 def free_port() -> int:
@@ -31,7 +33,8 @@ def test_serve_reloads_on_sighup_serves_metrics_and_stops_cleanly(
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tiergate", "serve", "--runtime", "local", "--policy", str(policy),
-         "--address", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port)],
+         "--address", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port),
+         "--state-dir", str(tmp_path / "state")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -63,6 +66,9 @@ def test_serve_reloads_on_sighup_serves_metrics_and_stops_cleanly(
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
         assert "shutting down" in out
+        # The default keeps the books on disk: a clean stop flushed the request counts.
+        books = replay(tmp_path / "state" / LEDGER, int(time.time() // DAY_S))
+        assert sum(u.requests for u in books.usage.values()) >= 3
     finally:
         if proc.poll() is None:
             proc.kill()

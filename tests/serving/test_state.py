@@ -1,0 +1,189 @@
+"""State that outlives the front end: spend counters and the semantic cache survive
+a restart (graceful or SIGKILL); unreadable state files are set aside, not fatal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import orjson
+import pytest
+import yaml
+
+from tests.fake_openai import Script, fake_provider
+from tests.serving.conftest import (
+    KEY_A,
+    escalate_everything,
+    sha,
+    write_policy,
+)
+from tests.serving.test_serve_command import free_port
+from tiergate.accounting import DAY_S, Ledger
+from tiergate.client import Client
+from tiergate.policy import Tenant
+from tiergate.state import CACHE, LEDGER, StateDirBusy, StateStore, replay
+
+NOW = 200 * DAY_S + 3600.0  # a fixed wall clock: the books are per day
+TENANT = Tenant("a")
+
+
+def books(directory: Path, clock: float = NOW) -> Ledger:
+    ledger = Ledger(clock=lambda: clock)
+    store = StateStore(directory)
+    store.restore_ledger(ledger)
+    store.close()
+    return ledger
+
+
+def test_the_books_survive_and_an_open_reservation_counts_at_its_estimate(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(clock=lambda: NOW)
+    store = StateStore(tmp_path)
+    store.restore_ledger(ledger)
+    for _ in range(3):
+        ledger.admit(TENANT)
+    settled = ledger.reserve_escalation(TENANT, 0.010)
+    ledger.settle(settled, 0.004)
+    ledger.reserve_escalation(TENANT, 0.020)  # in flight when the process "dies"
+    with pytest.raises(StateDirBusy, match="in use"):
+        StateStore(tmp_path)  # one front end per directory
+    store.close()
+
+    u = books(tmp_path).snapshot("a")
+    assert (u.requests, u.escalations) == (3, 2)
+    assert u.spent_usd == pytest.approx(0.004 + 0.020)
+    # Compacted: one usage line per tenant, and replaying it again changes nothing.
+    lines = (tmp_path / LEDGER).read_bytes().splitlines()
+    assert [orjson.loads(x)["e"] for x in lines] == ["usage"]
+    assert books(tmp_path).snapshot("a").spent_usd == pytest.approx(0.024)
+    # Tomorrow the books start again.
+    assert books(tmp_path, NOW + DAY_S).snapshot("a").spent_usd == 0
+
+
+def test_an_unreadable_journal_line_is_set_aside_and_the_rest_counts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    day = int(NOW // DAY_S)
+    good = {"e": "settle", "id": 1, "tenant": "a", "day": day, "usd": 0.5}
+    (tmp_path / LEDGER).write_bytes(
+        orjson.dumps(good) + b"\n" + b'{"e": "settle", "tenant": \n' + b"\xff\xfe\n"
+        + orjson.dumps({**good, "id": 2}) + b"\n"
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="tiergate.state"):
+        u = books(tmp_path).snapshot("a")
+    assert u.spent_usd == pytest.approx(1.0)
+    assert "2 unreadable journal line(s) (line 2, 3)" in caplog.text
+    kept = list(tmp_path.glob(f"{LEDGER}.corrupt-*"))
+    assert len(kept) == 1
+    assert b"\xff\xfe" in kept[0].read_bytes()  # the original, for a human to read
+    assert replay(tmp_path / LEDGER, day).bad_lines == []  # the new journal is clean
+
+
+def test_a_restart_keeps_the_semantic_cache_and_the_spend(
+    start: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    tasks = escalate_everything(full_bundle)
+    tasks["intents"]["thresholds"]["intent"] = {"general": 1.01}
+    policy = write_policy(tmp_path / "p.yaml", full_bundle, tasks=tasks,
+                          cache={"semantic_threshold": 0.9})  # fmt: skip
+    state = tmp_path / "state"
+    script = Script(default="track_order")
+    with fake_provider(script) as url:
+        r = start(policy, url, state_dir=state)
+        with r.client(KEY_A) as a:
+            first = a.classify("where is my parcel right now", timeout=30)
+        r.stop()
+        assert (state / CACHE).exists()
+        r2 = start(policy, url, state_dir=state)
+        with r2.client(KEY_A) as a:
+            near = a.classify("where is my parcel right now?", timeout=30)  # not an exact key
+    assert (first.tier, first.cost_usd > 0) == ("frontier", True)
+    assert (near.cached, near.cache, near.label, near.cost_usd) == (
+        True, "semantic", "track_order", 0
+    )  # fmt: skip
+    assert script.calls == 1
+    assert r2.engine.ledger.snapshot("a").spent_usd == pytest.approx(first.cost_usd)
+
+
+def test_a_corrupt_cache_snapshot_is_set_aside_and_the_server_starts(
+    start: Any, full_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / CACHE).write_bytes(b"TGSCACHE" + b"\x01\x00\x00\x00" + b"\x00" * 40)
+    with caplog.at_level(logging.WARNING, logger="tiergate.state"):
+        r = start(write_policy(tmp_path / "p.yaml", full_bundle), state_dir=state)
+    with r.client(KEY_A) as a:
+        assert a.classify("where is my parcel", timeout=30).label
+    assert "semantic.tgcache" in caplog.text
+    assert "checksum" in caplog.text or "payload" in caplog.text
+    assert len(list(state.glob(f"{CACHE}.corrupt-*"))) == 1
+
+
+def _serve(policy: Path, state: Path, url: str, port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tiergate", "serve", "--runtime", "local", "--config", str(policy),
+         "--address", f"127.0.0.1:{port}", "--metrics-port", "0", "--state-dir", str(state),
+         "--frontier-url", url, "--price-in", "10", "--price-out", "10"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    while "serving gRPC" not in line:
+        assert line, "the server exited before serving"
+        line = proc.stdout.readline()
+    return proc
+
+
+def test_a_killed_server_comes_back_with_its_spend_cap_still_reached(
+    linear_bundle: Path, tmp_path: Path
+) -> None:
+    """SIGKILL, no goodbye: the journal alone carries the books across."""
+    doc = {
+        "version": "v1",
+        "tasks": escalate_everything(linear_bundle),
+        # 105 tokens at $10/M: ~$0.00105 per escalation, so the cap allows 3.
+        "tenants": {
+            "a": {
+                "key_sha256": [sha(KEY_A)],
+                "on_quota": "reject",
+                "quota": {"spend_per_day_usd": 0.0035},
+            }
+        },
+    }
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(doc))
+    state, port = tmp_path / "state", free_port()
+    with fake_provider(Script(default="refund")) as url:
+        proc = _serve(policy, state, url, port)
+        try:
+            charged, refused = 0.0, []
+            with Client(f"127.0.0.1:{port}", api_key=KEY_A) as c:
+                for i in range(6):
+                    try:
+                        charged += c.classify(f"money question {i}", timeout=10).cost_usd
+                    except grpc.RpcError as e:
+                        refused.append(e.code())
+            assert charged > 0
+            # The cap was reached before the kill.
+            assert refused
+            assert set(refused) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=30)
+            proc = _serve(policy, state, url, port)
+            with Client(f"127.0.0.1:{port}", api_key=KEY_A) as c, pytest.raises(grpc.RpcError) as e:
+                c.classify("one more money question", timeout=10)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "spend cap" in (e.value.details() or "")
+        finally:
+            proc.kill()
+            proc.communicate()
+    day = replay(state / LEDGER, int(time.time() // DAY_S))
+    assert day.usage["a"].spent_usd == pytest.approx(charged)
