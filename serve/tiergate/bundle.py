@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -198,6 +199,7 @@ def load_bundle(path: str | Path) -> Bundle:
         raise FormatError(f"{manifest_path}: labels must be a non-empty list of strings")
     if len(set(labels)) != len(labels):
         raise FormatError(f"{manifest_path}: labels repeat")
+    _check_shapes(manifest_path, m)
     for rel, digest in m["files"].items():
         f = root / rel
         if not f.is_file():
@@ -228,6 +230,44 @@ def load_bundle(path: str | Path) -> Bundle:
             "but the bundle has no linear tier"
         )
     return bundle
+
+
+def _check_shapes(manifest_path: Path, m: dict[str, Any]) -> None:
+    """The manifest's sections have the types the tiers will read, so a damaged
+    manifest fails here, naming itself, and not later inside a tier."""
+
+    def bad(what: str) -> FormatError:
+        return FormatError(f"{manifest_path}: {what}")
+
+    def is_number(x: object) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+    files = m["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise bad("files must map relative paths to SHA-256 digests")
+    for rel in files:
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts or "\0" in rel:
+            raise bad(f"files: {rel!r} is not a path inside the bundle")
+    tiers = m["tiers"]
+    if not isinstance(tiers, dict) or not all(isinstance(v, dict) for v in tiers.values()):
+        raise bad("tiers must map each tier to its settings")
+    thresholds = m["thresholds"]
+    if not isinstance(thresholds, dict) or not all(
+        isinstance(t, dict) and all(is_number(v) for v in t.values()) for t in thresholds.values()
+    ):
+        raise bad("thresholds must map tier -> domain -> number")
+    domains = m.get("label_domains", {})
+    if not isinstance(domains, dict) or not all(isinstance(v, str) for v in domains.values()):
+        raise bad("label_domains must map labels to domain names")
+    precision = tiers.get("rules", {}).get("precision", {})
+    if not isinstance(precision, dict) or not all(is_number(v) for v in precision.values()):
+        raise bad("tiers.rules.precision must map rule ids to numbers")
+    length = tiers.get("intent", {}).get("max_length", 64)
+    if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= 65_536:
+        raise bad(f"tiers.intent.max_length must be a whole number of tokens, not {length!r}")
 
 
 def _check_intent_labels(config_path: Path, labels: list[str]) -> None:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,9 +160,33 @@ def _mapping(where: str, raw: object) -> dict[str, Any]:
 
 
 def _number(where: str, raw: object, *, minimum: float = 0.0) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw < minimum:
-        raise ConfigError(f"{where}: expected a number >= {minimum}, not {raw!r}")
+    # NaN compares false with everything, so it must be refused by name.
+    if (
+        isinstance(raw, bool)
+        or not isinstance(raw, int | float)
+        or not math.isfinite(raw)
+        or raw < minimum
+    ):
+        raise ConfigError(f"{where}: expected a finite number >= {minimum}, not {raw!r}")
     return float(raw)
+
+
+def _strings(where: str, raw: object) -> tuple[str, ...]:
+    """A list of strings (numbers are taken as written); absent is empty."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(
+        isinstance(x, str | int | float) and not isinstance(x, bool) for x in raw
+    ):
+        raise ConfigError(f"{where}: expected a list of strings, not {raw!r}")
+    return tuple(str(x) for x in raw)
+
+
+def _path(where: str, base_dir: Path, raw: str) -> Path:
+    try:
+        return (base_dir / raw).resolve()
+    except (ValueError, OSError) as e:  # an embedded NUL, a name too long
+        raise ConfigError(f"{where}: {raw!r} is not a usable path ({e})") from None
 
 
 def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Policy:
@@ -205,17 +230,17 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
             unknown = [x for x in t["tiers"] if x not in LOCAL_TIERS]
             if unknown:
                 raise ConfigError(f"{where}.tiers: unknown tier {unknown[0]!r}; use {LOCAL_TIERS}")
-            tiers = frozenset(str(x) for x in t["tiers"])
+            tiers = frozenset(_strings(f"{where}.tiers", t["tiers"]))
         mode = str(t.get("mode", "cascade"))
         if mode not in MODES:
             raise ConfigError(f"{where}.mode: {mode!r} is not one of {MODES}")
         tasks[str(name)] = Task(
             str(name),
-            (base_dir / t["bundle"]).resolve(),
+            _path(f"{where}.bundle", base_dir, t["bundle"]),
             thresholds,
             _number(f"{where}.latency.p95_ms", latency["p95_ms"]) if "p95_ms" in latency else None,
             _number(f"{where}.latency.p99_ms", latency["p99_ms"]) if "p99_ms" in latency else None,
-            frozenset(str(x) for x in t.get("no_cache_labels") or []),
+            frozenset(_strings(f"{where}.no_cache_labels", t.get("no_cache_labels"))),
             on_skip,
             tiers,
             mode,
@@ -236,7 +261,7 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
         where = f"{source}: tenants.{name}"
         t = _mapping(where, t)
         _check_keys(where, t, {"key_sha256", "quota", "on_quota"})
-        keys = tuple(str(k).lower() for k in t.get("key_sha256") or [])
+        keys = tuple(k.lower() for k in _strings(f"{where}.key_sha256", t.get("key_sha256")))
         for k in keys:
             if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
                 raise ConfigError(f"{where}.key_sha256: {k[:12]!r}... is not a SHA-256 hex digest")
