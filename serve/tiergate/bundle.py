@@ -134,7 +134,7 @@ def load_linear(
             intercept = intercept.copy()
             intercept[column] += temperature * value
         return LinearModel(hashers, coef, intercept, labels, temperature=temperature)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, OverflowError) as e:  # Overflow: -1 as a size
         raise FormatError(f"{path}: {e}") from None
 
 

@@ -110,6 +110,14 @@ class FrontierClient(Protocol):
     def estimate_cost(self, text: str, labels: Sequence[str]) -> float: ...
 
 
+def _until(req: Request) -> float | None:
+    """Seconds a tier may take: a little less than the time left, so that a degraded
+    answer still reaches the caller before its deadline (None: no deadline)."""
+    left_s = req.remaining_ms() / 1000
+    # 50 ms covers the way back through gRPC on a busy machine; short deadlines keep 90%.
+    return None if left_s == float("inf") else max(left_s - min(0.05, left_s / 10), 0.0)
+
+
 def normalise(text: str) -> str:
     """The exact-cache key: NFKC, case-folded, whitespace collapsed."""
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
@@ -172,6 +180,25 @@ class LatencyTracker:
         return float(np.percentile([ms for _, ms in s], 95))
 
 
+# A model that finishes nothing for this long (and for several batches' time) is down.
+STALL_AFTER_MS = 1000.0
+
+
+class Overloaded(Exception):
+    """The model's queue is longer than a request may wait."""
+
+    def __init__(self, wait_ms: float, limit_ms: float):
+        super().__init__(
+            f"its queue has stood {wait_ms:.0f} ms (a request may wait {limit_ms:.0f} ms)"
+        )
+        self.wait_ms = wait_ms
+
+
+class Stalled(Exception):
+    """The model has finished nothing for longer than a request may wait: it is down
+    (a replica lost, a stuck batch), not busy."""
+
+
 class MicroBatcher:
     """Gathers concurrent model calls into batches; ``max_inflight`` batches run at a time.
 
@@ -179,6 +206,16 @@ class MicroBatcher:
     (so batches grow with load). An idle batcher waits for company at
     most ``max_wait_ms``, or a quarter of the tightest budget waiting, then
     sends what it has; a full batch leaves at once.
+
+    Overload control is by measurement, in the manner of CoDel: while the
+    oldest text waiting has waited longer than a request may (``max_queue_ms``,
+    or its deadline), the queue is standing, not a burst, and ``submit`` refuses
+    newcomers at once (``Overloaded``) instead of letting every request behind
+    them queue past its budget. A throughput estimate would need to know how
+    batching speeds the model up; the age of the queue's head needs nothing,
+    and reopens the door as soon as the queue drains. A queue that stands
+    because no batch has finished in that time is a model that is down, not
+    busy: ``Stalled``, so that the engine answers degraded instead.
     """
 
     def __init__(
@@ -195,15 +232,42 @@ class MicroBatcher:
         # more for remote replicas, so that each of them has a batch to work on.
         self.max_inflight = max_inflight
         self.inflight = 0
-        self.pending: list[tuple[str, asyncio.Future[tuple[np.ndarray, np.ndarray | None]]]] = []
+        # (text, its waiter, when it arrived on the loop clock)
+        self.pending: list[
+            tuple[str, asyncio.Future[tuple[np.ndarray, np.ndarray | None]], float]
+        ] = []
         self.timer: asyncio.TimerHandle | None = None
         self.fire_at = float("inf")
         self.batches = 0
+        self.progress_at = 0.0  # loop time a batch last finished (or the batcher woke up)
+        self.text_s = 0.0  # model time per text (moving average over batches)
+        self.running = 0  # texts in the batches now running
 
-    async def submit(self, text: str, budget_ms: float) -> tuple[np.ndarray, np.ndarray | None]:
+    def queue_age_ms(self) -> float:
+        """How long the oldest text still waiting for a batch has waited."""
+        now = asyncio.get_running_loop().time()
+        for _, fut, since in self.pending:
+            if not fut.done():
+                return (now - since) * 1000
+        return 0.0
+
+    async def submit(
+        self, text: str, budget_ms: float, max_queue_ms: float = float("inf")
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        limit = min(budget_ms, max_queue_ms)
+        age = self.queue_age_ms()
         loop = asyncio.get_running_loop()
+        if age > limit:
+            # Stalled only when nothing finished for a second, and for four times what
+            # the texts now running should take: a big batch, or a small one on a busy
+            # machine, is overload, not an outage (before the first batch: no telling).
+            idle_ms = (loop.time() - self.progress_at) * 1000
+            expected_ms = 1000 * self.text_s * self.running
+            if self.text_s and idle_ms > max(limit, STALL_AFTER_MS, 4 * expected_ms):
+                raise Stalled(f"no batch has finished for {idle_ms:.0f} ms")
+            raise Overloaded(age, limit)
         fut: asyncio.Future[tuple[np.ndarray, np.ndarray | None]] = loop.create_future()
-        self.pending.append((text, fut))
+        self.pending.append((text, fut, loop.time()))
         if self.busy:
             pass  # leaves with the next batch, when a running one ends
         elif len(self.pending) >= self.max_batch:
@@ -223,28 +287,38 @@ class MicroBatcher:
             self.timer.cancel()
             self.timer = None
         self.fire_at = float("inf")
+        # Callers that gave up (deadline, cancelled call) cost the model nothing.
+        self.pending = [p for p in self.pending if not p[1].done()]
         if self.busy or not self.pending:
             return
+        if self.inflight == 0:  # waking up from idle: no batch was late
+            self.progress_at = asyncio.get_running_loop().time()
         batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
         self.inflight += 1
         self.batches += 1
+        self.running += len(batch)
         asyncio.get_running_loop().create_task(self._run(batch))
 
-    async def _run(self, batch: list[tuple[str, asyncio.Future[Any]]]) -> None:
+    async def _run(self, batch: list[tuple[str, asyncio.Future[Any], float]]) -> None:
+        started = time.perf_counter()
         try:
-            logits, vectors = await self.run([t for t, _ in batch])
+            logits, vectors = await self.run([t for t, _, _ in batch])
+            per_text = (time.perf_counter() - started) / len(batch)
+            self.text_s = per_text if not self.text_s else 0.8 * self.text_s + 0.2 * per_text
             if len(logits) != len(batch) or (vectors is not None and len(vectors) != len(batch)):
                 raise RuntimeError(f"the model answered {len(logits)} rows for {len(batch)} texts")
         except Exception as e:  # every waiter learns of the failure
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(e)
         else:
-            for i, (_, fut) in enumerate(batch):
+            for i, (_, fut, _) in enumerate(batch):
                 if not fut.done():
                     fut.set_result((logits[i], None if vectors is None else vectors[i]))
         finally:
             self.inflight -= 1
+            self.running -= len(batch)
+            self.progress_at = asyncio.get_running_loop().time()
             self._flush()
 
     @property
@@ -587,7 +661,23 @@ class Engine:
             else:
                 t0 = time.perf_counter()
                 try:
-                    logits, vector = await rt.batcher.submit(req.text, left)
+                    # A model that hangs (a replica lost, a stuck batch) must not take the
+                    # request past its deadline: stop in time to answer degraded.
+                    logits, vector = await asyncio.wait_for(
+                        rt.batcher.submit(req.text, left, policy.max_queue_ms), _until(req)
+                    )
+                except Overloaded as e:  # more work than the model can do in time
+                    raise RequestError(
+                        "RESOURCE_EXHAUSTED",
+                        f"the intent model is overloaded: {e}; retry later",
+                        retry_after_s=e.wait_ms / 1000,
+                    ) from None
+                except TimeoutError:
+                    path.append(Step("intent", note="no answer within the request's deadline"))
+                    return self._degrade(d, best, "intent model did not answer in time")
+                except Stalled as e:
+                    path.append(Step("intent", note=f"not answering: {e}"))
+                    return self._degrade(d, best, "intent model not answering")
                 except Exception as e:  # the tier is down: answer from what we have
                     path.append(Step("intent", note=f"failed: {type(e).__name__}: {e}"))
                     return self._degrade(d, best, "intent model unavailable")
@@ -616,7 +706,8 @@ class Engine:
             # A remote model embeds on demand: only requests heading for the semantic
             # cache and the frontier pay for an embedding, not the ones it decides.
             try:
-                vector = (await rt.embedder.submit(req.text, req.remaining_ms()))[0]
+                left = req.remaining_ms()
+                vector = (await rt.embedder.submit(req.text, left, policy.max_queue_ms))[0]
             except Exception as e:  # no embedding: no semantic cache, nothing worse
                 path.append(Step("semantic_cache", note=f"embedding failed: {e}"))
         if self.semantic is not None and vector is not None and action != "escalate":
@@ -674,9 +765,7 @@ class Engine:
         hints = ", ".join(f"{s.tier}: {s.label} ({s.confidence:.2f})" for s in d.path if s.label)
         cost = estimate  # charged if the call is cancelled mid-way: it may have been paid
         try:
-            # Stop a little before the deadline so a degraded answer still reaches the caller.
-            left_s = req.remaining_ms() / 1000
-            limit = None if left_s == float("inf") else max(left_s - min(0.005, left_s / 10), 0.0)
+            limit = _until(req)
             # The escalator plans its retries within the limit; wait_for is the backstop.
             result = await asyncio.wait_for(
                 self.frontier.classify(req.text, rt.labels, hints, limit), limit

@@ -28,8 +28,10 @@ Example::
     cache: {exact_ttl_s: 3600, semantic_ttl_s: 3600, semantic_threshold: 0.95}
     limits: {max_text_bytes: 16384, max_batch: 256,
              max_inflight: 4096,         # requests in flight; more are refused at once
-             max_loop_lag_ms: 50}        # refuse new requests while the server runs
+             max_loop_lag_ms: 50,        # refuse new requests while the server runs
                                          # this far behind (0: off); see admission.py
+             max_queue_ms: 250}          # refuse a request whose wait for a model
+                                         # batch would pass this (or its deadline)
     log: {raw_text: false}
     frontier:                        # escalation providers, tried in this order
       providers:
@@ -120,6 +122,7 @@ class Policy:
     max_batch: int = 256
     max_inflight: int = 4096
     max_loop_lag_ms: float = 50.0
+    max_queue_ms: float = 250.0
     log_raw_text: bool = False
     frontier: FrontierConfig | None = None  # None: no escalation unless the command line sets one
     source: str = "<built-in>"
@@ -290,7 +293,7 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
     _check_keys(
         f"{source}: limits",
         limits,
-        {"max_text_bytes", "max_batch", "max_inflight", "max_loop_lag_ms"},
+        {"max_text_bytes", "max_batch", "max_inflight", "max_loop_lag_ms", "max_queue_ms"},
     )
     log = _mapping(f"{source}: log", top.get("log"))
     _check_keys(f"{source}: log", log, {"raw_text"})
@@ -325,6 +328,9 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
         ),
         max_loop_lag_ms=_number(
             f"{source}: limits.max_loop_lag_ms", limits.get("max_loop_lag_ms", 50.0)
+        ),
+        max_queue_ms=_number(
+            f"{source}: limits.max_queue_ms", limits.get("max_queue_ms", 250.0), minimum=1.0
         ),
         log_raw_text=bool(log.get("raw_text", False)),
         frontier=(

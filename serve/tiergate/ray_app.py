@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,6 +146,7 @@ class IntentModel:
             "labels": self.labels,
             "dim": dim,
             "node": node_id(),
+            "pid": os.getpid(),  # tells a restarted replica from the one before
             "batches": self.batches,
             "forward_passes": self.forward_passes,
         }
@@ -184,16 +186,29 @@ class RemoteModel:
         self.labels = labels
         self.dim = dim
 
+    async def _call(self, method: str, *args: Any) -> Any:
+        """One retry when the replica died under the call: the handle sends the retry
+        to another replica (or to the one Serve starts in its place). The engine's
+        deadline bounds the whole (see Engine: it stops waiting in time to degrade)."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import ReplicaUnavailableError
+
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except (RayActorError, ActorUnavailableError, ReplicaUnavailableError) as e:
+            log.warning("intent model replica lost mid-call (%s); retrying once", type(e).__name__)
+            return await getattr(self.handle, method).remote(*args)
+
     async def infer_async(
         self, texts: Sequence[str]
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32] | None]:
         # Logits only: the embedding is asked for later, by the requests that need it.
-        return await self.handle.infer.remote(list(texts), False)  # type: ignore[no-any-return]
+        return await self._call("infer", list(texts), False)  # type: ignore[no-any-return]
 
     async def embed_async(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         if self.dim is None:
             raise RuntimeError("the model deployment has no embedder")
-        return await self.handle.embed.remote(list(texts))  # type: ignore[no-any-return]
+        return await self._call("embed", list(texts))  # type: ignore[no-any-return]
 
     def infer(self, texts: Sequence[str], *, embed: bool = True) -> Any:
         """The blocking form ModelBackend asks for (offline callers); the engine itself
@@ -308,8 +323,12 @@ class Frontend:
         a = self.server.admission
         return {"inflight": float(a.inflight), "loop_lag_ms": a.lag_ms}
 
-    async def stop(self) -> None:
-        await self.server.stop(0.5)
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown of the replica (it awaits an async ``__del__``):
+        the gRPC server drains and the state directory gets its last save."""
+        server = getattr(self, "server", None)  # a constructor that failed leaves none
+        if server is not None:
+            await server.stop(0.5)
 
 
 # The front end scales on its own signals: one more replica while the replicas run
@@ -435,8 +454,6 @@ def run(app_args: dict[str, Any], ray_address: str | None) -> None:
     joined = ray_address is not None
     where = f"joining Ray at {ray_address}" if joined else "starting a local Ray"
     print(f"tiergate: {where}...", file=sys.stderr, flush=True)
-    import os
-
     # Warnings and errors from the replicas reach this terminal; their INFO chatter goes
     # to Ray's log files (/tmp/ray/session_latest/logs) unless the user asks for it.
     quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}

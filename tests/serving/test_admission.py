@@ -14,6 +14,7 @@ import pytest
 from tests.fake_openai import Script, fake_provider
 from tests.serving.conftest import escalate_everything, write_policy
 from tiergate.admission import Admission
+from tiergate.client import AsyncClient
 from tiergate.engine import RequestError
 from tiergate.v1 import classifier_pb2 as pb
 
@@ -178,3 +179,42 @@ def test_a_stream_works_on_at_most_max_batch_items_at_once(
     assert sorted(int(a.client_id) for a in answers) == list(range(20))
     assert all(a.label == "refund" for a in answers)
     assert 1 <= peak <= 3
+
+
+def test_an_overloaded_model_refuses_newcomers_with_a_hint_and_answers_the_rest(
+    start: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    """The real intent model in process, offered ~1,000 texts/s (more than 2 cores
+    classify): once its queue stands past limits.max_queue_ms, newcomers get
+    RESOURCE_EXHAUSTED at once, and the ones admitted are answered by the model."""
+    policy = write_policy(
+        tmp_path / "p.yaml", full_bundle, limits={"max_queue_ms": 50, "max_batch": 8}
+    )
+    r = start(policy)
+
+    async def main() -> list[Any]:
+        async with AsyncClient(r.address) as c:
+
+            async def one(i: int) -> Any:
+                await asyncio.sleep(i / 1000)  # open loop: 1,000 arrivals per second
+                try:
+                    return await c.classify(
+                        f"where is parcel number {i} now", force_tier="intent", timeout=30
+                    )
+                except grpc.aio.AioRpcError as e:
+                    return e
+
+            return list(await asyncio.gather(*(one(i) for i in range(1500))))
+
+    outcomes = asyncio.run(main())
+    answered = [o for o in outcomes if not isinstance(o, grpc.aio.AioRpcError)]
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert answered
+    assert refused
+    assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}, {
+        e.details() for e in refused if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+    }
+    assert all("intent model is overloaded" in (e.details() or "") for e in refused)
+    assert all(float(dict(e.trailing_metadata())["retry-after-s"]) > 0 for e in refused)
+    assert {a.tier for a in answered} == {"intent"}
+    assert not any(a.degraded for a in answered)

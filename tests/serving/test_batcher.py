@@ -6,8 +6,9 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 
-from tiergate.engine import MicroBatcher
+from tiergate.engine import MicroBatcher, Overloaded, Stalled
 
 
 class Model:
@@ -82,3 +83,69 @@ def test_a_failure_reaches_every_waiter_and_the_batcher_recovers() -> None:
 
     asyncio.run(run())
     assert model.sizes[-1] == 1
+
+
+def test_a_standing_queue_refuses_newcomers_at_once_and_reopens_when_drained() -> None:
+    # 4 texts per 0.1 s batch: a burst of 20 takes 0.5 s to drain.
+    model = Model(seconds=0.1)
+    b = MicroBatcher(model, max_batch=4, max_wait_ms=1)
+
+    async def main() -> None:
+        burst = [asyncio.ensure_future(b.submit(str(i), 1000, max_queue_ms=150)) for i in range(20)]
+        await asyncio.sleep(0.25)  # the queue's head has now waited ~0.15 s or more
+        late = await asyncio.gather(
+            *(b.submit(str(i), 1000, max_queue_ms=150) for i in range(5)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(x, Overloaded) for x in late), late
+        assert all(x.wait_ms > 150 for x in late if isinstance(x, Overloaded))
+        # A newcomer with less time left than the queue has stood is refused too.
+        with pytest.raises(Overloaded):
+            await b.submit("9", budget_ms=100)
+        answers = await asyncio.gather(*burst)  # the burst itself was admitted whole
+        assert [int(a[0][0]) for a in answers] == list(range(20))
+        # Drained: the door is open again.
+        assert int((await b.submit("7", 1000, max_queue_ms=150))[0][0]) == 7
+
+    asyncio.run(main())
+    assert sum(model.sizes) == 21  # no refused text reached the model
+
+
+def test_callers_that_gave_up_cost_the_model_nothing() -> None:
+    model = Model(seconds=0.05)
+    b = MicroBatcher(model, max_batch=8, max_wait_ms=1)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(b.submit("0", budget_ms=1000))
+        await asyncio.sleep(0.01)  # the first batch is running: the next ones queue
+        waiting = [asyncio.ensure_future(b.submit(str(i), budget_ms=1000)) for i in (1, 2, 3)]
+        await asyncio.sleep(0)
+        waiting[1].cancel()  # its caller hit its deadline
+        await first
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        assert isinstance(results[1], asyncio.CancelledError)
+
+    asyncio.run(main())
+    assert model.sizes == [1, 2]
+
+
+def test_a_queue_behind_a_model_that_finishes_nothing_is_a_stall_not_overload() -> None:
+    model = Model(seconds=0.01)
+    b = MicroBatcher(model, max_batch=4, max_wait_ms=1)
+
+    async def main() -> None:
+        await b.submit("0", 5000)  # a healthy batch: 10 ms a text
+        model.seconds = 60  # then the replica is lost: calls never come back
+        stuck = asyncio.ensure_future(b.submit("1", 5000))
+        await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(b.submit("2", 5000))
+        await asyncio.sleep(0.3)
+        with pytest.raises(Overloaded):  # a queue 0.3 s old: could still be a slow batch
+            await b.submit("3", 5000, max_queue_ms=100)
+        await asyncio.sleep(0.8)  # over a second without progress: down, not busy
+        with pytest.raises(Stalled, match="no batch has finished"):
+            await b.submit("4", 5000, max_queue_ms=100)
+        stuck.cancel()
+        queued.cancel()
+
+    asyncio.run(main())
