@@ -226,23 +226,9 @@ impl SemanticCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::tests::cache;
     use crate::cache::CacheConfig;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
-
-    fn cache(capacity: usize, ttl: Option<f64>) -> (SemanticCache, Arc<AtomicU64>) {
-        let now = Arc::new(AtomicU64::new(0));
-        let clock_now = Arc::clone(&now);
-        let config = CacheConfig {
-            dim: 3,
-            metric: Metric::Cosine,
-            threshold: 0.9,
-            ttl_seconds: ttl,
-            capacity,
-        };
-        let clock = Box::new(move || clock_now.load(Ordering::SeqCst) as f64);
-        (SemanticCache::with_clock(config, clock).unwrap(), now)
-    }
+    use std::sync::atomic::Ordering;
 
     fn tmp(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("tiergate-cache-{name}-{}", std::process::id()));

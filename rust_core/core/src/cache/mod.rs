@@ -297,11 +297,12 @@ impl SemanticCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
 
-    fn cache(capacity: usize, ttl: Option<f64>) -> (SemanticCache, Arc<AtomicU64>) {
+    /// A dim-3 cosine cache on a clock the test sets (seconds in the returned cell).
+    pub(crate) fn cache(capacity: usize, ttl: Option<f64>) -> (SemanticCache, Arc<AtomicU64>) {
         let now = Arc::new(AtomicU64::new(0));
         let clock_now = Arc::clone(&now);
         let config = CacheConfig {
