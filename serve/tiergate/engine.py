@@ -706,8 +706,8 @@ class Engine:
             # A remote model embeds on demand: only requests heading for the semantic
             # cache and the frontier pay for an embedding, not the ones it decides.
             try:
-                left = req.remaining_ms()
-                vector = (await rt.embedder.submit(req.text, left, policy.max_queue_ms))[0]
+                embedding = rt.embedder.submit(req.text, req.remaining_ms(), policy.max_queue_ms)
+                vector = (await asyncio.wait_for(embedding, _until(req)))[0]
             except Exception as e:  # no embedding: no semantic cache, nothing worse
                 path.append(Step("semantic_cache", note=f"embedding failed: {e}"))
         if self.semantic is not None and vector is not None and action != "escalate":

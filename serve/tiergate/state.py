@@ -31,7 +31,7 @@ from typing import IO, Any
 
 import orjson
 
-from tiergate._core import FormatError, SemanticCache
+from tiergate._core import ConfigError, FormatError, SemanticCache
 from tiergate.accounting import DAY_S, Ledger, Usage
 
 log = logging.getLogger("tiergate.state")
@@ -103,9 +103,18 @@ class LedgerJournal:
     def __init__(self, path: Path):
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.failed = False
 
     def record(self, event: dict[str, Any]) -> None:
-        os.write(self.fd, orjson.dumps(event) + b"\n")
+        # A full disk must not fail the request: the books in memory stay right,
+        # only what survives a restart suffers, and the log says so (once).
+        try:
+            os.write(self.fd, orjson.dumps(event) + b"\n")
+        except OSError as e:
+            if not self.failed:
+                log.error("%s: cannot write the spend journal (%s); a restart will lose "
+                          "what follows", self.path, e)  # fmt: skip
+            self.failed = True
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -142,8 +151,10 @@ class StateStore:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._lock: IO[bytes] = (self.dir / "lock").open("wb")
-        except OSError as e:
-            raise OSError(f"state directory {self.dir}: {e.strerror or e}") from None
+        except OSError as e:  # a config mistake (a file in the way, no permission)
+            raise ConfigError(
+                f"state directory {self.dir}: {e.strerror or e} (--state-dir none to run without)"
+            ) from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -24,6 +24,7 @@ from tests.serving.conftest import (
     write_policy,
 )
 from tests.serving.test_serve_command import free_port
+from tiergate._core import ConfigError
 from tiergate.accounting import DAY_S, Ledger
 from tiergate.client import Client
 from tiergate.policy import Tenant
@@ -187,3 +188,10 @@ def test_a_killed_server_comes_back_with_its_spend_cap_still_reached(
             proc.communicate()
     day = replay(state / LEDGER, int(time.time() // DAY_S))
     assert day.usage["a"].spent_usd == pytest.approx(charged)
+
+
+def test_an_unusable_state_directory_is_a_clear_config_error(tmp_path: Path) -> None:
+    in_the_way = tmp_path / "state"
+    in_the_way.write_text("a file where the directory should be")
+    with pytest.raises(ConfigError, match=r"state directory .*state.*--state-dir none"):
+        StateStore(in_the_way)
