@@ -15,7 +15,7 @@ PROTOS := $(wildcard proto/tiergate/v1/*.proto)
 PROTO_OUT := $(PROTOS:proto/%.proto=serve/%_pb2.py)
 RUST_SOURCES := $(shell find rust_core -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml
 
-.PHONY: help proto serve demo bench-frontend bench-model bench-ingress bench-load test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
+.PHONY: help proto serve demo fuzz bench-frontend bench-model bench-ingress bench-load test lint lint-rust lint-python test-rust test-python stubtest build bench bench-quick fmt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -79,8 +79,8 @@ lint-rust: | $(BIN)/python
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
 lint-python: $(DEPS) $(PROTO_OUT)
-	$(BIN)/ruff check serve tests benchmarks
-	$(BIN)/ruff format --check serve tests benchmarks
+	$(BIN)/ruff check serve tests benchmarks rust_core/fuzz
+	$(BIN)/ruff format --check serve tests benchmarks rust_core/fuzz
 	$(BIN)/mypy
 
 test-rust:  ## Rust unit tests of the pure core crate
@@ -110,10 +110,19 @@ bench-load: $(SERVE_BUNDLE)/manifest.json  ## tiergate bench: frontier-only, rou
 bench-quick: $(EXT)  ## the same, under a minute
 	$(BIN)/python -m benchmarks.micro --quick --json bench-results/micro-quick.json
 
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := ann_index_file cache_snapshot rule_file match_text
+fuzz: $(EXT)  ## coverage-guided fuzzing of the Rust parsers and matchers, FUZZ_SECONDS each (nightly + cargo install cargo-fuzz)
+	$(BIN)/python rust_core/fuzz/seeds.py rust_core/fuzz/corpus
+	for t in $(FUZZ_TARGETS); do \
+		cargo +nightly fuzz run --fuzz-dir rust_core/fuzz $$t rust_core/fuzz/corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 || exit 1; \
+	done
+
 fmt:  ## format Rust and Python in place
 	cargo fmt --all
-	$(BIN)/ruff format serve tests benchmarks
-	$(BIN)/ruff check --fix serve tests benchmarks
+	$(BIN)/ruff format serve tests benchmarks rust_core/fuzz
+	$(BIN)/ruff check --fix serve tests benchmarks rust_core/fuzz
 
 clean:
 	rm -rf $(VENV) target bench-results .tiergate

@@ -78,6 +78,11 @@ pub fn write(path: &Path, kind: &Kind, header: &[u8], payload: &[u8]) -> Result<
 /// Reads `path` and checks its envelope against `kind`.
 pub fn read(path: &Path, kind: &Kind) -> Result<Opened> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    open(bytes, path, kind)
+}
+
+/// Checks the envelope of `bytes` against `kind`; errors name `path`.
+pub fn open(bytes: Vec<u8>, path: &Path, kind: &Kind) -> Result<Opened> {
     let bad = |reason: String| Error::format(path, reason);
     if bytes.len() < FIXED {
         return Err(bad(format!(

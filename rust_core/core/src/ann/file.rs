@@ -248,7 +248,17 @@ impl AnnIndex {
 
     /// Reads an index written by [`AnnIndex::save`].
     pub fn load(path: &Path) -> Result<Self> {
-        let opened = envelope::read(path, &KIND)?;
+        Self::from_opened(envelope::read(path, &KIND)?, path)
+    }
+
+    /// [`load`](Self::load) from bytes in memory (errors name `<bytes>`): for
+    /// fuzzing, and callers that hold the file already.
+    pub fn load_bytes(bytes: Vec<u8>) -> Result<Self> {
+        let name = Path::new("<bytes>");
+        Self::from_opened(envelope::open(bytes, name, &KIND)?, name)
+    }
+
+    fn from_opened(opened: envelope::Opened, path: &Path) -> Result<Self> {
         let bad = |reason: String| Error::format(path, reason);
         let header: Header = serde_json::from_slice(opened.header())
             .map_err(|e| bad(format!("header is not valid: {e}")))?;

@@ -123,7 +123,21 @@ impl SemanticCache {
 
     /// [`restore`](Self::restore) with the wall clock given.
     pub fn restore_at(&self, path: &Path, unix_now: f64) -> Result<usize> {
-        let opened = envelope::read(path, &KIND)?;
+        self.restore_opened(envelope::read(path, &KIND)?, path, unix_now)
+    }
+
+    /// [`restore_at`](Self::restore_at) from bytes in memory (errors name `<bytes>`).
+    pub fn restore_bytes(&self, bytes: Vec<u8>, unix_now: f64) -> Result<usize> {
+        let name = Path::new("<bytes>");
+        self.restore_opened(envelope::open(bytes, name, &KIND)?, name, unix_now)
+    }
+
+    fn restore_opened(
+        &self,
+        opened: envelope::Opened,
+        path: &Path,
+        unix_now: f64,
+    ) -> Result<usize> {
         let bad = |reason: String| Error::format(path, reason);
         let header: Header = serde_json::from_slice(opened.header())
             .map_err(|e| bad(format!("header is not valid: {e}")))?;
