@@ -138,6 +138,14 @@ def parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--sweep-seconds", type=float, default=15.0, help="length of each step")
     x.add_argument(
+        "--overload",
+        action="store_true",
+        help="after the sweep (implies --sweep), offer twice the highest sustained rate for "
+        "--overload-seconds: what is refused (RESOURCE_EXHAUSTED), the p99 of what is "
+        "admitted, the server's peak memory",
+    )
+    x.add_argument("--overload-seconds", type=float, default=60.0)
+    x.add_argument(
         "--sweep-max-rps", type=float, default=2000.0, help="the sweep stops below this rate"
     )
     x.add_argument(
@@ -204,6 +212,10 @@ def _main(args: argparse.Namespace) -> int:
                                 "`tiergate train`, or pass --bundle")  # fmt: skip
     if args.requests < 1 or args.clients < 1 or args.seconds <= 0:
         raise ValueError("--requests, --clients and --seconds must be positive")
+    if args.overload:
+        if args.overload_seconds <= 0:
+            raise ValueError("--overload-seconds must be positive")
+        args.sweep = True
     rate = None if args.closed else args.rate
     if rate is not None and rate <= 0:
         raise ValueError("--rate must be positive (or use --closed N)")
@@ -219,6 +231,13 @@ def _main(args: argparse.Namespace) -> int:
         if args.sweep
         else []
     )
+    # Overload offers up to twice the sweep's ceiling for its whole length.
+    overload_items = (
+        workload.build(pool, mix, int(2 * args.sweep_max_rps * args.overload_seconds),
+                       args.seed + 2)
+        if args.overload
+        else []
+    )  # fmt: skip
     keys = {t.name: (args.api_key or t.key) for t in tenants}
     sim = SimulatorParams(args.sim_accuracy, args.sim_latency_ms, args.sim_p95_ms,
                           args.price_in, args.price_out, seed=args.seed)  # fmt: skip
@@ -254,7 +273,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.target is not None:
         tallies["target"] = run_config("target", args.target)
     else:
-        with servers.simulator(sim, workload.gold(items + sweep_items)) as sim_url:
+        gold = workload.gold(items + sweep_items + overload_items)
+        with servers.simulator(sim, gold) as sim_url:
             url = args.frontier_url or sim_url
 
             def policy_of(name: str) -> Path:
@@ -269,13 +289,16 @@ def _main(args: argparse.Namespace) -> int:
                     tallies[name] = run_config(name, address)
             if args.sweep:
                 sweep = _sweep(args, sweep_items, keys, policy_of("hybrid"))
+                if args.overload and sweep["max_sustained_rps"]:
+                    sweep["overload"] = _overload(args, overload_items, keys, policy_of("hybrid"),
+                                                  2 * sweep["max_sustained_rps"])  # fmt: skip
         if args.ceilings:
             ceilings = _ceilings(args, items)
 
     baseline = tallies.get("cascade")
     results = {n: report.summarize(t, baseline if n == "hybrid" else None)
                for n, t in tallies.items()}  # fmt: skip
-    verdicts = _targets(results, mix, sweep)
+    verdicts = _targets(results, mix, sweep, args.p99_budget_ms)
     md = report.markdown(results, header)
     if ceilings:
         md += (
@@ -394,6 +417,29 @@ def _sweep(args: argparse.Namespace, items: list[workload.Item], keys: dict[str,
     }  # fmt: skip
 
 
+def _overload(args: argparse.Namespace, items: list[workload.Item], keys: dict[str, str],
+              policy: Path, rate: float) -> dict[str, Any]:  # fmt: skip
+    """The hybrid offered ``rate`` (twice the sustained maximum) for --overload-seconds."""
+    stats: dict[str, Any] = {}
+    n = int(rate * args.overload_seconds)
+    with servers.tiergate(policy, stats) as address:
+        _warm_up(address, keys)
+        t = loadgen.drive(address, items[:n], keys, clients=args.clients, rate=rate,
+                          concurrency=1, seconds=args.overload_seconds, timeout_s=args.timeout,
+                          label=f"overload {rate:,.0f} req/s", seed=args.seed)  # fmt: skip
+    r = report.summarize(t)
+    refused = r["errors"].get("RESOURCE_EXHAUSTED", 0)
+    _log(f"overload: {rate:,.0f} req/s offered for {args.overload_seconds:g} s -> "
+         f"{r['answered']:,} answered, {refused:,} refused, p99 {r['latency_ms']['p99']:.1f} ms, "
+         f"server peak RSS {stats.get('peak_rss_mb') or 0:,.0f} MB")  # fmt: skip
+    return {
+        "offered_rps": rate, "seconds": args.overload_seconds, "requests": r["requests"],
+        "answered": r["answered"], "refused": refused, "errors": r["errors"],
+        "latency_ms": r["latency_ms"], "cheap_tier_latency_ms": r["cheap_tier_latency_ms"],
+        "peak_rss_mb": stats.get("peak_rss_mb"),
+    }  # fmt: skip
+
+
 def _sweep_markdown(sweep: dict[str, Any], budget_ms: float) -> str:
     lines = ["", f"Rate sweep (hybrid, open loop; sustained: p99 <= {budget_ms:g} ms, "
              "< 1% errors):", "",
@@ -406,6 +452,19 @@ def _sweep_markdown(sweep: dict[str, Any], budget_ms: float) -> str:
                      f"| {p['cheap_tier_latency_ms']['p99']:.2f} "
                      f"| {'yes' if p['sustained'] else 'no'} |")  # fmt: skip
     lines.append(f"\nHighest sustained rate: {sweep['max_sustained_rps']:,.0f} req/s.")
+    o = sweep.get("overload")
+    if o:
+        rss = f"{o['peak_rss_mb']:,.0f} MB" if o["peak_rss_mb"] else "unknown"
+        others = {k: v for k, v in o["errors"].items() if k != "RESOURCE_EXHAUSTED"}
+        lines.append(
+            f"\nOverload: {o['offered_rps']:,.0f} req/s offered (twice that) for "
+            f"{o['seconds']:g} s: {o['answered']:,} of {o['requests']:,} answered, "
+            f"{o['refused']:,} refused at once with RESOURCE_EXHAUSTED"
+            + (f", other errors {others}" if others else "")
+            + f"; admitted p50 {o['latency_ms']['p50']:.1f} ms, p99 {o['latency_ms']['p99']:.1f} "
+            f"ms, p99.9 {o['latency_ms']['p99.9']:.1f} ms; cheap-tier p99 "
+            f"{o['cheap_tier_latency_ms']['p99']:.1f} ms; server peak RSS {rss}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -434,7 +493,7 @@ def _ceilings(args: argparse.Namespace, items: list[workload.Item]) -> dict[str,
 
 
 def _targets(results: dict[str, dict[str, Any]], mix: workload.Mix,
-             sweep: dict[str, Any] | None) -> list[dict[str, Any]]:  # fmt: skip
+             sweep: dict[str, Any] | None, budget_ms: float) -> list[dict[str, Any]]:  # fmt: skip
     """The issue's targets, judged on this run's figures."""
     out = []
     hybrid, frontier = results.get("hybrid"), results.get("frontier")
@@ -462,6 +521,15 @@ def _targets(results: dict[str, dict[str, Any]], mix: workload.Mix,
             out.append({"target": "cache answers differing from the uncached cascade's, "
                                   "under 0.5%",
                         "measured": f"{changed:.2%}", "met": changed < 0.005})  # fmt: skip
+    if sweep is not None and sweep.get("overload"):
+        o = sweep["overload"]
+        others = sum(v for k, v in o["errors"].items() if k != "RESOURCE_EXHAUSTED")
+        out.append({"target": f"at twice the sustained max: the excess refused "
+                              f"(RESOURCE_EXHAUSTED), admitted p99 within {budget_ms:g} ms, "
+                              "no other errors",
+                    "measured": f"{o['refused']:,} refused, p99 {o['latency_ms']['p99']:.0f} ms, "
+                                f"{others} other errors",
+                    "met": o["latency_ms"]["p99"] <= budget_ms and others == 0})  # fmt: skip
     if sweep is not None and sweep.get("half_rate"):
         half = sweep["half_rate"]
         p99 = half["cheap_tier_latency_ms"]["p99"]

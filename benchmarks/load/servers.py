@@ -38,8 +38,21 @@ def _tiergate(policy_path: str, port_q: Any) -> None:
         raise
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """The highest resident memory a process has had (Linux: VmHWM), in MB."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 @contextmanager
-def _process(target: Any, args: tuple[Any, ...], what: str, timeout_s: float) -> Iterator[Any]:
+def _process(target: Any, args: tuple[Any, ...], what: str, timeout_s: float,
+             stats: dict[str, Any] | None = None) -> Iterator[Any]:  # fmt: skip
     ctx = mp.get_context("spawn")
     port_q = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, port_q), daemon=True)
@@ -53,6 +66,8 @@ def _process(target: Any, args: tuple[Any, ...], what: str, timeout_s: float) ->
             raise RuntimeError(f"{what} failed to start: {port}")
         yield port
     finally:
+        if stats is not None and proc.pid is not None:
+            stats["peak_rss_mb"] = peak_rss_mb(proc.pid)
         proc.terminate()
         proc.join(10)
         if proc.is_alive():
@@ -62,9 +77,10 @@ def _process(target: Any, args: tuple[Any, ...], what: str, timeout_s: float) ->
 
 
 @contextmanager
-def tiergate(policy_path: Path) -> Iterator[str]:
-    """A tiergate front end on ``policy_path``; yields its address."""
-    with _process(_tiergate, (str(policy_path),), "tiergate", 300) as port:
+def tiergate(policy_path: Path, stats: dict[str, Any] | None = None) -> Iterator[str]:
+    """A tiergate front end on ``policy_path``; yields its address. ``stats`` gets
+    the server's peak memory when it stops."""
+    with _process(_tiergate, (str(policy_path),), "tiergate", 300, stats) as port:
         yield f"127.0.0.1:{port}"
 
 

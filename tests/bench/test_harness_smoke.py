@@ -21,6 +21,7 @@ def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
         "--sim-p95-ms", "20", "--repeats", "0.2", "--paraphrases", "0.1",
         "--tenant", "gold=3", "--tenant", "trial=1:0.0001",
         "--sweep", "--sweep-seconds", "2", "--sweep-max-rps", "100",
+        "--overload", "--overload-seconds", "2",
     ]  # fmt: skip
     run = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ}
@@ -62,5 +63,13 @@ def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
     assert any(t["target"].startswith("cheap-tier p99") for t in doc["targets"])
     echo = sweep["echo_at_half_rate_ms"]
     assert 0 < echo["p50"] <= echo["p99"]
+    # Overload: twice the sustained rate, every request accounted for.
+    over = sweep["overload"]
+    assert over["offered_rps"] == 2 * sweep["max_sustained_rps"]
+    assert over["answered"] + sum(over["errors"].values()) == over["requests"] > 0
+    assert over["refused"] == over["errors"].get("RESOURCE_EXHAUSTED", 0)
+    assert over["peak_rss_mb"] > 50  # the server's own memory, read from /proc
+    assert "Overload:" in md
+    assert any(t["target"].startswith("at twice the sustained max") for t in doc["targets"])
     for png in ("latency_cdf.png", "tier_mix.png", "sweep.png"):
         assert (out / png).stat().st_size > 10_000
