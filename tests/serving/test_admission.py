@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -182,7 +184,7 @@ def test_a_stream_works_on_at_most_max_batch_items_at_once(
 
 
 def test_an_overloaded_model_refuses_newcomers_with_a_hint_and_answers_the_rest(
-    start: Any, full_bundle: Path, tmp_path: Path
+    start: Any, full_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The real intent model in process, offered ~1,000 texts/s (more than 2 cores
     classify): once its queue stands past limits.max_queue_ms, newcomers get
@@ -191,6 +193,7 @@ def test_an_overloaded_model_refuses_newcomers_with_a_hint_and_answers_the_rest(
         tmp_path / "p.yaml", full_bundle, limits={"max_queue_ms": 50, "max_batch": 8}
     )
     r = start(policy)
+    caplog.set_level(logging.INFO, logger="tiergate.decisions")
 
     async def main() -> list[Any]:
         async with AsyncClient(r.address) as c:
@@ -218,3 +221,11 @@ def test_an_overloaded_model_refuses_newcomers_with_a_hint_and_answers_the_rest(
     assert all(float(dict(e.trailing_metadata())["retry-after-s"]) > 0 for e in refused)
     assert {a.tier for a in answered} == {"intent"}
     assert not any(a.degraded for a in answered)
+    # Nothing lost: every request the engine admitted left exactly one record, its
+    # decision or its error (the event-loop guard may refuse some before admission).
+    lines = [json.loads(x.getMessage()) for x in caplog.records if x.name == "tiergate.decisions"]
+    ids = [x["request_id"] for x in lines]
+    assert len(ids) == len(set(ids))
+    assert {a.request_id for a in answered} <= set(ids)
+    in_engine = [e for e in refused if "intent model" in (e.details() or "")]
+    assert len(lines) == len(answered) + len(in_engine)
