@@ -149,7 +149,8 @@ class StateStore:
     def __init__(self, directory: Path):
         self.dir = directory
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            # Owner only: the books name tenants, the cache holds embeddings of their texts.
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock: IO[bytes] = (self.dir / "lock").open("wb")
         except OSError as e:  # a config mistake (a file in the way, no permission)
             raise ConfigError(

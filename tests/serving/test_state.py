@@ -59,6 +59,9 @@ def test_the_books_survive_and_an_open_reservation_counts_at_its_estimate(
 
     u = books(tmp_path).snapshot("a")
     assert (u.requests, u.escalations) == (3, 2)
+    new_dir = tmp_path / "fresh"
+    StateStore(new_dir).close()
+    assert new_dir.stat().st_mode & 0o077 == 0  # owner only
     assert u.spent_usd == pytest.approx(0.004 + 0.020)
     # Compacted: one usage line per tenant, and replaying it again changes nothing.
     lines = (tmp_path / LEDGER).read_bytes().splitlines()
