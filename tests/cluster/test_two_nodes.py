@@ -82,11 +82,20 @@ def test_replicas_on_both_nodes_serve_traffic(
     serve.run(app, name=APP_NAME, route_prefix=None)
     # The two front ends share the port (SO_REUSEPORT): the kernel spreads new
     # connections over them, as a load balancer would spread them over nodes.
-    for i in range(24):
-        with Client(address) as client:
-            assert client.classify(TEXTS[i % len(TEXTS)]).tier == "intent"
+    model_handle = serve.get_deployment_handle("IntentModel0", APP_NAME)
+    # A front end's router learns of the model replicas by long poll, a moment after
+    # it starts: keep sending (up to 60 s) until both replicas have had work.
+    deadline = time.monotonic() + 60
+    i = 0
+    while True:
+        for _ in range(24):
+            with Client(address) as client:
+                assert client.classify(TEXTS[i % len(TEXTS)]).tier == "intent"
+            i += 1
+        models = replicas_seen(model_handle, 2)
+        if all(m["batches"] > 0 for m in models.values()) or time.monotonic() > deadline:
+            break
     frontends = replicas_seen(serve.get_deployment_handle("Frontend", APP_NAME), 2)
-    models = replicas_seen(serve.get_deployment_handle("IntentModel0", APP_NAME), 2)
     assert len(frontends) == 2, frontends
     assert len(models) == 2, models
     assert all(f["answered"] > 0 for f in frontends.values()), frontends
