@@ -98,6 +98,16 @@ class Ledger:
             if self.journal is not None:
                 self.unflushed[(tenant.name, u.day)] += 1
 
+    def unadmit(self, tenant: Tenant) -> None:
+        """Takes back a request counted by ``admit`` that the server then refused
+        for its own reasons (overload): a retry must not cost the tenant twice."""
+        with self.lock:
+            u = self._today(tenant.name)
+            if u.requests > 0:
+                u.requests -= 1
+                if self.journal is not None:
+                    self.unflushed[(tenant.name, u.day)] -= 1
+
     def reserve_escalation(self, tenant: Tenant, estimate_usd: float) -> Reservation:
         """Reserves one escalation and its estimated cost, or raises QuotaExceeded."""
         with self.lock:

@@ -667,6 +667,7 @@ class Engine:
                         rt.batcher.submit(req.text, left, policy.max_queue_ms), _until(req)
                     )
                 except Overloaded as e:  # more work than the model can do in time
+                    self.ledger.unadmit(req.tenant)  # ours to refuse, not the tenant's quota
                     raise RequestError(
                         "RESOURCE_EXHAUSTED",
                         f"the intent model is overloaded: {e}; retry later",

@@ -229,3 +229,5 @@ def test_an_overloaded_model_refuses_newcomers_with_a_hint_and_answers_the_rest(
     assert {a.request_id for a in answered} <= set(ids)
     in_engine = [e for e in refused if "intent model" in (e.details() or "")]
     assert len(lines) == len(answered) + len(in_engine)
+    # Refusals for overload do not count against the tenant's daily requests.
+    assert r.engine.ledger.snapshot("anonymous").requests == len(answered)

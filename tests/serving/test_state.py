@@ -48,8 +48,9 @@ def test_the_books_survive_and_an_open_reservation_counts_at_its_estimate(
     ledger = Ledger(clock=lambda: NOW)
     store = StateStore(tmp_path)
     store.restore_ledger(ledger)
-    for _ in range(3):
+    for _ in range(4):
         ledger.admit(TENANT)
+    ledger.unadmit(TENANT)  # refused for overload: not the tenant's to pay
     settled = ledger.reserve_escalation(TENANT, 0.010)
     ledger.settle(settled, 0.004)
     ledger.reserve_escalation(TENANT, 0.020)  # in flight when the process "dies"
