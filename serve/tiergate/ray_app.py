@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
 
 from tiergate.bundle import load_bundle
 from tiergate.engine import TaskRuntime
@@ -190,9 +192,6 @@ class RemoteModel:
         """One retry when the replica died under the call: the handle sends the retry
         to another replica (or to the one Serve starts in its place). The engine's
         deadline bounds the whole (see Engine: it stops waiting in time to degrade)."""
-        from ray.exceptions import ActorUnavailableError, RayActorError
-        from ray.serve.exceptions import ReplicaUnavailableError
-
         try:
             return await getattr(self.handle, method).remote(*args)
         except (RayActorError, ActorUnavailableError, ReplicaUnavailableError) as e:
