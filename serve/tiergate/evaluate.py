@@ -26,8 +26,8 @@ from tiergate.tiers import (
     LinearTier,
     RulesTier,
     TierOutput,
-    TransformersIntentModel,
     answer_domains,
+    load_intent_backend,
 )
 
 
@@ -65,12 +65,13 @@ def run_tiers(
         outputs["linear"] = linear.predict(texts)
         _log(f"linear tier: {outputs['linear'].seconds * 1e6 / max(1, len(texts)):.1f} µs/text")
     if bundle.has("intent"):
-        backend = TransformersIntentModel(
-            bundle.intent_path(), max_length=int(bundle.tiers["intent"].get("max_length", 64))
-        )
-        intent = IntentTier(backend, bundle.calibrator("intent"), bundle.label_domains)
-        linear_out = outputs.get("linear")
-        outputs["intent"] = intent.predict(texts, linear_out.probs if linear_out else None)
+        backend = load_intent_backend(bundle)
+        try:
+            intent = IntentTier(backend, bundle.calibrator("intent"), bundle.label_domains)
+            linear_out = outputs.get("linear")
+            outputs["intent"] = intent.predict(texts, linear_out.probs if linear_out else None)
+        finally:
+            backend.close()  # a zero-shot model's engine runs in processes of its own
         _log(f"intent model: {outputs['intent'].seconds * 1e3 / max(1, len(texts)):.2f} ms/text")
     # A strict risk tag raised by the rules applies to every tier's answer.
     for name in ("linear", "intent"):

@@ -9,6 +9,7 @@ measured trade-off rather than a guess.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -91,10 +92,19 @@ def sweep(
 
 @dataclass(frozen=True)
 class Target:
-    """What the user asks of each tier: a precision floor, an escalation cap, or both."""
+    """What the user asks of each tier: a precision floor, an escalation cap, or both.
+
+    ``margin_z``: the precision must hold at the lower end of a Wilson interval this
+    many standard errors wide, not only on average. A threshold chosen where held-out
+    precision just touches the target lands on either side of it on new traffic;
+    one standard error of margin puts it on the right side most of the time, and
+    costs little where thousands of examples are answered. When the held-out set is
+    too small to show the margin, the point estimate decides (and the reason says so).
+    """
 
     precision: float | None = 0.99
     max_escalation: float | None = None
+    margin_z: float = 1.0
 
     def __post_init__(self) -> None:
         if self.precision is None and self.max_escalation is None:
@@ -104,10 +114,22 @@ class Target:
                 raise ConfigError(f"target {name} must be in (0, 1], not {v}")
 
     def stricter(self) -> Target:
-        """Half the error rate, for high-stakes domains."""
+        """Half the error rate, for high-stakes domains. That is their margin: a domain
+        has hundreds of held-out examples, too few to also show a confidence margin
+        (and its threshold never falls below the population's, which has one)."""
         if self.precision is None:
             return self
-        return Target(1 - (1 - self.precision) / 2, self.max_escalation)
+        return Target(1 - (1 - self.precision) / 2, self.max_escalation, margin_z=0.0)
+
+
+def wilson_lower(accuracy: float, n: int, z: float) -> float:
+    """Lower end of the Wilson score interval of a proportion seen on ``n`` examples."""
+    if n <= 0 or z <= 0:
+        return accuracy
+    z2 = z * z
+    centre = accuracy + z2 / (2 * n)
+    spread = z * math.sqrt(accuracy * (1 - accuracy) / n + z2 / (4 * n * n))
+    return (centre - spread) / (1 + z2 / n)
 
 
 def choose(points: list[SweepPoint], target: Target) -> tuple[float, str]:
@@ -120,14 +142,23 @@ def choose(points: list[SweepPoint], target: Target) -> tuple[float, str]:
     a precision target the tier never answers (threshold above 1).
     """
     if target.precision is not None:
-        ok = [p for p in points if p.accepted_accuracy >= target.precision and p.answered_share > 0]
+        goal = target.precision
+
+        def lower(p: SweepPoint) -> float:
+            return wilson_lower(p.accepted_accuracy, round(p.answered_share * p.support), z)
+
+        z = target.margin_z
+        ok = [p for p in points if p.answered_share > 0 and lower(p) >= goal]
+        margin = f" with a {z:g}-sigma margin" if z > 0 else ""
+        if not ok and z > 0:
+            z = 0.0
+            ok = [p for p in points if p.answered_share > 0 and p.accepted_accuracy >= goal]
+            margin = f" (too few held-out answers to show a {target.margin_z:g}-sigma margin)"
         if not ok:
-            return 1.01, (
-                f"no threshold reaches precision {target.precision:.3f}: the tier escalates all"
-            )
+            return 1.01, f"no threshold reaches precision {goal:.3f}: the tier escalates all"
         best = min(ok, key=lambda p: p.threshold)
         why = (
-            f"lowest threshold with accepted accuracy >= {target.precision:.3f} "
+            f"lowest threshold with accepted accuracy >= {goal:.3f}{margin} "
             f"(got {best.accepted_accuracy:.4f}, answers {best.answered_share:.1%})"
         )
         if target.max_escalation is not None and best.escalation_rate > target.max_escalation:

@@ -169,15 +169,12 @@ def is_causal_lm(checkpoint: str | Path) -> bool:
 
 
 class VllmZeroShotModel(_VllmModel):
-    """An instruct model choosing one label of the set, scored exhaustively.
+    """An instruct model choosing one label of the set, scored exhaustively
+    (see :mod:`tiergate.zero_shot` for the prompt and why its scores are logits).
 
-    The prompt lists the labels and asks for one. Each label, followed by the
-    end-of-answer token, is scored as a continuation of that prompt
-    (``prompt_logprobs``): the sum of its tokens' log-probabilities is
-    log P(answer = label). Those sums are the logits, so the distribution is
-    over exactly the label set (a constrained choice) and the front end's
-    calibration applies as for any classifier. vLLM's prefix cache computes the
-    shared prompt once per text; each label adds only its own few tokens.
+    Each label's answer is scored as a continuation of the prompt with
+    ``prompt_logprobs``; vLLM's prefix cache computes the shared prompt once per
+    text, and each label adds only its own few tokens.
     """
 
     ENGINES = ("generator", "embedder")
@@ -188,36 +185,19 @@ class VllmZeroShotModel(_VllmModel):
         labels: Sequence[str],
         embedder: str | Path | None,
         options: EngineOptions | None = None,
+        *,
+        max_text_tokens: int = 64,
     ):
-        options = options or EngineOptions(max_model_len=2048)
+        from tiergate.zero_shot import LabelPrompt, load_tokenizer
+
+        self.prompt = LabelPrompt(load_tokenizer(checkpoint), labels, max_text_tokens)
+        options = options or EngineOptions(max_model_len=self.prompt.max_model_len())
         self.generator: Any = _engine(str(checkpoint), options, runner="generate")
         super().__init__(labels, embedder)
-        self.tokenizer = self.generator.get_tokenizer()
-        # What closes an answer: the chat template's end-of-turn token, else EOS.
-        end = self.tokenizer.eos_token_id
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            end = im_end
-        self.answers = [
-            [
-                *self.tokenizer.encode(label, add_special_tokens=False),
-                *([end] if end is not None else []),
-            ]
-            for label in self.labels
-        ]
+        self.answers = self.prompt.answers
 
     def prompt_ids(self, text: str) -> list[int]:
-        system = (
-            "Classify the user's request. Answer with exactly one label from this list and "
-            "nothing else: " + ", ".join(self.labels)
-        )
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
-        if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True
-            )
-            return list(ids)
-        return list(self.tokenizer.encode(f"{system}\nRequest: {text}\nLabel: "))
+        return self.prompt.prompt_ids(text)
 
     async def _score(self, prefix: list[int], answer: list[int]) -> float:
         from vllm import SamplingParams, TokensPrompt

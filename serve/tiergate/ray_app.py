@@ -37,7 +37,8 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
-from tiergate.bundle import load_bundle
+from tiergate._core import ConfigError
+from tiergate.bundle import ZERO_SHOT, load_bundle
 from tiergate.engine import TaskRuntime
 from tiergate.escalation import Attempt, Escalation, Escalator, FrontierConfig, estimate_cost
 from tiergate.metrics import Metrics
@@ -76,6 +77,7 @@ class IntentModel:
         self.labels = b.labels
         self.engine = engine
         max_length = int(b.tiers["intent"].get("max_length", 64))
+        zero_shot = b.tiers["intent"].get("kind") == ZERO_SHOT
         if engine == "vllm":
             from tiergate.model_server import (
                 EngineOptions,
@@ -87,14 +89,19 @@ class IntentModel:
             emb = None
             if embedder is not None:
                 emb = resolve_base_model(PACKAGED_MODEL if embedder == "packaged" else embedder)
-            if is_causal_lm(b.intent_path()):  # an instruct model: zero-shot label scoring
-                self.model: Any = VllmZeroShotModel(b.intent_path(), b.labels, emb)
+            if zero_shot or is_causal_lm(b.intent_path()):  # an instruct model, zero-shot
+                self.model: Any = VllmZeroShotModel(
+                    b.intent_path(), b.labels, emb, max_text_tokens=max_length
+                )
             else:
                 # Room for the special tokens around max_length word pieces.
                 options = EngineOptions(max_model_len=max(32, max_length + 8))
                 self.model = VllmIntentModel(b.intent_path(), b.labels, emb, options)
         elif engine == "transformers":
             from tiergate.tiers import TransformersIntentModel
+
+            if zero_shot:
+                raise ConfigError(f"{bundle}: a zero-shot intent model is served by vLLM only")
 
             self.model = TransformersIntentModel(b.intent_path(), max_length=max_length)
         else:

@@ -10,14 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from tiergate._core import ConfigError, LinearModel, RuleSet
+from tiergate.bundle import ZERO_SHOT, Bundle
 from tiergate.calibration import Calibrator
 from tiergate.gate import GENERAL, STRICT_DOMAINS
+
+if TYPE_CHECKING:
+    from tiergate.zero_shot import ZeroShotBackend
 
 # The cascade's tiers in the order a request meets them: the single definition
 # the engine, the policy parser and the evaluation share.
@@ -180,6 +184,9 @@ class TransformersIntentModel:
     def logits(self, texts: Sequence[str]) -> npt.NDArray[np.float64]:
         return self.infer(texts, embed=False)[0]
 
+    def close(self) -> None:
+        """Nothing to stop: the model is memory, freed with this object."""
+
     def infer(
         self, texts: Sequence[str], *, embed: bool = True
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32] | None]:
@@ -210,6 +217,18 @@ class TransformersIntentModel:
             return np.zeros((0, len(self.labels))), None
         logits: npt.NDArray[np.float64] = np.concatenate(out).astype(np.float64)
         return logits, (np.concatenate(vectors).astype(np.float32) if embed else None)
+
+
+def load_intent_backend(bundle: Bundle) -> TransformersIntentModel | ZeroShotBackend:
+    """The bundle's intent model, in-process: PyTorch for a fine-tuned classifier, a vLLM
+    engine for a zero-shot instruct model (scored as it is served)."""
+    settings = bundle.tiers["intent"]
+    max_length = int(settings.get("max_length", 64))
+    if settings.get("kind") == ZERO_SHOT:
+        from tiergate.zero_shot import ZeroShotBackend
+
+        return ZeroShotBackend(bundle.intent_path(), bundle.labels, max_length)
+    return TransformersIntentModel(bundle.intent_path(), max_length=max_length)
 
 
 class IntentTier:

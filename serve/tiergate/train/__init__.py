@@ -20,10 +20,12 @@ import numpy as np
 
 from tiergate._core import ConfigError, RuleSet
 from tiergate.bundle import (
+    FINE_TUNED,
     INTENT_DIR,
     LINEAR_FILE,
     REPORTS_DIR,
     RULES_FILE,
+    ZERO_SHOT,
     save_linear,
     write_manifest,
 )
@@ -35,9 +37,9 @@ from tiergate.calibration import (
     softmax,
 )
 from tiergate.data import OUT_OF_SCOPE, Splits, texts
-from tiergate.gate import GENERAL, DomainGate, Prices, Target, fit_domain_gate
-from tiergate.tiers import RulesTier, answer_domains
-from tiergate.train.intent import IntentTrainConfig, train_intent
+from tiergate.gate import GENERAL, SWEEP, DomainGate, Prices, Target, fit_domain_gate
+from tiergate.tiers import IntentBackend, RulesTier, answer_domains
+from tiergate.train.intent import IntentTrainConfig, resolve_base_model, train_intent
 from tiergate.train.linear import train_linear
 
 
@@ -71,6 +73,63 @@ class _TierFit:
     test_probs: np.ndarray
 
 
+def _intent_logits(
+    splits: Splits, y_train: np.ndarray, labels: list[str], out: Path, options: TrainOptions
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Puts the intent model into the bundle (fine-tuned, or an instruct model as it is)
+    and returns its logits on val and test, scored the way it will be served."""
+    cfg = options.intent
+    assert cfg is not None
+    if cfg.zero_shot:
+        from tiergate.zero_shot import ZeroShotBackend, copy_checkpoint
+
+        _log(f"intent model: {cfg.base_model} zero-shot (no fine-tuning), scoring on vLLM")
+        copy_checkpoint(resolve_base_model(cfg.base_model), out / INTENT_DIR)
+        backend = ZeroShotBackend(out / INTENT_DIR, labels, cfg.max_length)
+        try:
+            val, test = _scored(backend, splits, options.progress)
+        finally:
+            backend.close()
+        return val, test, {}
+    _log(
+        f"intent model: fine-tuning {cfg.base_model} for {cfg.steps(len(splits.train))} "
+        f"steps (batch {cfg.batch_size})"
+    )
+    info = train_intent(
+        texts(splits.train), y_train, labels, out / INTENT_DIR, cfg, progress=options.progress
+    )
+    from tiergate.tiers import TransformersIntentModel
+
+    model = TransformersIntentModel(out / INTENT_DIR, max_length=cfg.max_length)
+    val, test = _scored(model, splits, options.progress)
+    return val, test, info
+
+
+def _scored(
+    backend: IntentBackend, splits: Splits, progress: bool, chunk: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """The backend's logits on val and test, in chunks behind a progress bar."""
+    from tqdm import tqdm
+
+    parts = {"val": texts(splits.val), "test": texts(splits.test)}
+    out: dict[str, list[np.ndarray]] = {"val": [], "test": []}
+    with tqdm(
+        total=sum(len(t) for t in parts.values()),
+        desc="intent model: scoring val and test",
+        unit="text",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as bar:
+        for name, items in parts.items():
+            for start in range(0, len(items), chunk):
+                out[name].append(backend.logits(items[start : start + chunk]))
+                bar.update(len(items[start : start + chunk]))
+    n = len(splits.labels)
+    val, test = (np.concatenate(out[k]) if out[k] else np.zeros((0, n)) for k in ("val", "test"))
+    return val, test
+
+
 def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, Any]:
     """Trains, calibrates and gates every tier; writes the bundle to ``out``."""
     started = time.perf_counter()
@@ -89,10 +148,10 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORTS_DIR).mkdir()
     tiers: dict[str, dict[str, Any]] = {}
-    gates: dict[str, DomainGate] = {}
     report: dict[str, Any] = {"data": splits.describe(), "tiers": {}}
 
-    cascade = _ValCascade(y_val, options)
+    # (tier, val predictions, confidences, domains) in cascade order: gated together at the end
+    stages: list[tuple[str, np.ndarray, np.ndarray, list[str]]] = []
 
     # Rules: written, not learned; measured on val so their confidence is honest.
     risk_val: list[list[str]] = [[] for _ in splits.val]
@@ -109,7 +168,7 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
             tier, declared, texts(splits.test), y_test, out
         )
         val_out.domains = answer_domains(val_out.pred, labels, splits.label_domains, risk_val)
-        gates["rules"] = cascade.gate(val_out.pred, val_out.confidence, val_out.domains)
+        stages.append(("rules", val_out.pred, val_out.confidence, val_out.domains))
 
     # Hashed linear tier.
     _log(f"linear tier: fitting on {len(splits.train)} texts")
@@ -138,27 +197,18 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
     fit.report["train_seconds"] = round(time.perf_counter() - t0, 1)
     report["tiers"]["linear"] = fit.report
     domains = answer_domains(fit.val_pred, labels, splits.label_domains, risk_val)
-    gates["linear"] = cascade.gate(fit.val_pred, fit.val_conf, domains)
+    stages.append(("linear", fit.val_pred, fit.val_conf, domains))
     _log(f"linear tier: {fit.report['summary']}")
 
     # Intent model.
     if options.intent is not None:
         cfg = options.intent
-        _log(
-            f"intent model: fine-tuning {cfg.base_model} for {cfg.steps(len(splits.train))} "
-            f"steps (batch {cfg.batch_size})"
-        )
         t0 = time.perf_counter()
-        info = train_intent(
-            texts(splits.train), y_train, labels, out / INTENT_DIR, cfg, progress=options.progress
-        )
-        from tiergate.tiers import TransformersIntentModel
-
-        backend = TransformersIntentModel(out / INTENT_DIR, max_length=cfg.max_length)
+        val_logits, test_logits, info = _intent_logits(splits, y_train, labels, out, options)
         fit = _calibrate(
             "intent",
-            backend.logits(texts(splits.val)),
-            backend.logits(texts(splits.test)),
+            val_logits,
+            test_logits,
             y_val,
             y_test,
             options.tier_calibration.get("intent", options.calibration),
@@ -169,6 +219,7 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
         )
         tiers["intent"] = {
             "dir": INTENT_DIR,
+            "kind": ZERO_SHOT if cfg.zero_shot else FINE_TUNED,
             "base_model": cfg.base_model,
             "max_length": cfg.max_length,
             "calibration": fit.report["calibrator"],
@@ -177,15 +228,24 @@ def train_bundle(splits: Splits, out: Path, options: TrainOptions) -> dict[str, 
         fit.report["train_seconds"] = round(time.perf_counter() - t0, 1)
         report["tiers"]["intent"] = fit.report
         domains = answer_domains(fit.val_pred, labels, splits.label_domains, risk_val)
-        gates["intent"] = cascade.gate(fit.val_pred, fit.val_conf, domains)
+        stages.append(("intent", fit.val_pred, fit.val_conf, domains))
         _log(f"intent model: {fit.report['summary']}")
 
+    gates, raised = _fit_gates(stages, y_val, options)
+    if raised is not None and raised["floor"] > 0:
+        _log(
+            f"gate: {raised['tier']} tier thresholds raised to at least {raised['floor']:.2f}; "
+            f"local tiers answer {raised['answered_val']:.1%} of val "
+            f"(tier by tier: {raised['answered_val_unraised']:.1%})"
+        )
     thresholds = {name: g.thresholds for name, g in gates.items()}
     report["gate"] = {
         "target": {
             "precision": options.target.precision,
             "max_escalation": options.target.max_escalation,
+            "margin_z": options.target.margin_z,
         },
+        "raised": raised,
         "prices": {
             "frontier_per_request": options.prices.frontier_per_request,
             "local_per_request": options.prices.local_per_request,
@@ -331,6 +391,51 @@ def _rules_calibration_report(
     }
 
 
+# Among floors whose cascades answer within this share of the best, the lowest wins:
+# the cheaper tier keeps what it answers as well as the model would.
+FLOOR_TOLERANCE = 0.001
+
+
+def _fit_gates(
+    stages: list[tuple[str, np.ndarray, np.ndarray, list[str]]],
+    y_val: np.ndarray,
+    options: TrainOptions,
+) -> tuple[dict[str, DomainGate], dict[str, Any] | None]:
+    """Every tier's gate, chosen so that the local answers together meet the target and
+    are as many as possible.
+
+    Gating tier by tier, each at the target on its own, spends the whole error budget on
+    the first tier: the linear tier answers up to exactly the target, and the intent
+    model, which would have answered many of the same texts with fewer mistakes, must
+    then meet the target alone. So the threshold of the tier before the intent model is
+    searched: raised step by step, each time re-gating the intent model on what is left,
+    keeping the floor under which the cascade answers the most on val.
+    """
+    names = [name for name, *_ in stages]
+
+    def run(searched: str, floor: float) -> tuple[dict[str, DomainGate], float]:
+        cascade = _ValCascade(y_val, options)
+        gates = {}
+        for name, pred, conf, domains in stages:
+            lifted = floor if name == searched else 0.0
+            gates[name] = cascade.gate(pred, conf, domains, floor=lifted)
+        return gates, float(cascade.answered.mean()) if len(y_val) else 0.0
+
+    if "intent" not in names or names.index("intent") == 0 or options.target.precision is None:
+        return run("", 0.0)[0], None
+    searched = names[names.index("intent") - 1]
+    tried = [(f, *run(searched, f)) for f in (0.0, *SWEEP, 1.01)]
+    best = max(answered for _, _, answered in tried)
+    floor, gates, answered = next(t for t in tried if t[2] >= best - FLOOR_TOLERANCE)
+    plain = tried[0][2]
+    return gates, {
+        "tier": searched,
+        "floor": floor,
+        "answered_val": round(answered, 4),
+        "answered_val_unraised": round(plain, 4),
+    }
+
+
 class _ValCascade:
     """The validation split flowing through the tiers in cascade order.
 
@@ -344,7 +449,10 @@ class _ValCascade:
         self.answered = np.zeros(len(y_val), dtype=bool)
         self.correct = np.zeros(len(y_val), dtype=bool)
 
-    def gate(self, pred: np.ndarray, conf: np.ndarray, domains: list[str]) -> DomainGate:
+    def gate(
+        self, pred: np.ndarray, conf: np.ndarray, domains: list[str], floor: float = 0.0
+    ) -> DomainGate:
+        """``floor``: no threshold of this tier below it (see :func:`_fit_gates`)."""
         ok = pred == self.y
         gate = fit_domain_gate(
             conf,
@@ -354,6 +462,13 @@ class _ValCascade:
             self.options.prices,
             earlier=(self.answered, self.correct),
         )
+        for domain, t in gate.thresholds.items():
+            if t < floor:
+                gate.thresholds[domain] = floor
+                gate.reasons[domain] += (
+                    f"; raised to {floor:.2f}: the next tier answers the rest with fewer "
+                    "mistakes, so the cascade answers more in total"
+                )
         takes = ~self.answered & (pred >= 0) & gate.accepts(conf, domains)
         self.answered |= takes
         self.correct |= takes & ok
