@@ -46,24 +46,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_instruct(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-qwen")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_base_model(PACKAGED_MODEL))
-    tokenizer.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,  # head_dim 64
-        max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
-    )  # fmt: skip
-    model = transformers.Qwen2ForCausalLM(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def reference_logits(path: Path, prompt: list[int], answers: list[list[int]]) -> np.ndarray:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     out = []
