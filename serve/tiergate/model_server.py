@@ -157,17 +157,6 @@ class VllmIntentModel(_VllmModel):
         return logits, vectors
 
 
-def is_causal_lm(checkpoint: str | Path) -> bool:
-    """Does the checkpoint generate text (a ``...ForCausalLM``) rather than classify?"""
-    import json
-
-    try:
-        config = json.loads(Path(checkpoint, "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{checkpoint}: unreadable config.json ({e})") from None
-    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
-
-
 class VllmZeroShotModel(_VllmModel):
     """An instruct model choosing one label of the set, scored exhaustively
     (see :mod:`tiergate.zero_shot` for the prompt and why its scores are logits).

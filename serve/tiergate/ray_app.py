@@ -83,13 +83,12 @@ class IntentModel:
                 EngineOptions,
                 VllmIntentModel,
                 VllmZeroShotModel,
-                is_causal_lm,
             )
 
             emb = None
             if embedder is not None:
                 emb = resolve_base_model(PACKAGED_MODEL if embedder == "packaged" else embedder)
-            if zero_shot or is_causal_lm(b.intent_path()):  # an instruct model, zero-shot
+            if zero_shot:  # an instruct model scoring the labels (tiergate.zero_shot)
                 self.model: Any = VllmZeroShotModel(
                     b.intent_path(), b.labels, emb, max_text_tokens=max_length
                 )

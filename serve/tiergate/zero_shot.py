@@ -17,6 +17,7 @@ train`, `tiergate eval` and the in-process engine.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import threading
 from collections.abc import Sequence
@@ -87,10 +88,17 @@ def load_tokenizer(checkpoint: str | Path) -> Any:
         raise ConfigError(f"{checkpoint}: no usable tokenizer ({e})") from None
 
 
+def is_causal_lm(checkpoint: str | Path) -> bool:
+    """Does the checkpoint generate text (a ``...ForCausalLM``) rather than classify?"""
+    try:
+        config = json.loads(Path(checkpoint, "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{checkpoint}: unreadable config.json ({e})") from None
+    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
 def copy_checkpoint(source: str, dest: Path) -> None:
     """Puts an instruct checkpoint (local directory or hub id) into a bundle as it is."""
-    from tiergate.model_server import is_causal_lm
-
     path = Path(source)
     if not path.is_dir():
         try:

@@ -23,18 +23,14 @@ from tiergate._core import ConfigError  # noqa: E402
 from tiergate.bundle import load_bundle  # noqa: E402
 from tiergate.data import load_splits  # noqa: E402
 from tiergate.evaluate import run_tiers  # noqa: E402
-from tiergate.model_server import (  # noqa: E402
-    EngineOptions,
-    VllmZeroShotModel,
-    is_causal_lm,
-)
+from tiergate.model_server import EngineOptions, VllmZeroShotModel  # noqa: E402
 from tiergate.train import TrainOptions, train_bundle  # noqa: E402
 from tiergate.train.intent import (  # noqa: E402
     PACKAGED_MODEL,
     IntentTrainConfig,
     resolve_base_model,
 )
-from tiergate.zero_shot import LabelPrompt, copy_checkpoint  # noqa: E402
+from tiergate.zero_shot import LabelPrompt, copy_checkpoint, is_causal_lm  # noqa: E402
 
 LABELS = ["refund", "track_order", "greeting", "oos"]
 # vLLM's CPU build imports torch.jit helpers that warn on import, and leaves a zmq
