@@ -84,13 +84,14 @@ def test_replicas_on_both_nodes_serve_traffic(
     # connections over them, as a load balancer would spread them over nodes.
     model_handle = serve.get_deployment_handle("IntentModel0", APP_NAME)
     # A front end's router learns of the model replicas by long poll, a moment after
-    # it starts: keep sending (up to 60 s) until both replicas have had work.
+    # it starts: keep sending (up to 60 s) until both replicas have had work. Every text
+    # is new: a repeat would be answered by that front end's exact cache, not a model.
     deadline = time.monotonic() + 60
     i = 0
     while True:
         for _ in range(24):
             with Client(address) as client:
-                assert client.classify(TEXTS[i % len(TEXTS)]).tier == "intent"
+                assert client.classify(f"{TEXTS[i % len(TEXTS)]} (call {i})").tier == "intent"
             i += 1
         models = replicas_seen(model_handle, 2)
         if all(m["batches"] > 0 for m in models.values()) or time.monotonic() > deadline:
