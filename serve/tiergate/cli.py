@@ -20,7 +20,7 @@ examples:
   tiergate train --data tickets.jsonl --rules rules.yaml --out bundles/tickets \\
       --target-precision 0.995
   tiergate train --data tickets.csv --out bundles/fast --no-intent
-  tiergate train --data tickets.jsonl --out bundles/zs --zero-shot \
+  tiergate train --data tickets.jsonl --out bundles/zs --zero-shot \\
       --intent-model Qwen/Qwen2.5-0.5B-Instruct      # needs vllm and, for a hub id, network
 
 The bundle holds the rules, the linear weights, the intent-model checkpoint,

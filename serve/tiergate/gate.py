@@ -142,16 +142,14 @@ def choose(points: list[SweepPoint], target: Target) -> tuple[float, str]:
     a precision target the tier never answers (threshold above 1).
     """
     if target.precision is not None:
-        goal = target.precision
+        goal, z = target.precision, target.margin_z
 
         def lower(p: SweepPoint) -> float:
             return wilson_lower(p.accepted_accuracy, round(p.answered_share * p.support), z)
 
-        z = target.margin_z
         ok = [p for p in points if p.answered_share > 0 and lower(p) >= goal]
         margin = f" with a {z:g}-sigma margin" if z > 0 else ""
         if not ok and z > 0:
-            z = 0.0
             ok = [p for p in points if p.answered_share > 0 and p.accepted_accuracy >= goal]
             margin = f" (too few held-out answers to show a {target.margin_z:g}-sigma margin)"
         if not ok:
