@@ -29,6 +29,7 @@ class Script:
     failing: bool = False  # every call fails while set
     retry_after_s: float | None = None
     hints: list[str] = field(default_factory=list)  # what the cheaper tiers said, per call
+    offered: list[list[str]] = field(default_factory=list)  # the labels offered, per call
 
 
 @contextmanager
@@ -48,6 +49,8 @@ def fake_provider(script: Script) -> Iterator[str]:
             content = body["messages"][-1]["content"]
             text, _, hint = content.partition("\n\n(cheaper tiers")
             script.hints.append(hint)
+            schema = body.get("response_format", {}).get("json_schema", {}).get("schema", {})
+            script.offered.append(list(schema.get("properties", {}).get("label", {})["enum"]))
             if fail:
                 error = json.dumps({"error": {"message": "scripted failure", "type": "x"}})
                 self.send_response(script.fail_status)

@@ -68,6 +68,7 @@ class Tally:
     oos_caught: int = 0
     cache_hits: int = 0
     false_hits: int = 0  # cache answers whose label is not the true one
+    false_by_cache: Counter[str] = field(default_factory=Counter)  # exact_cache, semantic_cache
     escalations: int = 0  # answered by the frontier, not from a cache
     degraded: int = 0
     cost_usd: float = 0.0
@@ -83,6 +84,7 @@ class Tally:
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
         self.codes.update(other.codes)
         self.decided_by.update(other.decided_by)
+        self.false_by_cache.update(other.false_by_cache)
         self.kinds.update(other.kinds)
         self.answers.update(other.answers)
         self.latency = _add_encoded(self.latency, other.latency)
@@ -160,6 +162,7 @@ async def _run(plan: Plan, progress: Any, slot: int) -> Tally:
         if r.cached:
             tally.cache_hits += 1
             tally.false_hits += not right
+            tally.false_by_cache[decided] += not right
         elif r.tier == "frontier":
             tally.escalations += 1
         tally.degraded += r.degraded

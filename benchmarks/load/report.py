@@ -45,6 +45,11 @@ def summarize(t: Tally, baseline: Tally | None = None) -> dict[str, Any]:
         # A cache answer whose label is not the dataset's (the answer it repeats may
         # have been wrong already) ...
         "false_hit_rate": round(t.false_hits / t.cache_hits, 4) if t.cache_hits else 0.0,
+        "false_hits_by_cache": {  # per cache: (wrong answers, answers)
+            k: [t.false_by_cache.get(k, 0), t.decided_by[k]]
+            for k in ("exact_cache", "semantic_cache")
+            if t.decided_by.get(k)
+        },
         # ... and one that differs from what the same request got without caches:
         # the errors the cache itself introduced.
         "cache_changed_answers": (
@@ -79,6 +84,12 @@ def markdown(results: dict[str, dict[str, Any]], header: list[str]) -> str:
             f"| {_pct(r['cache_changed_answers'])} | {_pct(r['escalation_rate'])} "
             f"| ${r['cost_per_1k_usd']:.4f} | {errors} |"
         )
+    for name, r in results.items():
+        by = r.get("false_hits_by_cache") or {}
+        if by:
+            parts = [f"{k.replace('_', ' ')} {w} of {n} ({_pct(w / n)})" for k, (w, n) in
+                     by.items()]  # fmt: skip
+            lines.append(f"\nWrong cache answers, {name}: " + ", ".join(parts) + ".")
     lines += ["", "Decided by (share of answered requests):", ""]
     lines += ["| configuration | " + " | ".join(DECIDERS) + " |",
               "|---|" + "---:|" * len(DECIDERS)]  # fmt: skip

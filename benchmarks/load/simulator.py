@@ -21,21 +21,15 @@ on their simulated latency at once, which a thread per call would not do well.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import random
 import socket
 from typing import Any
 
-from tiergate.frontier import SimulatorParams, estimate_tokens
+from tiergate.frontier import SimulatorParams, estimate_tokens, simulated_answer
 
 HINTS = "\n\n(cheaper tiers"
-
-
-def _unit(seed: int, text: str, salt: str) -> float:
-    digest = hashlib.blake2b(f"{seed}\x00{salt}\x00{text}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 def answer(
@@ -43,10 +37,7 @@ def answer(
 ) -> str:
     """The label the simulated model gives ``text``: right with probability ``accuracy``."""
     truth, source = gold.get(text, ("oos", text))
-    if _unit(params.seed, source, "correct") < params.accuracy or len(labels) < 2:
-        return truth if truth in labels or not labels else labels[0]
-    others = [x for x in labels if x != truth]
-    return others[int(_unit(params.seed, source, "wrong") * len(others))]
+    return simulated_answer(params.seed, params.accuracy, truth, source, labels)
 
 
 def serve(params: SimulatorParams, gold: dict[str, tuple[str, str]], port_q: Any) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tiergate._core import ConfigError, TiergateError
+from tiergate.frontier import DEFAULT_CANDIDATES
 
 if TYPE_CHECKING:
     from tiergate.frontier import ProviderConfig
@@ -35,6 +36,13 @@ examples:
       --frontier-url http://localhost:8000/v1 --frontier-model gpt-4o-mini \\
       --frontier-key-env OPENAI_API_KEY --price-in 0.15 --price-out 0.6
 """
+
+
+def _whole(raw: str) -> int:
+    """argparse type: a whole number >= 0."""
+    if not raw.isdigit():
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number >= 0")
+    return int(raw)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--sim-accuracy", type=float, default=0.97)
     f.add_argument("--sim-latency-median-ms", type=float, default=900.0)
     f.add_argument("--sim-latency-p95-ms", type=float, default=2500.0)
+    f.add_argument(
+        "--candidates",
+        type=_whole,
+        default=DEFAULT_CANDIDATES,
+        help="labels a cascade escalation offers the frontier: the local tiers' likeliest, "
+        "plus oos, as the policy's frontier.candidates (default %(default)s; 0: all labels)",
+    )
     e.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser(
@@ -332,7 +347,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         frontier = FrontierSimulator(bundle.labels, params)
         print(params.describe(), file=sys.stderr)
-    result = evaluate(bundle, examples, frontier, Prices())
+    result = evaluate(bundle, examples, frontier, Prices(), args.candidates)
     out = args.out or args.bundle / "reports" / "eval"
     write_reports(result, out)
     print(markdown(result))

@@ -27,6 +27,7 @@ from tiergate.accounting import Ledger, QuotaExceeded
 from tiergate.bundle import Bundle, load_bundle
 from tiergate.calibration import Calibrator
 from tiergate.escalation import Escalation
+from tiergate.frontier import DEFAULT_CANDIDATES, shortlist
 from tiergate.gate import GENERAL, STRICT_DOMAINS, DomainGate
 from tiergate.policy import Policy, Task, Tenant
 from tiergate.tiers import LOCAL_TIERS, ORDER, RulesTier
@@ -637,7 +638,12 @@ class Engine:
         # Routing: the linear tier does not answer; its confidence picks the one tier
         # that will, the intent model (confident) or the frontier (not).
         routed_to_model = False
+        # The distribution of the last local tier that ran: the escalation offers the
+        # frontier its likeliest labels. None: no local tier ran (offer them all).
+        probs: Callable[[], npt.NDArray[Any]] | None = None
         if rt.linear is not None and (task.uses("linear") or route) and start_at <= 1 <= stop_at:
+            linear = rt.linear
+            probs = lambda: linear.predict_proba([req.text])[0]  # noqa: E731 (only if needed)
             t0 = time.perf_counter()
             top, prob = rt.linear.top_k([req.text], 1)
             lin_conf = float(rt.calibrators["linear"].map_confidence(prob[0, 0]))
@@ -684,7 +690,9 @@ class Engine:
                 mix = None
                 if rt.calibrators["intent"].mix > 0 and rt.linear is not None:
                     mix = rt.linear.predict_proba([req.text])
-                pred, conf = rt.calibrators["intent"].apply(logits[None, :], mix)
+                calibrated = rt.calibrators["intent"].probabilities(logits[None, :], mix)
+                probs = lambda: calibrated[0]  # noqa: E731
+                pred, conf = rt.calibrators["intent"].apply_probabilities(calibrated)
                 accepted = consider("intent", int(pred[0]), float(conf[0]), _us(t0))
                 if route and not accepted and pred[0] >= 0:
                     # Routed here: the model's answer stands whatever its confidence.
@@ -737,11 +745,16 @@ class Engine:
             return self._degrade(
                 d, best, f"hints.max_tier={req.max_tier} stops before the frontier"
             )
-        return await self._escalate(req, d, rt, policy, best, cache_key, namespace, vector)
+        offered = rt.labels
+        if probs is not None:
+            # (A provider pinned on the command line comes without the policy's section.)
+            k = policy.frontier.candidates if policy.frontier is not None else DEFAULT_CANDIDATES
+            offered = shortlist(probs(), rt.labels, k)
+        return await self._escalate(req, d, rt, policy, best, cache_key, namespace, vector, offered)
 
     async def _escalate(self, req: Request, d: Decision, rt: TaskRuntime, policy: Policy,
                         best: tuple[float, str, str], cache_key: tuple[str, ...], namespace: str,
-                        vector: np.ndarray | None) -> Decision:  # fmt: skip
+                        vector: np.ndarray | None, offered: Sequence[str]) -> Decision:  # fmt: skip
         if self.frontier is None:
             d.path.append(Step("frontier", note="no frontier provider configured"))
             return self._degrade(d, best, "frontier tier not configured")
@@ -749,7 +762,7 @@ class Engine:
         if why:
             d.path.append(Step("frontier", note=f"skipped: {why}"))
             return self._degrade(d, best, f"latency budget: {why}")
-        estimate = self.frontier.estimate_cost(req.text, rt.labels)
+        estimate = self.frontier.estimate_cost(req.text, offered)
         try:
             reservation = self.ledger.reserve_escalation(req.tenant, estimate)
         except QuotaExceeded as e:
@@ -767,7 +780,7 @@ class Engine:
             limit = _until(req)
             # The escalator plans its retries within the limit; wait_for is the backstop.
             result = await asyncio.wait_for(
-                self.frontier.classify(req.text, rt.labels, hints, limit), limit
+                self.frontier.classify(req.text, offered, hints, limit), limit
             )
             label, cost, error = result.label, result.cost, result.error
             tried = result.summary()
@@ -787,9 +800,14 @@ class Engine:
         if label is None:
             d.path.append(Step("frontier", note=f"failed: {error}", micros=_us(t0)))
             return self._degrade(d, best, f"frontier failed: {error}")
+        if len(offered) < len(rt.labels):
+            tried = f"{tried}; offered {len(offered)} of {len(rt.labels)} labels"
         d.path.append(Step("frontier", label, 1.0, 0.0, True, _us(t0), tried))
         d.label, d.confidence, d.tier = label, 1.0, "frontier"
-        cacheable = label not in rt.task.no_cache_labels
+        # The frontier says nothing of how sure it is: its answer is kept for reuse
+        # only when a local tier's top label agrees (or the policy caches everything).
+        corroborated = label == best[1] or policy.cache_min_confidence <= 0
+        cacheable = label not in rt.task.no_cache_labels and corroborated
         if self.semantic is not None and vector is not None and cacheable:
             self.semantic.put(namespace, vector, label.encode())
         if cacheable:
@@ -813,7 +831,7 @@ class Engine:
 
     def _finish(self, d: Decision, key: tuple[str, ...], rt: TaskRuntime, policy: Policy,
                 vector: np.ndarray | None = None) -> Decision:  # fmt: skip
-        if d.label not in rt.task.no_cache_labels:
+        if d.label not in rt.task.no_cache_labels and d.confidence >= policy.cache_min_confidence:
             self.exact.put(key, d, policy.exact_ttl_s)
         return d
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tiergate._core import ConfigError
-from tiergate.frontier import ProviderConfig, estimate_tokens, prompt_for
+from tiergate.frontier import DEFAULT_CANDIDATES, ProviderConfig, estimate_tokens, prompt_for
 
 log = logging.getLogger("tiergate.escalation")
 
@@ -57,6 +57,8 @@ class FrontierConfig:
     providers: tuple[ProviderConfig, ...] = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    # Labels offered per escalation: the local tiers' likeliest (0: the whole set).
+    candidates: int = DEFAULT_CANDIDATES
 
 
 class CircuitBreaker:

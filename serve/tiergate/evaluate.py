@@ -18,7 +18,13 @@ import numpy as np
 
 from tiergate.bundle import Bundle
 from tiergate.data import OUT_OF_SCOPE, Example
-from tiergate.frontier import FrontierAnswer, FrontierSimulator, OpenAIFrontier
+from tiergate.frontier import (
+    DEFAULT_CANDIDATES,
+    FrontierAnswer,
+    FrontierSimulator,
+    OpenAIFrontier,
+    shortlist,
+)
 from tiergate.gate import Prices
 from tiergate.tiers import (
     LOCAL_TIERS,
@@ -105,7 +111,10 @@ def evaluate(
     examples: Sequence[Example],
     frontier: FrontierSimulator | OpenAIFrontier,
     prices: Prices,
+    candidates: int = DEFAULT_CANDIDATES,
 ) -> dict[str, Any]:
+    """Every configuration on ``examples``. The cascade's escalations offer the frontier
+    the last local tier's ``candidates`` likeliest labels, as serving does (0: all)."""
     texts = [e.text for e in examples]
     gold = [e.label for e in examples]
     labels = bundle.labels
@@ -115,8 +124,23 @@ def evaluate(
     routed, decided = cascade_route(bundle, outputs)
     escalate = [i for i, d in enumerate(decided) if d == "frontier"]
     _log(f"cascade escalates {len(escalate)} of {len(texts)}; asking the frontier tier")
-    # The all-frontier row needs every text answered; the cascade reuses those answers.
+    # The all-frontier row asks with every label; the cascade with its shortlists.
     answers: list[FrontierAnswer] = frontier.classify(texts, gold)
+    last = next((outputs[n] for n in reversed(LOCAL_TIERS) if n in outputs), None)
+    offered: list[list[str]] = [
+        shortlist(last.probs[i], labels, candidates)
+        if last is not None and last.probs is not None
+        else list(labels)
+        for i in escalate
+    ]
+    asked = frontier.classify([texts[i] for i in escalate], [gold[i] for i in escalate], offered)
+    escalated = dict(zip(escalate, asked, strict=True))
+    in_scope_escalated = [k for k, i in enumerate(escalate) if gold[i] != OUT_OF_SCOPE]
+    shortlist_recall = (
+        float(np.mean([gold[escalate[k]] in offered[k] for k in in_scope_escalated]))
+        if in_scope_escalated
+        else None
+    )
 
     rows: list[Row] = []
     cascade_pred: list[str | None] = [labels[p] if p >= 0 else None for p in routed]
@@ -129,11 +153,11 @@ def evaluate(
             if name == d:
                 break
         if d == "frontier":
-            cascade_pred[i] = answers[i].label
-            spent += answers[i].seconds
+            cascade_pred[i] = escalated[i].label
+            spent += escalated[i].seconds
         latency.append(spent)
     local_mask = np.array([d != "frontier" for d in decided])
-    cost = sum(answers[i].cost for i in escalate) + prices.local_per_request * len(texts)
+    cost = sum(a.cost for a in asked) + prices.local_per_request * len(texts)
     rows.append(Row("cascade", cascade_pred, decided, cost, latency, local_mask))
     local_only = [
         p if d != "frontier" else None for p, d in zip(cascade_pred, decided, strict=True)
@@ -145,7 +169,7 @@ def evaluate(
             decided,
             prices.local_per_request * len(texts),
             [
-                t - (answers[i].seconds if d == "frontier" else 0.0)
+                t - (escalated[i].seconds if d == "frontier" else 0.0)
                 for i, (t, d) in enumerate(zip(latency, decided, strict=True))
             ],
             local_mask,
@@ -186,6 +210,9 @@ def evaluate(
             "model": frontier.provider.model,
         },
         "tier_latency_us_per_text": {k: round(v * 1e6, 2) for k, v in per_text.items()},
+        # What the cascade's escalations offered the frontier: how many labels, and how
+        # often the true one was among them (in-scope escalations; None: none or all).
+        "candidates": {"offered": candidates, "of": len(labels), "recall": shortlist_recall},
         "thresholds": bundle.thresholds,
         "rows": [score(r, gold) for r in rows],
     }
@@ -252,6 +279,13 @@ def markdown(result: dict[str, Any]) -> str:
         "Tier cost per text (µs, batched, in-process): "
         + ", ".join(f"{k} {v}" for k, v in result["tier_latency_us_per_text"].items()),
     ]
+    c = result.get("candidates")
+    if c and 0 < c["offered"] < c["of"]:
+        lines.append(
+            f"Escalations offer the frontier the local tiers' {c['offered']} likeliest labels "
+            f"(of {c['of']}) and oos; the true label was among them for "
+            f"{pct(c['recall'])} of in-scope escalations."
+        )
     f = result["frontier"]
     if f.get("simulated"):
         lines.append(

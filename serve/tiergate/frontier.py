@@ -8,6 +8,7 @@ labelled ``simulated`` so it can never pass for a measurement.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from tiergate._core import ConfigError
 
@@ -31,6 +33,30 @@ class FrontierAnswer:
 def estimate_tokens(text: str) -> int:
     """~4 characters per token: the usual rule of thumb for English BPE vocabularies."""
     return max(1, math.ceil(len(text) / 4))
+
+
+# How many of the local tiers' likeliest labels an escalation offers the frontier.
+# The prompt lists the labels it may answer, so its length, and the price of every
+# escalation, grows with the label set: on CLINC150 the 151 labels are ~95% of the
+# prompt. There, the 20 likeliest held the true label for 98.4% of the in-scope
+# requests the cascade escalated (`tiergate eval`); the rest are lost, since the
+# frontier cannot name a label it is not offered. The out-of-scope label is always
+# offered.
+DEFAULT_CANDIDATES = 20
+
+
+def shortlist(
+    probs: npt.ArrayLike, labels: Sequence[str], k: int, always: Sequence[str] = ("oos",)
+) -> list[str]:
+    """The ``k`` likeliest labels under ``probs`` (likeliest first), plus those of
+    ``always`` that the label set has; the whole set when ``k`` is 0 or covers it."""
+    if k <= 0 or k >= len(labels):
+        return list(labels)
+    p = np.asarray(probs, dtype=np.float64)
+    top = np.argpartition(-p, k - 1)[:k]
+    out = [labels[i] for i in top[np.argsort(-p[top], kind="stable")]]
+    out += [a for a in always if a in labels and a not in out]
+    return out
 
 
 def prompt_for(text: str, labels: Sequence[str], hints: str = "") -> list[dict[str, str]]:
@@ -66,8 +92,30 @@ class SimulatorParams:
         )
 
 
+def simulated_draw(seed: int, text: str, salt: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, text, salt): the simulator's answer to a
+    text is the same every time it is asked, as a real model's at temperature 0."""
+    digest = hashlib.blake2b(f"{seed}\x00{salt}\x00{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def simulated_answer(seed: int, accuracy: float, truth: str, source: str,
+                     labels: Sequence[str]) -> str:  # fmt: skip
+    """The simulated label for a text whose true label is ``truth``, out of ``labels``
+    (likeliest first when shortlisted): right with probability ``accuracy``, else a
+    wrong label. ``source`` fixes the draw (a paraphrase gets its original's answer).
+    A true label that is not offered cannot be named: the first one offered stands in."""
+    if not labels:
+        return truth
+    if simulated_draw(seed, source, "correct") < accuracy or len(labels) < 2:
+        return truth if truth in labels else labels[0]
+    others = [x for x in labels if x != truth]
+    return others[int(simulated_draw(seed, source, "wrong") * len(others))]
+
+
 class FrontierSimulator:
-    """Answers the gold label with probability ``accuracy``, else a random other label."""
+    """Answers the gold label with probability ``accuracy``, else a random other label;
+    the same answer every time for the same text (see :func:`simulated_answer`)."""
 
     simulated = True
 
@@ -79,21 +127,26 @@ class FrontierSimulator:
         self.mu = math.log(self.params.latency_median_ms / 1000)
         self.sigma = (math.log(self.params.latency_p95_ms / 1000) - self.mu) / 1.6449
 
-    def cost_of(self, text: str) -> float:
-        tokens_in = sum(estimate_tokens(m["content"]) for m in prompt_for(text, self.labels))
+    def cost_of(self, text: str, labels: Sequence[str] | None = None) -> float:
+        prompt = prompt_for(text, self.labels if labels is None else labels)
+        tokens_in = sum(estimate_tokens(m["content"]) for m in prompt)
         p = self.params
         return (tokens_in * p.price_in_per_mtok + p.output_tokens * p.price_out_per_mtok) / 1e6
 
-    def classify(self, texts: Sequence[str], gold: Sequence[str]) -> list[FrontierAnswer]:
+    def classify(
+        self,
+        texts: Sequence[str],
+        gold: Sequence[str],
+        candidates: Sequence[Sequence[str]] | None = None,
+    ) -> list[FrontierAnswer]:
+        """``candidates``: the labels offered for each text (default: the whole set)."""
         out = []
-        for text, truth in zip(texts, gold, strict=True):
-            if self.rng.random() < self.params.accuracy or len(self.labels) < 2:
-                label = truth
-            else:
-                others = [x for x in self.labels if x != truth]
-                label = others[int(self.rng.integers(len(others)))]
+        for i, (text, truth) in enumerate(zip(texts, gold, strict=True)):
+            offered = self.labels if candidates is None else candidates[i]
+            p = self.params
+            label = simulated_answer(p.seed, p.accuracy, truth, text, offered)
             seconds = float(self.rng.lognormal(self.mu, self.sigma))
-            out.append(FrontierAnswer(label, self.cost_of(text), seconds, simulated=True))
+            out.append(FrontierAnswer(label, self.cost_of(text, offered), seconds, True))
         return out
 
     def as_dict(self) -> dict[str, object]:
@@ -175,6 +228,12 @@ class OpenAIFrontier:
         return FrontierAnswer(label, cost, seconds, False, error)
 
     def classify(
-        self, texts: Sequence[str], gold: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        gold: Sequence[str] | None = None,
+        candidates: Sequence[Sequence[str]] | None = None,
     ) -> list[FrontierAnswer]:
-        return [self.classify_one(t) for t in texts]
+        return [
+            self.classify_one(t, labels=None if candidates is None else candidates[i])
+            for i, t in enumerate(texts)
+        ]

@@ -25,7 +25,9 @@ Example::
         key_sha256: [<sha256 hex of the API key>]
         quota: {requests_per_day: 100000, escalations_per_day: 2000, spend_per_day_usd: 5}
         on_quota: degrade            # or reject (RESOURCE_EXHAUSTED)
-    cache: {exact_ttl_s: 3600, semantic_ttl_s: 3600, semantic_threshold: 0.95}
+    cache: {exact_ttl_s: 3600, semantic_ttl_s: 3600, semantic_threshold: 0.95,
+            min_confidence: 0}       # > 0: cache only local answers this sure, and
+                                     # frontier answers a local tier agrees with
     limits: {max_text_bytes: 16384, max_batch: 256,
              max_inflight: 4096,         # requests in flight; more are refused at once
              max_loop_lag_ms: 50,        # refuse new requests while the server runs
@@ -41,6 +43,8 @@ Example::
         - {name: backup, base_url: "http://10.0.0.5:8000/v1", model: qwen2.5-7b}
       retry: {attempts: 2, backoff_s: 0.05, max_backoff_s: 1.0}   # per provider
       breaker: {failures: 5, cooldown_s: 30}   # open after 5 failures in a row
+      candidates: 20                 # labels offered per escalation: the local tiers'
+                                     # likeliest, plus oos (0: the whole label set)
 
 Unknown keys are errors (a typo must not silently fall back to a default).
 """
@@ -58,7 +62,7 @@ import yaml
 
 from tiergate._core import ConfigError
 from tiergate.escalation import BreakerPolicy, FrontierConfig, RetryPolicy
-from tiergate.frontier import ProviderConfig
+from tiergate.frontier import DEFAULT_CANDIDATES, ProviderConfig
 from tiergate.tiers import LOCAL_TIERS
 
 RISK_ACTIONS = ("gate", "escalate", "review")
@@ -118,6 +122,11 @@ class Policy:
     exact_ttl_s: float = 3600.0
     semantic_ttl_s: float = 3600.0
     semantic_threshold: float = 0.95
+    # A cached answer is served again without a second look, to this text and (semantic
+    # cache) to its rewordings. Above 0, only answers this likely right are kept. Off by
+    # default: a cache replays the cascade's mistakes but adds none, and keeping fewer
+    # answers costs more model calls and escalations (see the README).
+    cache_min_confidence: float = 0.0
     max_text_bytes: int = 16_384
     max_batch: int = 256
     max_inflight: int = 4096
@@ -288,7 +297,11 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
             raise ConfigError(f"{where}.on_quota: {on_quota!r} is not 'degrade' or 'reject'")
         tenants[str(name)] = Tenant(str(name), keys, quota, on_quota)
     cache = _mapping(f"{source}: cache", top.get("cache"))
-    _check_keys(f"{source}: cache", cache, {"exact_ttl_s", "semantic_ttl_s", "semantic_threshold"})
+    _check_keys(
+        f"{source}: cache",
+        cache,
+        {"exact_ttl_s", "semantic_ttl_s", "semantic_threshold", "min_confidence"},
+    )
     limits = _mapping(f"{source}: limits", top.get("limits"))
     _check_keys(
         f"{source}: limits",
@@ -302,6 +315,9 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
     )
     if threshold > 1:
         raise ConfigError(f"{source}: cache.semantic_threshold must be at most 1")
+    min_confidence = _number(f"{source}: cache.min_confidence", cache.get("min_confidence", 0.0))
+    if min_confidence > 1:
+        raise ConfigError(f"{source}: cache.min_confidence must be at most 1")
 
     policy = Policy(
         version=str(version),
@@ -315,6 +331,7 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
             f"{source}: cache.semantic_ttl_s", cache.get("semantic_ttl_s", 3600)
         ),
         semantic_threshold=threshold,
+        cache_min_confidence=min_confidence,
         max_text_bytes=int(
             _number(
                 f"{source}: limits.max_text_bytes", limits.get("max_text_bytes", 16_384), minimum=1
@@ -350,7 +367,7 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
 
 def parse_frontier(where: str, raw: dict[str, Any]) -> FrontierConfig:
     """The policy's ``frontier`` section (validated; unknown keys are errors)."""
-    _check_keys(where, raw, {"providers", "retry", "breaker"})
+    _check_keys(where, raw, {"providers", "retry", "breaker", "candidates"})
     providers = []
     items = raw.get("providers") or []
     if not isinstance(items, list):
@@ -386,6 +403,11 @@ def parse_frontier(where: str, raw: dict[str, Any]) -> FrontierConfig:
     _check_keys(f"{where}.retry", r, {"attempts", "backoff_s", "max_backoff_s"})
     b = _mapping(f"{where}.breaker", raw.get("breaker"))
     _check_keys(f"{where}.breaker", b, {"failures", "cooldown_s"})
+    candidates = raw.get("candidates", DEFAULT_CANDIDATES)
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 0:
+        raise ConfigError(
+            f"{where}.candidates: {candidates!r} is not a whole number >= 0 (0: all labels)"
+        )
     return FrontierConfig(
         tuple(providers),
         RetryPolicy(
@@ -397,6 +419,7 @@ def parse_frontier(where: str, raw: dict[str, Any]) -> FrontierConfig:
             int(_number(f"{where}.breaker.failures", b.get("failures", 5), minimum=1)),
             _number(f"{where}.breaker.cooldown_s", b.get("cooldown_s", 30.0)),
         ),
+        candidates,
     )
 
 

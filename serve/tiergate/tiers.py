@@ -35,7 +35,8 @@ class TierOutput:
     confidence: npt.NDArray[np.float64]  # calibrated; 0 where pred is -1
     domains: list[str]  # risk domain of each request as this tier sees it
     seconds: float = 0.0  # wall time of the batch
-    # The calibrated distribution, kept where a later tier mixes it into its own.
+    # The calibrated distribution: a later tier may mix it into its own, and an
+    # escalation offers the frontier its likeliest labels.
     probs: npt.NDArray[np.float64] | None = None
 
     def __len__(self) -> int:
@@ -249,7 +250,8 @@ class IntentTier:
         import time
 
         started = time.perf_counter()
-        pred, conf = self.calibrator.apply(self.backend.logits(texts), linear_probs)
+        probs = self.calibrator.probabilities(self.backend.logits(texts), linear_probs)
+        pred, conf = self.calibrator.apply_probabilities(probs)
         seconds = time.perf_counter() - started
         domains = answer_domains(pred, self.backend.labels, self.label_domains)
-        return TierOutput(pred, conf, domains, seconds)
+        return TierOutput(pred, conf, domains, seconds, probs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,9 +14,10 @@ from tests.conftest import INTENTS
 from tests.fake_openai import Script, fake_provider
 from tiergate.bundle import load_bundle
 from tiergate.cli import main
-from tiergate.data import load_splits, read_jsonl
-from tiergate.evaluate import cascade_route, run_tiers
-from tiergate.frontier import OpenAIFrontier, ProviderConfig
+from tiergate.data import Example, load_splits, read_jsonl
+from tiergate.evaluate import cascade_route, evaluate, markdown, run_tiers
+from tiergate.frontier import FrontierSimulator, OpenAIFrontier, ProviderConfig, SimulatorParams
+from tiergate.gate import Prices
 
 
 def test_cascade_decisions_respect_the_thresholds(full_bundle: Path) -> None:
@@ -59,6 +61,34 @@ def test_eval_cli_reports_every_configuration(full_bundle: Path, tmp_path: Path)
     assert result["frontier"]["simulated"] is True
     assert "SIMULATED" in (out / "eval.md").read_text()
     assert (out / "cost_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_offers_the_frontier_the_likeliest_labels(full_bundle: Path) -> None:
+    bundle = load_bundle(full_bundle)
+    never = {"general": 1.01, "finance": 1.01}
+    bundle.thresholds = {tier: never for tier in bundle.thresholds}  # everything escalates
+    # Texts the tiers cannot place, each with a label to be scored on: the intent model's
+    # likeliest label is the true one only now and then.
+    labels = bundle.labels
+    examples = [Example(f"zq{i} xv{i * 7} wk{i % 5}", labels[i % len(labels)]) for i in range(60)]
+    perfect = SimulatorParams(accuracy=1.0)
+
+    def run(candidates: int) -> dict[str, Any]:
+        frontier = FrontierSimulator(bundle.labels, perfect)
+        return evaluate(bundle, examples, frontier, Prices(), candidates)
+
+    every, one = run(0), run(1)
+    cascade_all, cascade_one = every["rows"][0], one["rows"][0]
+    assert cascade_all["escalation_rate"] == cascade_one["escalation_rate"] == 1.0
+    # A perfect frontier offered every label is always right; offered one, it is right
+    # exactly when that one is the true label.
+    assert cascade_all["in_scope_accuracy"] == 1.0
+    assert one["candidates"] == {"offered": 1, "of": len(bundle.labels),
+                                 "recall": cascade_one["in_scope_accuracy"]}  # fmt: skip
+    assert 0 < cascade_one["in_scope_accuracy"] < 1.0
+    assert cascade_one["cost_per_1k"] < cascade_all["cost_per_1k"]
+    assert "likeliest labels" in markdown(one)
+    assert "likeliest labels" not in markdown(every)
 
 
 @pytest.fixture
