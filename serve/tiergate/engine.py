@@ -9,8 +9,10 @@ concurrent requests are gathered into micro-batches by :class:`MicroBatcher`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
+import sys
 import time
 import unicodedata
 from collections import OrderedDict, deque
@@ -365,8 +367,12 @@ class TaskRuntime:
         elif self.backend is not None:
             backend_ = self.backend
             # Its own thread (torch frees the GIL while it works): slow frontier calls
-            # on the default pool can never delay a model batch.
-            executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{task.name}")
+            # on the default pool can never delay a model batch. At a lower CPU
+            # priority: when the cores are busy, the event loop answering from the
+            # cheap tiers runs first, and model batches take what is left.
+            executor = ThreadPoolExecutor(
+                1, thread_name_prefix=f"model-{task.name}", initializer=_yield_cpu
+            )
 
             async def run(texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
                 loop = asyncio.get_running_loop()
@@ -405,6 +411,19 @@ class TaskRuntime:
 
 
 RuntimeFactory = Callable[[Task], TaskRuntime]
+
+# Nice value of the in-process model's thread (and of the compute threads it starts).
+MODEL_NICE = 10
+
+
+def _yield_cpu() -> None:
+    """Lowers the calling thread's CPU priority. On Linux the nice value belongs to a
+    thread, not the process, and threads it starts inherit it: PyTorch's OpenMP team
+    for this thread does. Elsewhere it would lower the whole process: leave it."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):  # not allowed here: the usual priority, then
+            nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + MODEL_NICE)
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
 def in_process_runtime(task: Task) -> TaskRuntime:

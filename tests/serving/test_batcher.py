@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tiergate.engine import MicroBatcher, Overloaded, Stalled
+from tiergate.engine import MODEL_NICE, MicroBatcher, Overloaded, Stalled, in_process_runtime
+from tiergate.policy import default_policy
 
 
 class Model:
@@ -149,3 +154,26 @@ def test_a_queue_behind_a_model_that_finishes_nothing_is_a_stall_not_overload() 
         queued.cancel()
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_the_in_process_model_runs_below_the_event_loops_cpu_priority(full_bundle: Path) -> None:
+    """When the cores are busy, the loop answering from the cheap tiers runs first."""
+    policy = default_policy(full_bundle)
+    runtime = in_process_runtime(next(iter(policy.tasks.values())))
+    assert runtime.batcher is not None
+
+    async def one() -> None:
+        assert runtime.batcher is not None
+        await runtime.batcher.submit("where is my package", 5000.0, 250.0)
+
+    asyncio.run(one())
+
+    def nice(native_id: int | None) -> int:
+        stat = Path(f"/proc/self/task/{native_id}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[16])
+
+    model = [t for t in threading.enumerate() if t.name.startswith("model-")]
+    assert len(model) == 1
+    assert nice(model[0].native_id) == min(19, nice(threading.main_thread().native_id) + MODEL_NICE)
+    assert nice(threading.get_native_id()) == os.getpriority(os.PRIO_PROCESS, 0)  # ours: as before
