@@ -30,6 +30,8 @@ class Script:
     retry_after_s: float | None = None
     hints: list[str] = field(default_factory=list)  # what the cheaper tiers said, per call
     offered: list[list[str]] = field(default_factory=list)  # the labels offered, per call
+    keys: list[str] = field(default_factory=list)  # the Authorization header, per call
+    body: bytes | None = None  # answer 200 with exactly these bytes (a broken provider)
 
 
 @contextmanager
@@ -49,6 +51,7 @@ def fake_provider(script: Script) -> Iterator[str]:
             content = body["messages"][-1]["content"]
             text, _, hint = content.partition("\n\n(cheaper tiers")
             script.hints.append(hint)
+            script.keys.append(self.headers.get("Authorization", ""))
             schema = body.get("response_format", {}).get("json_schema", {}).get("schema", {})
             script.offered.append(list(schema.get("properties", {}).get("label", {})["enum"]))
             if fail:
@@ -60,6 +63,13 @@ def fake_provider(script: Script) -> Iterator[str]:
                     self.send_header("Retry-After", str(script.retry_after_s))
                 self.end_headers()
                 self.wfile.write(error.encode())
+                return
+            if script.body is not None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(script.body)))
+                self.end_headers()
+                self.wfile.write(script.body)
                 return
             label = script.answers.get(text, script.default)
             message = {"role": "assistant", "content": json.dumps({"label": label})}

@@ -28,7 +28,7 @@ from tiergate._core import ConfigError, LinearModel, SemanticCache
 from tiergate.accounting import Ledger, QuotaExceeded
 from tiergate.bundle import Bundle, load_bundle
 from tiergate.calibration import Calibrator
-from tiergate.escalation import Escalation
+from tiergate.escalation import MIN_ATTEMPT_S, Escalation
 from tiergate.frontier import DEFAULT_CANDIDATES, shortlist
 from tiergate.gate import GENERAL, STRICT_DOMAINS, DomainGate
 from tiergate.policy import Policy, Task, Tenant
@@ -795,8 +795,8 @@ class Engine:
         tried = ""
         hints = ", ".join(f"{s.tier}: {s.label} ({s.confidence:.2f})" for s in d.path if s.label)
         cost = estimate  # charged if the call is cancelled mid-way: it may have been paid
+        limit = _until(req)
         try:
-            limit = _until(req)
             # The escalator plans its retries within the limit; wait_for is the backstop.
             result = await asyncio.wait_for(
                 self.frontier.classify(req.text, offered, hints, limit), limit
@@ -817,6 +817,11 @@ class Engine:
         self.latency.record(f"{rt.task.name}/frontier", (time.perf_counter() - t0) * 1000)
         d.cost_usd = cost
         if label is None:
+            # The escalator stops its attempts in time: out of time is its usual failure.
+            if limit is not None and time.perf_counter() - t0 >= limit - MIN_ATTEMPT_S:
+                error = f"no answer within the request's deadline ({error})"
+                if best[0] < 0:  # nothing else to answer with: the deadline is what failed
+                    raise RequestError("DEADLINE_EXCEEDED", f"no tier answered: {error}")
             d.path.append(Step("frontier", note=f"failed: {error}", micros=_us(t0)))
             return self._degrade(d, best, f"frontier failed: {error}")
         if len(offered) < len(rt.labels):

@@ -27,6 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
+import orjson
+
 from tiergate._core import ConfigError
 from tiergate.frontier import DEFAULT_CANDIDATES, ProviderConfig, estimate_tokens, prompt_for
 
@@ -137,20 +140,25 @@ RETRYABLE = {"timeout", "connection", "rate_limited", "server_error"}
 
 
 class Provider:
-    """One endpoint: its async client, prices and circuit breaker."""
+    """One endpoint: its HTTP session, prices and circuit breaker.
+
+    The call is one POST to ``/chat/completions``, sent with aiohttp rather than the
+    ``openai`` SDK: escalations run on the event loop that answers the cheap tiers,
+    and the SDK spends ~1.5 ms of CPU per call there (building typed requests,
+    parsing typed responses) against ~0.2 ms for aiohttp and orjson, measured on
+    loopback. Every cheap-tier request that arrives meanwhile waits for it.
+    """
 
     def __init__(self, config: ProviderConfig, breaker: BreakerPolicy, clock: Callable[[], float]):
-        from openai import AsyncOpenAI  # the maintained async client for this API
-
         self.config = config
-        # Retries are ours (they must respect the request's deadline), not the client's.
-        self.client = AsyncOpenAI(
-            base_url=config.base_url,
-            api_key=config.api_key(),
-            timeout=config.timeout_s,
-            max_retries=0,
-        )
+        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        self.headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {config.api_key()}",
+        }
         self.breaker = CircuitBreaker(breaker, clock)
+        # One session (its pooled connections) per event loop; made on first use.
+        self._session: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = None
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         c = self.config
@@ -158,45 +166,83 @@ class Provider:
             prompt_tokens * c.price_in_per_mtok + completion_tokens * c.price_out_per_mtok
         ) / 1e6
 
+    def _client(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session[0] is not loop or self._session[1].closed:
+            self._session = (loop, aiohttp.ClientSession())
+        return self._session[1]
+
+    async def aclose(self) -> None:
+        """Closes the session of the running loop (the connections it pools)."""
+        if self._session is not None and self._session[0] is asyncio.get_running_loop():
+            await self._session[1].close()
+        self._session = None
+
     async def ask(
         self, text: str, labels: Sequence[str], hints: str, timeout_s: float
     ) -> tuple[Attempt, str | None, float | None]:
         """One call: (attempt, label if valid, retry-after seconds if the provider sent one)."""
-        import openai
-
         started = time.perf_counter()
         name = self.config.name
 
         def done(outcome: str, detail: str = "", cost: float = 0.0) -> Attempt:
             return Attempt(name, outcome, time.perf_counter() - started, cost, detail[:200])
 
+        messages = prompt_for(text, labels, hints)
+        body = orjson.dumps(
+            {
+                "model": self.config.model,
+                "messages": messages,
+                "response_format": label_schema(labels),
+                "temperature": 0,
+                "max_tokens": MAX_OUTPUT_TOKENS,
+            }
+        )
         try:
-            resp = await self.client.chat.completions.create(  # type: ignore[call-overload]
-                model=self.config.model,
-                messages=prompt_for(text, labels, hints),
-                response_format=label_schema(labels),
-                temperature=0,
-                max_tokens=MAX_OUTPUT_TOKENS,
-                timeout=timeout_s,
-            )
-        except openai.APITimeoutError:
-            return done("timeout", f"no answer within {timeout_s:.2f} s"), None, None
-        except openai.APIConnectionError as e:
-            return done("connection", str(e)), None, None
-        except openai.RateLimitError as e:
-            return done("rate_limited", str(e)), None, _retry_after(e.response)
-        except openai.APIStatusError as e:
-            outcome = "server_error" if e.status_code >= 500 else "client_error"
-            return done(outcome, f"HTTP {e.status_code}: {e.message}"), None, None
-        except openai.OpenAIError as e:  # malformed bodies and the like
+            async with self._client().post(
+                self.url,
+                data=body,
+                headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as resp:
+                status, raw = resp.status, await resp.read()
+                retry_after = _retry_after(resp.headers)
+        except TimeoutError:
+            # Sent and perhaps answered (and billed) after we stopped waiting: charged at
+            # the estimate, so that a spend cap holds even then.
+            tokens = sum(estimate_tokens(m["content"]) for m in messages)
+            paid = self.cost(tokens, MAX_OUTPUT_TOKENS)
+            return done("timeout", f"no answer within {timeout_s:.2f} s", paid), None, None
+        except aiohttp.ClientConnectionError as e:
+            return done("connection", f"{type(e).__name__}: {e}"), None, None
+        except aiohttp.ClientError as e:  # a broken response: the provider's fault
             return done("server_error", f"{type(e).__name__}: {e}"), None, None
-        usage = getattr(resp, "usage", None)
-        cost = self.cost(usage.prompt_tokens, usage.completion_tokens) if usage else 0.0
-        content = resp.choices[0].message.content if resp.choices else None
+        if status != 200:
+            detail = f"HTTP {status}: {_error_message(raw)}"
+            if status == 429:
+                return done("rate_limited", detail), None, retry_after
+            return done("server_error" if status >= 500 else "client_error", detail), None, None
+        try:
+            reply = orjson.loads(raw)
+            usage = reply.get("usage") or {}
+            cost = self.cost(int(usage.get("prompt_tokens", 0)),
+                             int(usage.get("completion_tokens", 0)))  # fmt: skip
+            choices = reply.get("choices") or [{}]
+            content = (choices[0].get("message") or {}).get("content")
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+            return done("server_error", f"malformed response: {type(e).__name__}: {e}"), None, None
         label, error = parse_label(content, labels)
         if label is None:
             return done("invalid_label", error or "", cost), None, None
         return done("ok", cost=cost), label, None
+
+
+def _error_message(raw: bytes) -> str:
+    """The message of an OpenAI-style error body, or the start of whatever came back."""
+    try:
+        return str(orjson.loads(raw)["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return raw[:200].decode("utf-8", "replace")
 
 
 def label_schema(labels: Sequence[str]) -> dict[str, Any]:
@@ -232,9 +278,9 @@ def parse_label(content: str | None, labels: Sequence[str]) -> tuple[str | None,
     return label, None
 
 
-def _retry_after(response: Any) -> float | None:
+def _retry_after(headers: Any) -> float | None:
     try:
-        value = response.headers.get("retry-after")
+        value = headers.get("retry-after")
         return float(value) if value is not None else None
     except (AttributeError, TypeError, ValueError):
         return None
@@ -272,6 +318,11 @@ class Escalator:
     def states(self) -> dict[str, str]:
         """Circuit state per provider: closed, open or half_open."""
         return {p.config.name: p.breaker.state for p in self.providers}
+
+    async def aclose(self) -> None:
+        """Closes the providers' connections (made again if a call comes later)."""
+        for p in self.providers:
+            await p.aclose()
 
     def estimate_cost(self, text: str, labels: Sequence[str]) -> float:
         return estimate_cost(self.config, text, labels)

@@ -354,6 +354,9 @@ class Server:
         self._mtime = policy_path.stat().st_mtime if policy_path else 0.0
         self._watch: asyncio.Task[None] | None = None
         self.reloads = {"ok": 0, "rejected": 0}
+        # Escalators a reload replaced: calls still in flight on them finish, and their
+        # connections close at stop.
+        self._retired: list[Any] = []
         self.admission = Admission()
         self._limit(engine.policy)
         metrics.inflight.set_function(lambda: self.admission.inflight)
@@ -441,6 +444,8 @@ class Server:
             )
             return False
         self.engine.swap_policy(policy, runtimes)
+        if frontier is not self.engine.frontier:
+            self._retired.append(self.engine.frontier)
         self.engine.frontier = frontier
         self._limit(policy)
         self.reloads["ok"] += 1
@@ -473,6 +478,11 @@ class Server:
             await self._save_cache()
             self.state.close()
             self.state = None
+        for frontier in (*self._retired, self.engine.frontier):
+            close = getattr(frontier, "aclose", None)
+            if close is not None:
+                await close()
+        self._retired.clear()
 
 
 def build_server(

@@ -52,7 +52,13 @@ def config(urls: list[str], *, timeout_s: float = 2.0, attempts: int = 2,
 
 
 def ask(esc: Escalator, text: str = "what is my balance", timeout_s: float | None = None) -> Any:
-    return asyncio.run(esc.classify(text, LABELS, "linear: balance (0.61)", timeout_s))
+    async def once() -> Any:
+        try:
+            return await esc.classify(text, LABELS, "linear: balance (0.61)", timeout_s)
+        finally:
+            await esc.aclose()  # its connections belong to this event loop
+
+    return asyncio.run(once())
 
 
 def test_first_provider_answers_with_cost_from_reported_usage(providers: Any) -> None:
@@ -100,6 +106,31 @@ def test_a_provider_that_times_out_gives_way_within_its_timeout(providers: Any) 
     assert time.perf_counter() - started < 1.0
     assert result.summary() == "p0:timeout, p1:ok"
     assert result.label == "transfer"
+    # The abandoned call may still be billed: it is charged at the estimate of its prompt.
+    answered = (100 * 1.0 + 5 * 2.0) / 1e6
+    assert result.attempts[0].cost > 0
+    assert result.cost == pytest.approx(answered + result.attempts[0].cost)
+
+
+def test_a_broken_response_is_a_server_error_and_falls_back(providers: Any) -> None:
+    broken = [Script(body=b"<html>bad gateway</html>"), Script(body=b'{"choices": 3}')]
+    urls = providers(*broken, Script(default="oos"))
+    result = ask(Escalator(config(urls, attempts=1)))
+    assert result.summary() == "p0:server_error, p1:server_error, p2:ok"
+    assert all("malformed response" in a.detail for a in result.attempts[:2])
+    assert result.label == "oos"
+
+
+def test_the_api_key_is_sent_as_a_bearer_token(
+    providers: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TG_TEST_KEY", "sk-test-123")
+    script = Script(default="balance")
+    (url,) = providers(script)
+    provider = ProviderConfig("p0", url, "m", "TG_TEST_KEY", 1.0, 2.0, 2.0)
+    result = ask(Escalator(FrontierConfig((provider,))))
+    assert result.label == "balance"
+    assert script.keys == ["Bearer sk-test-123"]
 
 
 def test_a_label_outside_the_set_is_not_retried_and_falls_back(providers: Any) -> None:
