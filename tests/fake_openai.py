@@ -32,6 +32,8 @@ class Script:
     offered: list[list[str]] = field(default_factory=list)  # the labels offered, per call
     keys: list[str] = field(default_factory=list)  # the Authorization header, per call
     body: bytes | None = None  # answer 200 with exactly these bytes (a broken provider)
+    inflight: int = 0
+    max_inflight: int = 0  # the most calls it held at once
 
 
 @contextmanager
@@ -46,8 +48,12 @@ def fake_provider(script: Script) -> Iterator[str]:
             with lock:  # the server answers on several threads at once
                 script.calls += 1
                 fail = script.failing or script.calls <= script.fail_first
+                script.inflight += 1
+                script.max_inflight = max(script.max_inflight, script.inflight)
             if script.delay_s:
                 time.sleep(script.delay_s)
+            with lock:
+                script.inflight -= 1
             content = body["messages"][-1]["content"]
             text, _, hint = content.partition("\n\n(cheaper tiers")
             script.hints.append(hint)
@@ -90,7 +96,10 @@ def fake_provider(script: Script) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 256  # many calls at once must not wait on the backlog
+
+    server = Server(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -36,6 +36,7 @@ from tiergate.frontier import DEFAULT_CANDIDATES, ProviderConfig, estimate_token
 log = logging.getLogger("tiergate.escalation")
 
 MAX_OUTPUT_TOKENS = 32
+MAX_CONNECTIONS = 1000  # per provider (the openai SDK's default too)
 # Below this much time left, another attempt could not finish: stop trying.
 MIN_ATTEMPT_S = 0.02
 
@@ -169,7 +170,10 @@ class Provider:
     def _client(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session[0] is not loop or self._session[1].closed:
-            self._session = (loop, aiohttp.ClientSession())
+            # As many connections as calls in flight: aiohttp's default of 100 would queue
+            # escalations behind each other at 100 req/s of 1-second calls.
+            connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS)
+            self._session = (loop, aiohttp.ClientSession(connector=connector))
         return self._session[1]
 
     async def aclose(self) -> None:

@@ -133,7 +133,11 @@ def evaluate(
         else list(labels)
         for i in escalate
     ]
-    asked = frontier.classify([texts[i] for i in escalate], [gold[i] for i in escalate], offered)
+    if all(len(o) == len(labels) for o in offered):  # the same question: reuse the answers
+        asked = [answers[i] for i in escalate]
+    else:
+        asked = frontier.classify([texts[i] for i in escalate], [gold[i] for i in escalate],
+                                  offered)  # fmt: skip
     escalated = dict(zip(escalate, asked, strict=True))
     in_scope_escalated = [k for k, i in enumerate(escalate) if gold[i] != OUT_OF_SCOPE]
     shortlist_recall = (

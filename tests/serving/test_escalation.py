@@ -112,6 +112,23 @@ def test_a_provider_that_times_out_gives_way_within_its_timeout(providers: Any) 
     assert result.cost == pytest.approx(answered + result.attempts[0].cost)
 
 
+def test_many_escalations_at_once_do_not_queue_for_a_connection(providers: Any) -> None:
+    script = Script(default="balance", delay_s=0.3)
+    (url,) = providers(script)
+    esc = Escalator(config([url], timeout_s=10.0, attempts=1))
+
+    async def many() -> list[Any]:
+        try:
+            calls = [esc.classify(f"text {i}", LABELS, "", 10.0) for i in range(150)]
+            return await asyncio.gather(*calls)
+        finally:
+            await esc.aclose()
+
+    results = asyncio.run(many())
+    assert [r.label for r in results] == ["balance"] * 150
+    assert script.max_inflight > 100  # aiohttp's default pool would hold 100 at most
+
+
 def test_a_broken_response_is_a_server_error_and_falls_back(providers: Any) -> None:
     broken = [Script(body=b"<html>bad gateway</html>"), Script(body=b'{"choices": 3}')]
     urls = providers(*broken, Script(default="oos"))
