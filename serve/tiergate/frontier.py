@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tiergate._core import ConfigError
+from tiergate.data import OUT_OF_SCOPE
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ DEFAULT_CANDIDATES = 20
 
 
 def shortlist(
-    probs: npt.ArrayLike, labels: Sequence[str], k: int, always: Sequence[str] = ("oos",)
+    probs: npt.ArrayLike, labels: Sequence[str], k: int, always: Sequence[str] = (OUT_OF_SCOPE,)
 ) -> list[str]:
     """The ``k`` likeliest labels under ``probs`` (likeliest first), plus those of
     ``always`` that the label set has; the whole set when ``k`` is 0 or covers it."""
