@@ -89,8 +89,15 @@ test-rust:  ## Rust unit tests of the pure core crate
 stubtest: $(EXT)  ## the .pyi must describe the compiled module
 	$(BIN)/python -m mypy.stubtest tiergate._core --allowlist tests/stubtest-allowlist.txt
 
+# Modules that start a Ray driver session run in pytest processes of their own: Ray
+# cannot start a second session in one process safely (tests/cluster/conftest.py).
+RAY_SESSIONS := tests/cluster/test_ray_stack.py tests/cluster/test_two_nodes.py
+
+# PYTHONFAULTHANDLER: a crash (even at interpreter exit, after the summary) prints
+# every thread's Python stack, so a CI log names its culprit.
 test-python: $(EXT)  ## pytest against the freshly built extension
-	$(BIN)/python -m pytest
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest $(addprefix --ignore=,$(RAY_SESSIONS))
+	for module in $(RAY_SESSIONS); do PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest $$module || exit 1; done
 
 bench: $(EXT)  ## micro-benchmarks of the Rust tiers next to their baselines
 	$(BIN)/python -m benchmarks.micro --json bench-results/micro.json

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import yaml
 
+from tests.cluster.conftest import one_ray_session
 from tests.fake_openai import Script, fake_provider
 from tiergate.client import Client
 
@@ -36,6 +37,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
+    one_ray_session("tests/cluster/test_ray_stack.py")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")  # clients talk to our gRPC server, not Ray's proxy
     yield

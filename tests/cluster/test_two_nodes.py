@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.cluster.conftest import one_ray_session
 from tests.cluster.test_ray_stack import NEVER, free_port
 from tiergate.client import Client
 
@@ -28,6 +29,7 @@ from tiergate.ray_app import APP_NAME, build_app  # noqa: E402
 
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[Any]:
+    one_ray_session("tests/cluster/test_two_nodes.py")
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
