@@ -9,7 +9,9 @@ load (and the ratio), then the front end at half of its own maximum rate
 (open loop) with the server-side p99 from its latency histogram: the time
 from the servicer handing the request to the engine until the decision (gRPC
 transport and (de)serialisation excluded), as the upper bound of its bucket.
-Texts are ones the cheap tiers decide, so no model runs.
+Texts are ones the cheap tiers decide, so no model runs: by default 8 texts
+over and over (the exact cache answers); with --texts unique every text is new
+and the rules or linear tier decides it.
 """
 
 from __future__ import annotations
@@ -114,7 +116,15 @@ def _quantile(buckets: dict[str, float], q: float) -> float:
     return float("inf")
 
 
-def _client(port: int, seconds: float, concurrency: int, rate: float | None, out_q: Any) -> None:
+def _text(n: int, unique: bool) -> str:
+    # unique: a text no cache has seen, so the rules and linear tiers run on every request.
+    t = TEXTS[n % len(TEXTS)]
+    return f"{t} {os.getpid()}-{n}" if unique else t
+
+
+def _client(
+    port: int, seconds: float, concurrency: int, rate: float | None, unique: bool, out_q: Any
+) -> None:
     import grpc
 
     from tiergate.v1 import classifier_pb2 as pb
@@ -129,10 +139,10 @@ def _client(port: int, seconds: float, concurrency: int, rate: float | None, out
 
         async def worker(i: int) -> None:
             nonlocal done, errors
-            n = i
+            n = i * 1_000_000  # each worker its own texts
             while time.perf_counter() < stop_at:
                 try:
-                    await stub.Classify(pb.ClassifyRequest(text=TEXTS[n % len(TEXTS)]), timeout=5)
+                    await stub.Classify(pb.ClassifyRequest(text=_text(n, unique)), timeout=5)
                     done += 1
                 except grpc.RpcError:
                     errors += 1
@@ -148,7 +158,7 @@ def _client(port: int, seconds: float, concurrency: int, rate: float | None, out
             while time.perf_counter() < stop_at:
                 next_at += interval
                 t = asyncio.ensure_future(
-                    stub.Classify(pb.ClassifyRequest(text=TEXTS[n % len(TEXTS)]), timeout=5)
+                    stub.Classify(pb.ClassifyRequest(text=_text(n, unique)), timeout=5)
                 )
                 pending.add(t)
                 t.add_done_callback(pending.discard)
@@ -172,13 +182,18 @@ def _client(port: int, seconds: float, concurrency: int, rate: float | None, out
 
 
 def drive(
-    port: int, seconds: float, clients: int, concurrency: int, rate: float | None = None
+    port: int,
+    seconds: float,
+    clients: int,
+    concurrency: int,
+    rate: float | None = None,
+    unique: bool = False,
 ) -> float:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     per_client_rate = None if rate is None else rate / clients
     procs = [
-        ctx.Process(target=_client, args=(port, seconds, concurrency, per_client_rate, q))
+        ctx.Process(target=_client, args=(port, seconds, concurrency, per_client_rate, unique, q))
         for _ in range(clients)
     ]
     for p in procs:
@@ -214,8 +229,16 @@ def main() -> int:
         help="the echo's answer: bare (the target's baseline) or full (as big as tiergate's, "
         "to isolate the cost of the cascade itself)",
     )
+    parser.add_argument(
+        "--texts",
+        choices=["repeated", "unique"],
+        default="repeated",
+        help="repeated (default): 8 texts over and over, answered by the exact cache after "
+        "the first of each; unique: every text new, answered by the rules or linear tier",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    unique = args.texts == "unique"
     if not (Path(args.bundle) / "manifest.json").exists():
         print(
             f"no bundle at {args.bundle}: run `make serve` once or pass --bundle", file=sys.stderr
@@ -235,13 +258,15 @@ def main() -> int:
     tg_port = port_q.get(timeout=120)
 
     print(f"closed loop: {args.clients} client processes x {args.concurrency} calls in flight, "
-          f"{args.seconds:.0f} s per run, {args.rounds} rounds", file=sys.stderr)  # fmt: skip
+          f"{args.seconds:.0f} s per run, {args.rounds} rounds, {args.texts} texts",
+          file=sys.stderr)  # fmt: skip
     # Alternate the two servers round by round and compare medians: this
     # machine is shared, and a single pair of runs swings by +/-15%.
     echo_runs, tg_runs = [], []
+    load = (args.seconds, args.clients, args.concurrency)
     for round_ in range(1, args.rounds + 1):
-        echo_runs.append(drive(echo_port, args.seconds, args.clients, args.concurrency))
-        tg_runs.append(drive(tg_port, args.seconds, args.clients, args.concurrency))
+        echo_runs.append(drive(echo_port, *load, None, unique))
+        tg_runs.append(drive(tg_port, *load, None, unique))
         print(f"  round {round_}: echo {echo_runs[-1]:,.0f} req/s, tiergate {tg_runs[-1]:,.0f} "
               f"req/s ({tg_runs[-1] / echo_runs[-1]:.2f})", file=sys.stderr)  # fmt: skip
     echo_rps, tg_rps = statistics.median(echo_runs), statistics.median(tg_runs)
@@ -249,7 +274,7 @@ def main() -> int:
     before = stats_q.get(timeout=30)  # the open-loop run is measured as a difference
     half = tg_rps / 2
     print(f"open loop at {half:,.0f} req/s (half of tiergate's maximum)", file=sys.stderr)
-    achieved = drive(tg_port, args.seconds, args.clients, args.concurrency, rate=half)
+    achieved = drive(tg_port, *load, half, unique)
     cmd_q.put("stats")
     after = stats_q.get(timeout=30)
     buckets = {k: v - before.get(k, 0.0) for k, v in after.items()}
@@ -263,6 +288,7 @@ def main() -> int:
         "tiergate_rps": tg_rps,
         "ratio": tg_rps / echo_rps,
         "model": args.model,
+        "texts": args.texts,
         "target_ratio": 0.8,
         "half_load_rps": achieved,
         "server_p50_s_upper_bound": p50,
