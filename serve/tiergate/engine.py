@@ -353,6 +353,7 @@ class TaskRuntime:
         self.backend = backend if bundle.has("intent") else None
         self.batcher: MicroBatcher | None = None
         self.embedder: MicroBatcher | None = None  # embeddings on demand (remote models)
+        self.executor: ThreadPoolExecutor | None = None  # the in-process model's thread
         remote = getattr(self.backend, "infer_async", None)
         if remote is not None:  # a model served elsewhere: await it, several batches at once
             inflight = getattr(backend, "max_inflight", 4)
@@ -370,7 +371,7 @@ class TaskRuntime:
             # on the default pool can never delay a model batch. At a lower CPU
             # priority: when the cores are busy, the event loop answering from the
             # cheap tiers runs first, and model batches take what is left.
-            executor = ThreadPoolExecutor(
+            executor = self.executor = ThreadPoolExecutor(
                 1, thread_name_prefix=f"model-{task.name}", initializer=_yield_cpu
             )
 
@@ -379,6 +380,15 @@ class TaskRuntime:
                 return await loop.run_in_executor(executor, backend_.infer, texts)
 
             self.batcher = MicroBatcher(run)
+
+    def close(self) -> None:
+        """Stops the in-process model's thread, after the batch it is running, and
+        closes the model. For a server that takes no more requests; blocks."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
     def for_task(self, task: Task) -> TaskRuntime:
         """The same loaded tiers (and batcher) under another task's settings: what a policy

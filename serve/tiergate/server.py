@@ -495,6 +495,10 @@ class Server:
             if close is not None:
                 await close()
         self._retired.clear()
+        # The models last: no request is left to need them. Tasks of one bundle share one.
+        closing = {id(rt.backend): rt for rt in self.engine.runtimes.values()}
+        for rt in closing.values():
+            await asyncio.to_thread(rt.close)
 
 
 def build_server(

@@ -12,8 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiergate.engine import MODEL_NICE, MicroBatcher, Overloaded, Stalled, in_process_runtime
+from tiergate.engine import (
+    MODEL_NICE,
+    MicroBatcher,
+    Overloaded,
+    Request,
+    Stalled,
+    in_process_runtime,
+)
 from tiergate.policy import default_policy
+from tiergate.server import ANONYMOUS, build_server
 
 
 class Model:
@@ -178,3 +186,22 @@ def test_the_in_process_model_runs_below_the_event_loops_cpu_priority(full_bundl
     assert len(model) == 1
     assert nice(model[0].native_id) == min(19, nice(threading.main_thread().native_id) + MODEL_NICE)
     assert nice(threading.get_native_id()) == os.getpriority(os.PRIO_PROCESS, 0)  # ours: as before
+
+
+def test_a_stopped_server_leaves_no_model_thread_behind(full_bundle: Path) -> None:
+    """Stopping the front end ends the in-process model's thread (after its batch)."""
+    policy = default_policy(full_bundle)
+    before = set(threading.enumerate())
+
+    async def serve_one() -> None:
+        server = build_server(policy)
+        await server.start("127.0.0.1:0")
+        request = Request("where is my package", ANONYMOUS, force_tier="intent")
+        assert (await server.engine.classify(request)).label
+        model = [t for t in set(threading.enumerate()) - before if t.name.startswith("model-")]
+        assert len(model) == 1, "the request must have started the model's thread"
+        await server.stop(0.1)
+        model[0].join(10)
+        assert not model[0].is_alive()
+
+    asyncio.run(serve_one())
