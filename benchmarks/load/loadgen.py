@@ -32,7 +32,8 @@ HDR_RANGE = (1, 600_000_000, 3)
 CHEAP = {"exact_cache", "rules", "linear"}
 TIMER_SLACK_S = 0.001
 COUNTS = ("sent", "ok", "correct", "in_scope", "in_scope_correct", "oos", "oos_caught",
-          "cache_hits", "false_hits", "escalations", "degraded", "cost_usd")  # fmt: skip
+          "cache_hits", "false_hits", "false_oos_hits", "escalations", "degraded",
+          "cost_usd")  # fmt: skip
 
 
 def histogram() -> HdrHistogram:
@@ -71,6 +72,11 @@ class Tally:
     cache_hits: int = 0
     false_hits: int = 0  # cache answers whose label is not the true one
     false_by_cache: Counter[str] = field(default_factory=Counter)  # exact_cache, semantic_cache
+    # Cache answers by the tier that first decided them (the answer the cache repeats),
+    # and the wrong ones among them: where the cache's wrong answers come from.
+    hits_by_origin: Counter[str] = field(default_factory=Counter)
+    false_by_origin: Counter[str] = field(default_factory=Counter)
+    false_oos_hits: int = 0  # wrong cache answers to out-of-scope texts
     escalations: int = 0  # answered by the frontier, not from a cache
     degraded: int = 0
     cost_usd: float = 0.0
@@ -87,6 +93,8 @@ class Tally:
         self.codes.update(other.codes)
         self.decided_by.update(other.decided_by)
         self.false_by_cache.update(other.false_by_cache)
+        self.hits_by_origin.update(other.hits_by_origin)
+        self.false_by_origin.update(other.false_by_origin)
         self.kinds.update(other.kinds)
         self.answers.update(other.answers)
         self.latency = _add_encoded(self.latency, other.latency)
@@ -168,6 +176,9 @@ async def _run(plan: Plan, progress: Any, slot: int) -> Tally:
             tally.cache_hits += 1
             tally.false_hits += not right
             tally.false_by_cache[decided] += not right
+            tally.hits_by_origin[r.tier] += 1
+            tally.false_by_origin[r.tier] += not right
+            tally.false_oos_hits += item.label == OOS and not right
         elif r.tier == "frontier":
             tally.escalations += 1
         tally.degraded += r.degraded

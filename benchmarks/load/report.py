@@ -50,6 +50,10 @@ def summarize(t: Tally, baseline: Tally | None = None) -> dict[str, Any]:
             for k in ("exact_cache", "semantic_cache")
             if t.decided_by.get(k)
         },
+        "false_hits_by_origin": {  # per tier whose answer the cache repeats: (wrong, answers)
+            k: [t.false_by_origin.get(k, 0), n] for k, n in sorted(t.hits_by_origin.items())
+        },
+        "false_hits_out_of_scope": t.false_oos_hits,  # of the wrong ones: oos texts
         # ... and one that differs from what the same request got without caches:
         # the errors the cache itself introduced.
         "cache_changed_answers": (
@@ -89,7 +93,14 @@ def markdown(results: dict[str, dict[str, Any]], header: list[str]) -> str:
         if by:
             parts = [f"{k.replace('_', ' ')} {w} of {n} ({_pct(w / n)})" for k, (w, n) in
                      by.items()]  # fmt: skip
-            lines.append(f"\nWrong cache answers, {name}: " + ", ".join(parts) + ".")
+            origin = r.get("false_hits_by_origin") or {}
+            first = ", ".join(f"{k} {w} of {n}" for k, (w, n) in origin.items())
+            wrong = sum(w for w, _ in by.values())
+            oos = r.get("false_hits_out_of_scope", 0)
+            lines.append(
+                f"\nWrong cache answers, {name}: {', '.join(parts)}; by the tier whose answer "
+                f"the cache repeats: {first}; {oos} of the {wrong} wrong are out-of-scope texts."
+            )
     lines += ["", "Decided by (share of answered requests):", ""]
     lines += ["| configuration | " + " | ".join(DECIDERS) + " |",
               "|---|" + "---:|" * len(DECIDERS)]  # fmt: skip

@@ -52,6 +52,16 @@ def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
     assert r["hybrid"]["cache_hit_rate"] > 0
     assert r["routing"]["decided_by"].get("linear", 0) == 0  # the router never answers
     assert r["hybrid"]["cache_changed_answers"] is not None
+    # Wrong cache answers traced to the tier whose answer the cache repeats: every hit
+    # has one, and the split adds up to the totals.
+    hits = round(r["hybrid"]["cache_hit_rate"] * r["hybrid"]["answered"])
+    origin = r["hybrid"]["false_hits_by_origin"]
+    assert set(origin) <= {"rules", "linear", "intent", "frontier"}
+    assert sum(n for _, n in origin.values()) == hits
+    wrong = sum(w for w, _ in r["hybrid"]["false_hits_by_cache"].values())
+    assert sum(w for w, _ in origin.values()) == wrong
+    assert 0 <= r["hybrid"]["false_hits_out_of_scope"] <= wrong
+    assert "by the tier whose answer the cache repeats" in md
     assert {t["target"][:20] for t in doc["targets"]} >= {"hybrid cost per 1k a"}
     # The sweep: rates rising from half of --rate until a step fails or the cap.
     sweep = doc["sweep"]

@@ -89,7 +89,11 @@ def test_tallies_merge_counts_and_histograms() -> None:
     hb.record_value(10_000)
     a.latency, b.latency = str(ha.encode(), "ascii"), str(hb.encode(), "ascii")
     a.codes["OK"], b.codes["UNAVAILABLE"] = 2, 1
+    a.hits_by_origin["linear"], b.hits_by_origin["linear"] = 3, 2
+    b.false_by_origin["intent"], a.false_oos_hits, b.false_oos_hits = 1, 1, 2
     a.merge(b)
+    assert a.hits_by_origin == Counter({"linear": 5})
+    assert (a.false_by_origin, a.false_oos_hits) == (Counter({"intent": 1}), 3)
     h, cheap = a.histograms()
     assert (a.ok, a.sent, h.get_total_count(), cheap.get_total_count()) == (3, 3, 3, 0)
     assert h.get_max_value() == pytest.approx(10_000, rel=0.01)
