@@ -31,7 +31,7 @@ import aiohttp
 import orjson
 
 from tiergate._core import ConfigError
-from tiergate.frontier import DEFAULT_CANDIDATES, ProviderConfig, estimate_tokens, prompt_for
+from tiergate.frontier import DEFAULT_CANDIDATES, ProviderConfig, prompt_for, prompt_tokens
 
 log = logging.getLogger("tiergate.escalation")
 
@@ -214,8 +214,7 @@ class Provider:
         except TimeoutError:
             # Sent and perhaps answered (and billed) after we stopped waiting: charged at
             # the estimate, so that a spend cap holds even then.
-            tokens = sum(estimate_tokens(m["content"]) for m in messages)
-            paid = self.cost(tokens, MAX_OUTPUT_TOKENS)
+            paid = self.cost(prompt_tokens(messages), MAX_OUTPUT_TOKENS)
             return done("timeout", f"no answer within {timeout_s:.2f} s", paid), None, None
         except aiohttp.ClientConnectionError as e:
             return done("connection", f"{type(e).__name__}: {e}"), None, None
@@ -293,7 +292,7 @@ def _retry_after(headers: Any) -> float | None:
 def estimate_cost(config: FrontierConfig, text: str, labels: Sequence[str]) -> float:
     """An upper bound for reserving spend: every attempt at every provider answered and
     paid, at 1.5x the estimated prompt tokens and the full output allowance."""
-    tokens_in = int(1.5 * sum(estimate_tokens(m["content"]) for m in prompt_for(text, labels)))
+    tokens_in = int(1.5 * prompt_tokens(prompt_for(text, labels)))
     per_try = sum(
         (tokens_in * p.price_in_per_mtok + MAX_OUTPUT_TOKENS * p.price_out_per_mtok) * 1e-6
         for p in config.providers

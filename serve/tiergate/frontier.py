@@ -36,6 +36,11 @@ def estimate_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4))
 
 
+def prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
+    """Estimated input tokens of a chat prompt (see :func:`estimate_tokens`)."""
+    return sum(estimate_tokens(m["content"]) for m in messages)
+
+
 # How many of the local tiers' likeliest labels an escalation offers the frontier.
 # The prompt lists the labels it may answer, so its length, and the price of every
 # escalation, grows with the label set: on CLINC150 the 151 labels are ~95% of the
@@ -129,8 +134,7 @@ class FrontierSimulator:
         self.sigma = (math.log(self.params.latency_p95_ms / 1000) - self.mu) / 1.6449
 
     def cost_of(self, text: str, labels: Sequence[str] | None = None) -> float:
-        prompt = prompt_for(text, self.labels if labels is None else labels)
-        tokens_in = sum(estimate_tokens(m["content"]) for m in prompt)
+        tokens_in = prompt_tokens(prompt_for(text, self.labels if labels is None else labels))
         p = self.params
         return (tokens_in * p.price_in_per_mtok + p.output_tokens * p.price_out_per_mtok) / 1e6
 
