@@ -97,13 +97,7 @@ def _tiergate_server(
 
 
 def _histogram(metrics: Any) -> dict[str, float]:
-    buckets: dict[float, float] = {}
-    for family in metrics.latency.collect():
-        for s in family.samples:
-            if s.name.endswith("_bucket"):
-                le = float(s.labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + s.value
-    return {str(k): v for k, v in sorted(buckets.items())}
+    return {str(k): v for k, v in metrics.decisions.latency_buckets().items()}
 
 
 def _quantile(buckets: dict[str, float], q: float) -> float:

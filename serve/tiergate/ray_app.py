@@ -308,13 +308,7 @@ class Frontend:
         log.info("tiergate front end on %s (node %s)", address, node_id())
 
     def describe(self) -> dict[str, Any]:
-        served = sum(
-            s.value
-            for m in self.metrics.requests.collect()
-            for s in m.samples
-            if s.name.endswith("_total")
-        )
-        return {"node": node_id(), "port": self.port, "answered": served}
+        return {"node": node_id(), "port": self.port, "answered": self.metrics.decisions.answered()}
 
     def reload(self) -> bool:
         """Re-reads the policy file (each replica also watches it for changes)."""

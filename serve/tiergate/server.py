@@ -596,28 +596,13 @@ def failure_logger(policy_of: Any) -> Any:
 def decision_logger(policy_of: Any, metrics: Metrics) -> Any:
     """The engine's on_decision hook: metrics and one JSON log line per request."""
 
-    children: dict[tuple[str, str], Any] = {}  # labels() lookups are slow on the hot path
+    stats = metrics.decisions
 
     def record(req: Request, d: Decision, seconds: float) -> None:
+        escalated = d.tier == "frontier" and not d.cached
         outcome = "degraded" if d.degraded else ("cached" if d.cached else "ok")
-        key = (d.tier, outcome)
-        pair = children.get(key)
-        if pair is None:
-            pair = children[key] = (
-                metrics.requests.labels(d.tier, outcome),
-                metrics.latency.labels(d.tier, outcome),
-            )
-        pair[0].inc()
-        pair[1].observe(seconds)
-        if d.cached:
-            hit = children.get(("cache", d.cache))
-            if hit is None:
-                hit = children["cache", d.cache] = (metrics.cache_hits.labels(d.cache), None)
-            hit[0].inc()
-        if d.tier == "frontier" and not d.cached:
-            metrics.escalations.inc()
-        if d.cost_usd:
-            metrics.spend.labels(req.tenant.name).inc(d.cost_usd)
+        stats.record(d.tier, outcome, seconds, d.cache if d.cached else "", escalated,
+                     req.tenant.name, d.cost_usd)  # fmt: skip
         if decisions_log.isEnabledFor(logging.INFO):
             line: dict[str, Any] = {
                 "request_id": d.request_id,
