@@ -329,6 +329,16 @@ class MicroBatcher:
         return self.inflight >= self.max_inflight
 
 
+class Holders:
+    """How many requests are running on a runtime's loaded tiers and model. Shared by
+    the runtime's per-task clones: a reload closes a model it dropped only at zero."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class TaskRuntime:
     """One task's loaded bundle: its tiers, gates and model batcher."""
 
@@ -354,6 +364,7 @@ class TaskRuntime:
         self.batcher: MicroBatcher | None = None
         self.embedder: MicroBatcher | None = None  # embeddings on demand (remote models)
         self.executor: ThreadPoolExecutor | None = None  # the in-process model's thread
+        self.holders = Holders()
         remote = getattr(self.backend, "infer_async", None)
         if remote is not None:  # a model served elsewhere: await it, several batches at once
             inflight = getattr(backend, "max_inflight", 4)
@@ -548,6 +559,7 @@ class Engine:
             self.idempotent[key] = asyncio.get_running_loop().create_future()
             while len(self.idempotent) > 100_000:
                 self.idempotent.popitem(last=False)
+        runtime.holders.count += 1  # (no await since the state was read: a reload waits)
         try:
             decision = await self._admitted(req, runtime, policy)
         except BaseException as e:
@@ -557,6 +569,8 @@ class Engine:
                     fut.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
                     fut.exception()  # mark retrieved: waiters re-raise it, nobody else must
             raise
+        finally:
+            runtime.holders.count -= 1
         if req.idempotency_key:
             fut = self.idempotent.get(key)
             if fut is not None and not fut.done():

@@ -369,6 +369,8 @@ class Server:
         # Escalators a reload replaced: calls still in flight on them finish, and their
         # connections close at stop.
         self._retired: list[Any] = []
+        # Models a reload replaced: each is closed once no request is running on it.
+        self._dropped: list[TaskRuntime] = []
         self.admission = Admission()
         self._limit(engine.policy)
         metrics.inflight.set_function(lambda: self.admission.inflight)
@@ -442,20 +444,24 @@ class Server:
     def reload(self) -> bool:
         """Loads, validates and installs the policy file; keeps the old one on any error."""
         assert self.policy_path is not None
+        previous = self.engine.runtimes
+        runtimes: dict[str, TaskRuntime] = {}
         try:
             policy = load_policy(self.policy_path, self.default_bundle)
-            runtimes = build_runtimes(policy, self.runtime_factory, self.engine.runtimes)
+            runtimes = build_runtimes(policy, self.runtime_factory, previous)
             frontier = self.engine.frontier
             if self.pinned_frontier is None and policy.frontier != self.engine.policy.frontier:
                 # New providers start with closed circuits; unchanged ones keep theirs.
                 frontier = escalator(policy.frontier, self.metrics)
         except Exception as e:  # any failure keeps the running policy
+            self._dropped += models_left_out(runtimes, previous)  # loaded for nothing
             self.reloads["rejected"] += 1
             log.error(
                 "policy reload rejected, keeping version %s: %s", self.engine.policy.version, e
             )
             return False
         self.engine.swap_policy(policy, runtimes)
+        self._dropped += models_left_out(previous, runtimes)
         if frontier is not self.engine.frontier:
             self._retired.append(self.engine.frontier)
         self.engine.frontier = frontier
@@ -475,6 +481,16 @@ class Server:
             if mtime != self._mtime:
                 self._mtime = mtime
                 await asyncio.to_thread(self.reload)
+            await self._close_dropped()
+
+    async def _close_dropped(self, everything: bool = False) -> None:
+        """Closes the dropped models no request is running on (``everything``: at stop)."""
+        for rt in [rt for rt in self._dropped if everything or rt.holders.count == 0]:
+            self._dropped.remove(rt)
+            try:
+                await asyncio.to_thread(rt.close)
+            except Exception:  # a model that fails to close must not stop the watch
+                log.exception("closing the model of bundle %s failed", rt.task.bundle)
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._watch is not None:
@@ -496,9 +512,8 @@ class Server:
                 await close()
         self._retired.clear()
         # The models last: no request is left to need them. Tasks of one bundle share one.
-        closing = {id(rt.backend): rt for rt in self.engine.runtimes.values()}
-        for rt in closing.values():
-            await asyncio.to_thread(rt.close)
+        self._dropped += models_left_out(self.engine.runtimes, {})
+        await self._close_dropped(everything=True)
 
 
 def build_server(
@@ -564,6 +579,14 @@ def build_runtimes(
         else:
             out[name] = fresh[task.bundle] = factory(task)
     return out
+
+
+def models_left_out(old: dict[str, TaskRuntime], new: dict[str, TaskRuntime]) -> list[TaskRuntime]:
+    """A runtime for each model of ``old`` that ``new`` does not use (tasks of one
+    bundle share a model: it is listed once)."""
+    kept = {id(rt.backend) for rt in new.values()}
+    left = {id(rt.backend): rt for rt in old.values() if id(rt.backend) not in kept}
+    return list(left.values())
 
 
 def _created(bundle: Path) -> str:

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from tests.serving.conftest import write_policy
 from tiergate.engine import (
     MODEL_NICE,
     MicroBatcher,
     Overloaded,
     Request,
     Stalled,
+    TaskRuntime,
     in_process_runtime,
 )
-from tiergate.policy import default_policy
+from tiergate.policy import Task, default_policy, load_policy
 from tiergate.server import ANONYMOUS, build_server
 
 
@@ -205,3 +209,60 @@ def test_a_stopped_server_leaves_no_model_thread_behind(full_bundle: Path) -> No
         assert not model[0].is_alive()
 
     asyncio.run(serve_one())
+
+
+def test_a_reload_closes_the_model_it_dropped_once_no_request_runs_on_it(
+    full_bundle: Path, tmp_path: Path
+) -> None:
+    """A reload to another bundle closes the first bundle's model (its thread, and for a
+    zero-shot bundle a vLLM engine), but not under a request still running on it."""
+    second = tmp_path / "second-bundle"
+    shutil.copytree(full_bundle, second)
+    closing: list[Path] = []  # bundles whose runtime close() was called, in order
+    entered, release = threading.Event(), threading.Event()
+
+    def factory(task: Task) -> TaskRuntime:
+        rt = in_process_runtime(task)
+        assert rt.backend is not None
+        infer, close = rt.backend.infer, rt.close
+
+        def held_infer(texts: list[str]) -> Any:
+            entered.set()
+            release.wait(30)
+            return infer(texts)
+
+        def recorded_close() -> None:
+            closing.append(task.bundle)
+            close()
+
+        rt.backend.infer = held_infer  # type: ignore[method-assign]
+        rt.close = recorded_close  # type: ignore[method-assign]
+        return rt
+
+    path = write_policy(tmp_path / "p.yaml", full_bundle)
+
+    async def scenario() -> None:
+        server = build_server(load_policy(path), path, runtime_factory=factory)
+        await server.start("127.0.0.1:0")
+        try:
+            request = Request("where is my package", ANONYMOUS, force_tier="intent")
+            running = asyncio.create_task(server.engine.classify(request))
+            assert await asyncio.to_thread(entered.wait, 30), "the model never got the request"
+            write_policy(path, second)
+            assert await asyncio.to_thread(server.reload)
+            await asyncio.sleep(1.5)  # three ticks of the policy watch
+            assert closing == [], "the dropped model was closed under a running request"
+            release.set()
+            answer = await running
+            assert any(s.tier == "intent" and s.label for s in answer.path), answer.path
+            for _ in range(100):
+                if closing:
+                    break
+                await asyncio.sleep(0.1)
+            assert closing == [full_bundle.resolve()], "the dropped model was never closed"
+        finally:
+            release.set()
+            await server.stop(0.1)
+        assert closing == [full_bundle.resolve(), second.resolve()]  # stop closes the new one
+
+    asyncio.run(scenario())
