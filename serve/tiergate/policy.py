@@ -158,7 +158,7 @@ class Policy:
 
 
 def _check_keys(where: str, raw: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(raw) - allowed)
+    unknown = sorted(set(raw) - allowed, key=str)  # YAML keys may be numbers too
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
@@ -181,6 +181,21 @@ def _number(where: str, raw: object, *, minimum: float = 0.0) -> float:
     ):
         raise ConfigError(f"{where}: expected a finite number >= {minimum}, not {raw!r}")
     return float(raw)
+
+
+def _whole(where: str, raw: object, *, minimum: int = 0) -> int:
+    """A count: 2.5 requests a day is a typo to report, not a number to round."""
+    value = _number(where, raw, minimum=minimum)
+    if not value.is_integer():
+        raise ConfigError(f"{where}: expected a whole number >= {minimum}, not {raw!r}")
+    return int(value)
+
+
+def _flag(where: str, raw: object) -> bool:
+    # bool("false") is True: a quoted YAML string must not turn a switch on.
+    if not isinstance(raw, bool):
+        raise ConfigError(f"{where}: expected true or false, not {raw!r}")
+    return raw
 
 
 def _strings(where: str, raw: object) -> tuple[str, ...]:
@@ -282,10 +297,10 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
             f"{where}.quota", q, {"requests_per_day", "escalations_per_day", "spend_per_day_usd"}
         )
         quota = Quota(
-            int(_number(f"{where}.quota.requests_per_day", q["requests_per_day"]))
+            _whole(f"{where}.quota.requests_per_day", q["requests_per_day"])
             if "requests_per_day" in q
             else None,
-            int(_number(f"{where}.quota.escalations_per_day", q["escalations_per_day"]))
+            _whole(f"{where}.quota.escalations_per_day", q["escalations_per_day"])
             if "escalations_per_day" in q
             else None,
             _number(f"{where}.quota.spend_per_day_usd", q["spend_per_day_usd"])
@@ -295,6 +310,10 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
         on_quota = str(t.get("on_quota", "degrade"))
         if on_quota not in ("degrade", "reject"):
             raise ConfigError(f"{where}.on_quota: {on_quota!r} is not 'degrade' or 'reject'")
+        for k in keys:
+            other = next((o.name for o in tenants.values() if k in o.key_sha256), None)
+            if other is not None:  # one key, two tenants: whose quota would it spend?
+                raise ConfigError(f"{where}.key_sha256: {k[:12]}... is also tenant {other!r}'s")
         tenants[str(name)] = Tenant(str(name), keys, quota, on_quota)
     cache = _mapping(f"{source}: cache", top.get("cache"))
     _check_keys(
@@ -324,7 +343,7 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
         default_task=default_task,
         tasks=tasks,
         risk=risk,
-        auth_required=bool(auth.get("required", False)),
+        auth_required=_flag(f"{source}: auth.required", auth.get("required", False)),
         tenants=tenants,
         exact_ttl_s=_number(f"{source}: cache.exact_ttl_s", cache.get("exact_ttl_s", 3600)),
         semantic_ttl_s=_number(
@@ -332,16 +351,12 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
         ),
         semantic_threshold=threshold,
         cache_min_confidence=min_confidence,
-        max_text_bytes=int(
-            _number(
-                f"{source}: limits.max_text_bytes", limits.get("max_text_bytes", 16_384), minimum=1
-            )
+        max_text_bytes=_whole(
+            f"{source}: limits.max_text_bytes", limits.get("max_text_bytes", 16_384), minimum=1
         ),
-        max_batch=int(
-            _number(f"{source}: limits.max_batch", limits.get("max_batch", 256), minimum=1)
-        ),
-        max_inflight=int(
-            _number(f"{source}: limits.max_inflight", limits.get("max_inflight", 4096), minimum=1)
+        max_batch=_whole(f"{source}: limits.max_batch", limits.get("max_batch", 256), minimum=1),
+        max_inflight=_whole(
+            f"{source}: limits.max_inflight", limits.get("max_inflight", 4096), minimum=1
         ),
         max_loop_lag_ms=_number(
             f"{source}: limits.max_loop_lag_ms", limits.get("max_loop_lag_ms", 50.0)
@@ -349,7 +364,7 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
         max_queue_ms=_number(
             f"{source}: limits.max_queue_ms", limits.get("max_queue_ms", 250.0), minimum=1.0
         ),
-        log_raw_text=bool(log.get("raw_text", False)),
+        log_raw_text=_flag(f"{source}: log.raw_text", log.get("raw_text", False)),
         frontier=(
             parse_frontier(f"{source}: frontier", _mapping(f"{source}: frontier", top["frontier"]))
             if top.get("frontier") is not None
@@ -411,12 +426,12 @@ def parse_frontier(where: str, raw: dict[str, Any]) -> FrontierConfig:
     return FrontierConfig(
         tuple(providers),
         RetryPolicy(
-            int(_number(f"{where}.retry.attempts", r.get("attempts", 2), minimum=1)),
+            _whole(f"{where}.retry.attempts", r.get("attempts", 2), minimum=1),
             _number(f"{where}.retry.backoff_s", r.get("backoff_s", 0.05)),
             _number(f"{where}.retry.max_backoff_s", r.get("max_backoff_s", 1.0)),
         ),
         BreakerPolicy(
-            int(_number(f"{where}.breaker.failures", b.get("failures", 5), minimum=1)),
+            _whole(f"{where}.breaker.failures", b.get("failures", 5), minimum=1),
             _number(f"{where}.breaker.cooldown_s", b.get("cooldown_s", 30.0)),
         ),
         candidates,
@@ -432,6 +447,8 @@ def load_policy(path: str | Path, default_bundle: Path | None = None) -> Policy:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"no policy file at {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

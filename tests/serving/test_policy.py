@@ -50,11 +50,24 @@ def test_minimal_policy_gets_safe_defaults() -> None:
         ({"limits": {"max_loop_lag_ms": float("nan")}}, "max_loop_lag_ms: expected a finite"),
         ({"tenants": {"a": {"key_sha256": True}}}, "key_sha256: expected a list of strings"),
         ({"tasks": {"t": {"bundle": "b\0x"}}}, "is not a usable path"),
+        # A quoted "false" is a string, and bool("false") would have turned logging on.
+        ({"log": {"raw_text": "false"}}, "log.raw_text: expected true or false, not 'false'"),
+        ({"auth": {"required": "yes"}}, "auth.required: expected true or false"),
+        # Counts are not rounded: 0.9 requests a day would have refused everything.
+        ({"tenants": {"a": {"quota": {"requests_per_day": 0.9}}}}, "expected a whole number"),
+        ({"tenants": {"a": {"quota": {"escalations_per_day": 2.5}}}}, "expected a whole number"),
+        ({"frontier": {"providers": [{"name": "m", "base_url": "http://x", "model": "m"}],
+                       "retry": {"attempts": 1.5}}}, "retry.attempts: expected a whole number"),
+        ({"limits": {"max_batch": 8.5}}, "max_batch: expected a whole number"),
+        ({"tenants": {"a": {"key_sha256": ["ab" * 32]}, "b": {"key_sha256": ["AB" * 32]}}},
+         "is also tenant 'a'"),
+        ({1: "x", "foo": "y"}, r"unknown key\(s\) \[1, 'foo'\]"),
+        ({"limits": {1: 2, "x": 3}}, r"unknown key\(s\) \[1, 'x'\]"),
     ],
 )  # fmt: skip
 def test_mistakes_are_named(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        parse(**changes)
+        parse_policy({**BASE, **changes}, Path("/srv/policies"), "p.yaml")
 
 
 def test_keys_are_matched_by_hash_and_risk_actions_rank() -> None:
@@ -78,6 +91,10 @@ def test_broken_yaml_and_missing_file(tmp_path: Path) -> None:
         load_policy(bad)
     with pytest.raises(FileNotFoundError, match="no policy file"):
         load_policy(tmp_path / "absent.yaml")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"version: 1\n\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_policy(binary)
 
 
 def test_ledger_reserves_settles_and_rolls_over_by_day() -> None:
