@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,13 @@ MAX_OUTPUT_TOKENS = 32
 MAX_CONNECTIONS = 1000  # per provider (the openai SDK's default too)
 # Below this much time left, another attempt could not finish: stop trying.
 MIN_ATTEMPT_S = 0.02
+# A label and its usage fit in a few hundred bytes: a longer body is a broken provider,
+# and reading it whole would hold memory and the event loop.
+MAX_RESPONSE_BYTES = 1 << 20
+# More tokens than any one call of ours can use: a provider's bug, not a bill.
+MAX_USAGE_TOKENS = 10_000_000
+# The reservation's allowance for the hints the prompt carries (tier: label (0.93), ...).
+HINT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,9 @@ class Provider:
             return Attempt(name, outcome, time.perf_counter() - started, cost, detail[:200])
 
         messages = prompt_for(text, labels, hints)
+        # What a call costs by our estimate: charged when it may have been billed but the
+        # provider's own count is missing or not believable.
+        estimated = self.cost(prompt_tokens(messages), MAX_OUTPUT_TOKENS)
         body = orjson.dumps(
             {
                 "model": self.config.model,
@@ -209,17 +220,19 @@ class Provider:
                 headers=self.headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as resp:
-                status, raw = resp.status, await resp.read()
+                status, raw = resp.status, await _read_capped(resp)
                 retry_after = _retry_after(resp.headers)
         except TimeoutError:
             # Sent and perhaps answered (and billed) after we stopped waiting: charged at
             # the estimate, so that a spend cap holds even then.
-            paid = self.cost(prompt_tokens(messages), MAX_OUTPUT_TOKENS)
-            return done("timeout", f"no answer within {timeout_s:.2f} s", paid), None, None
+            return done("timeout", f"no answer within {timeout_s:.2f} s", estimated), None, None
         except aiohttp.ClientConnectionError as e:
             return done("connection", f"{type(e).__name__}: {e}"), None, None
         except aiohttp.ClientError as e:  # a broken response: the provider's fault
             return done("server_error", f"{type(e).__name__}: {e}"), None, None
+        if raw is None:
+            detail = f"a response over {MAX_RESPONSE_BYTES} bytes (HTTP {status})"
+            return done("server_error", detail, estimated if status == 200 else 0.0), None, None
         if status != 200:
             detail = f"HTTP {status}: {_error_message(raw)}"
             if status == 429:
@@ -227,17 +240,39 @@ class Provider:
             return done("server_error" if status >= 500 else "client_error", detail), None, None
         try:
             reply = orjson.loads(raw)
-            usage = reply.get("usage") or {}
-            cost = self.cost(int(usage.get("prompt_tokens", 0)),
-                             int(usage.get("completion_tokens", 0)))  # fmt: skip
-            choices = reply.get("choices") or [{}]
-            content = (choices[0].get("message") or {}).get("content")
-        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
-            return done("server_error", f"malformed response: {type(e).__name__}: {e}"), None, None
+            content = reply["choices"][0]["message"]["content"]
+        except (orjson.JSONDecodeError, LookupError, TypeError) as e:
+            detail = f"malformed response: {type(e).__name__}: {e}"
+            return done("server_error", detail, estimated), None, None
+        cost = self._billed(reply.get("usage"), estimated)
         label, error = parse_label(content, labels)
         if label is None:
             return done("invalid_label", error or "", cost), None, None
         return done("ok", cost=cost), label, None
+
+    def _billed(self, usage: object, estimated: float) -> float:
+        """The cost by the usage the provider reports; our estimate when it reports none
+        or counts that cannot be (negative, fractional, astronomical)."""
+        if isinstance(usage, dict):
+            counts = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            if all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_USAGE_TOKENS
+                for n in counts
+            ):
+                return self.cost(*counts)  # type: ignore[arg-type]
+        return estimated
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The body, or None once it passes MAX_RESPONSE_BYTES (the rest is not read)."""
+    if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
+        return None
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        body += chunk
+        if len(body) > MAX_RESPONSE_BYTES:
+            return None
+    return bytes(body)
 
 
 def _error_message(raw: bytes) -> str:
@@ -265,10 +300,12 @@ def label_schema(labels: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def parse_label(content: str | None, labels: Sequence[str]) -> tuple[str | None, str | None]:
+def parse_label(content: object, labels: Sequence[str]) -> tuple[str | None, str | None]:
     """The label in a provider's answer, or (None, why) when it is not one of ``labels``."""
     import json
 
+    if not isinstance(content, str):
+        return None, f"the answer is {type(content).__name__}, not text"
     if not content:
         return None, "empty answer"
     try:
@@ -284,15 +321,17 @@ def parse_label(content: str | None, labels: Sequence[str]) -> tuple[str | None,
 def _retry_after(headers: Any) -> float | None:
     try:
         value = headers.get("retry-after")
-        return float(value) if value is not None else None
+        seconds = float(value) if value is not None else None
     except (AttributeError, TypeError, ValueError):
         return None
+    # (An HTTP date is not a number: ignored, as are "inf", "nan" and negative waits.)
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
 
 
 def estimate_cost(config: FrontierConfig, text: str, labels: Sequence[str]) -> float:
     """An upper bound for reserving spend: every attempt at every provider answered and
     paid, at 1.5x the estimated prompt tokens and the full output allowance."""
-    tokens_in = int(1.5 * prompt_tokens(prompt_for(text, labels)))
+    tokens_in = int(1.5 * prompt_tokens(prompt_for(text, labels))) + HINT_TOKENS
     per_try = sum(
         (tokens_in * p.price_in_per_mtok + MAX_OUTPUT_TOKENS * p.price_out_per_mtok) * 1e-6
         for p in config.providers
@@ -372,6 +411,14 @@ class Escalator:
             except asyncio.CancelledError:  # the request gave up: no verdict on the provider
                 provider.breaker.release()
                 raise
+            except Exception as e:  # unforeseen: count it as the provider failing, go on
+                log.exception("provider %s: unexpected failure", name)
+                detail = f"{type(e).__name__}: {e}"[:200]
+                outcome, label, retry_after = (
+                    Attempt(name, "server_error", detail=detail),
+                    None,
+                    None,
+                )
             provider.breaker.record(label is not None)
             result.cost += outcome.cost
             self._record(result, outcome)
@@ -383,6 +430,8 @@ class Escalator:
             # requests failing together do not retry together.
             wait = self.rng.uniform(0, min(retry.max_backoff_s, retry.backoff_s * 2**attempt))
             if retry_after is not None:
+                if retry_after > retry.max_backoff_s:
+                    return None  # asks for a longer wait than the policy allows: next provider
                 wait = max(wait, retry_after)
             if deadline is not None and self.clock() + wait + MIN_ATTEMPT_S > deadline:
                 return None  # no time to wait and try again here: next provider

@@ -32,8 +32,13 @@ class FrontierAnswer:
 
 
 def estimate_tokens(text: str) -> int:
-    """~4 characters per token: the usual rule of thumb for English BPE vocabularies."""
-    return max(1, math.ceil(len(text) / 4))
+    """~4 characters per token for ASCII, the usual rule of thumb for English BPE
+    vocabularies. Other characters (CJK, emoji, accented letters) take about a token
+    or more each: counted at 1.5, so that a reservation made from it still covers them."""
+    if text.isascii():
+        return max(1, math.ceil(len(text) / 4))
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return max(1, math.ceil(ascii_chars / 4 + 1.5 * (len(text) - ascii_chars)))
 
 
 def prompt_tokens(messages: Sequence[dict[str, str]]) -> int:

@@ -4,6 +4,7 @@ fallback, retries, timeouts, labels outside the set, circuit breakers, deadlines
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -22,7 +23,7 @@ from tiergate.escalation import (
     FrontierConfig,
     RetryPolicy,
 )
-from tiergate.frontier import ProviderConfig
+from tiergate.frontier import ProviderConfig, prompt_for, prompt_tokens
 from tiergate.policy import load_policy, parse_policy
 
 LABELS = ["balance", "transfer", "oos"]
@@ -51,10 +52,17 @@ def config(urls: list[str], *, timeout_s: float = 2.0, attempts: int = 2,
     )
 
 
-def ask(esc: Escalator, text: str = "what is my balance", timeout_s: float | None = None) -> Any:
+TEXT, HINTS = "what is my balance", "linear: balance (0.61)"
+
+
+def ask(esc: Escalator, text: str = TEXT, timeout_s: float | None = None,
+        within_s: float | None = None) -> Any:  # fmt: skip
+    """``within_s``: fail the test instead of hanging when the call does not end."""
+
     async def once() -> Any:
         try:
-            return await esc.classify(text, LABELS, "linear: balance (0.61)", timeout_s)
+            call = esc.classify(text, LABELS, HINTS, timeout_s)
+            return await asyncio.wait_for(call, within_s)
         finally:
             await esc.aclose()  # its connections belong to this event loop
 
@@ -130,12 +138,105 @@ def test_many_escalations_at_once_do_not_queue_for_a_connection(providers: Any) 
 
 
 def test_a_broken_response_is_a_server_error_and_falls_back(providers: Any) -> None:
-    broken = [Script(body=b"<html>bad gateway</html>"), Script(body=b'{"choices": 3}')]
+    broken = [
+        Script(body=b"<html>bad gateway</html>"),
+        Script(body=b'{"choices": 3}'),
+        Script(body=b'{"choices": {"x": 1}}'),
+        Script(body=b"[1, 2]"),
+        Script(body=b'{"choices": [{"message": null}]}'),
+    ]
     urls = providers(*broken, Script(default="oos"))
-    result = ask(Escalator(config(urls, attempts=1)))
-    assert result.summary() == "p0:server_error, p1:server_error, p2:ok"
-    assert all("malformed response" in a.detail for a in result.attempts[:2])
+    esc = Escalator(config(urls, attempts=1))
+    result = ask(esc)
+    assert result.summary() == ", ".join([f"p{i}:server_error" for i in range(5)] + ["p5:ok"])
+    assert all("malformed response" in a.detail for a in result.attempts[:5])
     assert result.label == "oos"
+    # Answered (perhaps billed) but unreadable: charged at our estimate of one call.
+    one_call = esc.providers[0].cost(prompt_tokens(prompt_for(TEXT, LABELS, HINTS)), 32)
+    assert result.attempts[0].cost == pytest.approx(one_call)
+
+
+@pytest.mark.parametrize("content", [{"label": "balance"}, 5, None, ["balance"]])
+def test_an_answer_that_is_not_text_is_an_invalid_label(providers: Any, content: Any) -> None:
+    usage = {"prompt_tokens": 100, "completion_tokens": 5}
+    body = json.dumps({"choices": [{"message": {"content": content}}], "usage": usage}).encode()
+    urls = providers(Script(body=body), Script(default="transfer"))
+    result = ask(Escalator(config(urls, attempts=1)))
+    assert result.summary() == "p0:invalid_label, p1:ok"
+    assert result.label == "transfer"
+
+
+def test_a_broken_answer_to_a_probe_opens_the_circuit_again(providers: Any) -> None:
+    """The probe of a half-open circuit must end with a verdict whatever comes back:
+    left pending, the provider would be skipped until the server restarts."""
+    primary = Script(failing=True)
+    urls = providers(primary, Script(default="balance"))
+    esc = Escalator(config(urls, attempts=1, failures=1, cooldown_s=0.3))
+    assert ask(esc).summary() == "p0:server_error, p1:ok"
+    primary.failing = False
+    primary.body = b'{"choices": [{"message": {"content": {"label": "balance"}}}]}'
+    time.sleep(0.35)
+    assert ask(esc).summary() == "p0:invalid_label, p1:ok"  # the probe, and its verdict
+    assert esc.states()["p0"] == "open"
+    primary.body = None
+    primary.default = "transfer"
+    time.sleep(0.35)
+    third = ask(esc)
+    assert (third.label, third.provider) == ("transfer", "p0")
+    assert esc.states()["p0"] == "closed"
+
+
+@pytest.mark.parametrize(
+    ("usage", "charged"),
+    [
+        ({"prompt_tokens": 100, "completion_tokens": 5}, "reported"),
+        ({"prompt_tokens": -5_000_000, "completion_tokens": 5}, "estimate"),  # a refund?
+        ({"prompt_tokens": 10**15, "completion_tokens": 5}, "estimate"),  # a day's cap at once
+        ({"prompt_tokens": 1.5, "completion_tokens": 5}, "estimate"),
+        ({"prompt_tokens": True, "completion_tokens": 5}, "estimate"),
+        (None, "estimate"),  # reports no usage: not free
+        ("lots", "estimate"),
+    ],
+)
+def test_the_cost_is_the_reported_usage_only_when_it_can_be_true(
+    providers: Any, usage: Any, charged: str
+) -> None:
+    reply: dict[str, Any] = {"choices": [{"message": {"content": '{"label": "balance"}'}}]}
+    if usage is not None:
+        reply["usage"] = usage
+    (url,) = providers(Script(body=json.dumps(reply).encode()))
+    esc = Escalator(config([url], attempts=1))
+    result = ask(esc)
+    assert result.label == "balance"
+    p = esc.providers[0]
+    reported = p.cost(100, 5)
+    estimate = p.cost(prompt_tokens(prompt_for(TEXT, LABELS, HINTS)), 32)
+    assert result.cost == pytest.approx(reported if charged == "reported" else estimate)
+
+
+def test_a_huge_response_is_not_read(providers: Any) -> None:
+    huge = b'{"choices": [], "padding": "' + b"x" * (2 << 20) + b'"}'
+    urls = providers(Script(body=huge), Script(default="balance"))
+    result = ask(Escalator(config(urls, attempts=1)))
+    assert result.summary() == "p0:server_error, p1:ok"
+    assert "over 1048576 bytes" in result.attempts[0].detail
+
+
+@pytest.mark.parametrize("seconds", [float("inf"), float("nan"), -1.0])
+def test_an_impossible_retry_after_is_ignored(providers: Any, seconds: float) -> None:
+    (url,) = providers(Script(default="balance", fail_first=1, fail_status=429,
+                              retry_after_s=seconds))  # fmt: skip
+    result = ask(Escalator(config([url])), within_s=10)
+    assert result.summary() == "p0:rate_limited, p0:ok"
+
+
+def test_a_retry_after_beyond_the_policy_goes_to_the_next_provider(providers: Any) -> None:
+    """Waiting a day inside a request (no deadline to stop it) would hold its spend
+    reservation and the caller; the policy's max_backoff_s bounds every wait."""
+    slow = Script(default="balance", fail_first=1, fail_status=429, retry_after_s=86400)
+    urls = providers(slow, Script(default="transfer"))
+    result = ask(Escalator(config(urls)), within_s=10)
+    assert result.summary() == "p0:rate_limited, p1:ok"
 
 
 def test_the_api_key_is_sent_as_a_bearer_token(
@@ -230,6 +331,9 @@ def test_the_reservation_covers_every_attempt_at_every_provider() -> None:
     esc = Escalator(config(["http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1"], attempts=3))
     one = esc.providers[0].cost(1, 0)
     assert esc.estimate_cost("x" * 400, LABELS) > 2 * 3 * 100 * one
+    # CJK and emoji run at a token a character or more, not four characters a token.
+    assert esc.estimate_cost("余额" * 200, LABELS) > 2 * 3 * 400 * one
+    assert esc.estimate_cost("💸" * 400, LABELS) > 2 * 3 * 400 * one
 
 
 @pytest.mark.parametrize(
