@@ -602,14 +602,31 @@ class Engine:
         path: list[Step] = []
         labels = rt.labels
         d = Decision("", 0.0, "", path, req.request_id, policy.version, client_id=req.client_id)
-        cache_key = (req.tenant.name, rt.task.name, policy.version, normalise(req.text))
         start_at = ORDER.index(req.force_tier) if req.force_tier else 0
         stop_at = ORDER.index(req.max_tier) if req.max_tier else len(ORDER) - 1
 
-        # Client risk tags can change the route (e.g. to review): such requests skip
-        # the exact cache, whose entries were decided without them.
-        use_exact = not req.force_tier and not req.risk_tags
-        hit = self.exact.get(cache_key) if use_exact else None
+        best: tuple[float, str, str] = (-1.0, "", "")  # (confidence, label, tier) below threshold
+        tags = list(req.risk_tags)
+        # Rules run first, even when skipped as a tier: their risk tags route the request,
+        # and they read the text as sent, which the exact cache's key does not keep.
+        t0 = time.perf_counter()
+        rule_pred, rule_conf = -1, 0.0
+        if rt.rules is not None:
+            m = rt.rules.rules.match(req.text)
+            if m.risk_tags:
+                tags = sorted(set(tags) | set(m.risk_tags))
+            if m.rule_id is not None and m.label is not None:
+                rule_pred = rt.rules.label_index[m.label]
+                rule_conf = rt.rules.precision.get(m.rule_id, m.confidence or 0.0)
+
+        # The exact cache holds plain answers only. A risk tag (the client's, or one the
+        # rules raise on this wording: "sue  you" and "sue you" share a key) can change
+        # the route, to review say; a forced tier skips the tiers before it. Such
+        # requests neither read the cache nor write to it.
+        cache_key: tuple[str, ...] | None = None
+        if not req.force_tier and not tags:
+            cache_key = (req.tenant.name, rt.task.name, policy.version, normalise(req.text))
+        hit = self.exact.get(cache_key) if cache_key is not None else None
         if hit is not None:
             return Decision(
                 hit.label,
@@ -623,23 +640,11 @@ class Engine:
                 0.0,
                 False,
                 "",
-                list(hit.risk_tags),
+                [],
                 hit.pending_review,
                 req.client_id,
             )
 
-        best: tuple[float, str, str] = (-1.0, "", "")  # (confidence, label, tier) below threshold
-        tags = list(req.risk_tags)
-        # Rules run even when skipped as a tier: their risk tags route the request.
-        t0 = time.perf_counter()
-        rule_pred, rule_conf = -1, 0.0
-        if rt.rules is not None:
-            m = rt.rules.rules.match(req.text)
-            if m.risk_tags:
-                tags = sorted(set(tags) | set(m.risk_tags))
-            if m.rule_id is not None and m.label is not None:
-                rule_pred = rt.rules.label_index[m.label]
-                rule_conf = rt.rules.precision.get(m.rule_id, m.confidence or 0.0)
         d.risk_tags = tags
         action, why = policy.risk_action(tags)
         if action == "review":
@@ -796,8 +801,9 @@ class Engine:
         return await self._escalate(req, d, rt, policy, best, cache_key, namespace, vector, offered)
 
     async def _escalate(self, req: Request, d: Decision, rt: TaskRuntime, policy: Policy,
-                        best: tuple[float, str, str], cache_key: tuple[str, ...], namespace: str,
-                        vector: np.ndarray | None, offered: Sequence[str]) -> Decision:  # fmt: skip
+                        best: tuple[float, str, str], cache_key: tuple[str, ...] | None,
+                        namespace: str, vector: np.ndarray | None,
+                        offered: Sequence[str]) -> Decision:  # fmt: skip
         if self.frontier is None:
             d.path.append(Step("frontier", note="no frontier provider configured"))
             return self._degrade(d, best, "frontier tier not configured")
@@ -858,7 +864,7 @@ class Engine:
         cacheable = label not in rt.task.no_cache_labels and corroborated
         if self.semantic is not None and vector is not None and cacheable:
             self.semantic.put(namespace, vector, label.encode())
-        if cacheable:
+        if cacheable and cache_key is not None:
             self.exact.put(cache_key, d, policy.exact_ttl_s)
         return d
 
@@ -877,8 +883,10 @@ class Engine:
             return f"{tier} p95 {need:.1f} ms exceeds the task's p95 target of {target:g} ms"
         return None
 
-    def _finish(self, d: Decision, key: tuple[str, ...], rt: TaskRuntime, policy: Policy,
+    def _finish(self, d: Decision, key: tuple[str, ...] | None, rt: TaskRuntime, policy: Policy,
                 vector: np.ndarray | None = None) -> Decision:  # fmt: skip
+        if key is None:  # a request whose answer is not for everyone (see _decide)
+            return d
         if d.label not in rt.task.no_cache_labels and d.confidence >= policy.cache_min_confidence:
             self.exact.put(key, d, policy.exact_ttl_s)
         return d

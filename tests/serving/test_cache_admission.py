@@ -135,3 +135,31 @@ def test_bad_cache_and_candidate_settings_are_refused(
     raw = {"version": "v", "tasks": {"t": {"bundle": str(linear_bundle)}}, section: value}
     with pytest.raises(ConfigError, match=message):
         parse_policy(raw, linear_bundle.parent)
+
+
+def test_the_exact_cache_serves_only_answers_made_for_everyone(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    """Two wordings can share an exact-cache key (case and spacing are normalised away)
+    while only one of them trips a rule: that one must take its risk route, not the
+    other's cached answer. And answers shaped by a request's own hints (risk tags, a
+    forced tier) are never served to others."""
+    answer_all = {"linear": {"general": 0.0, "finance": 0.0}}  # every answer is cacheable
+    tasks = {"intents": {"bundle": str(linear_bundle), "thresholds": answer_all}}
+    policy = write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks,
+                          risk={"legal": "review", "finance": "review"})  # fmt: skip
+    r = start(policy)
+    untagged, tagged = "please block my credit  card", "please block my CREDIT card"
+    with r.client(KEY_A) as c:
+        first = c.classify(untagged, timeout=5)
+        assert (first.tier, first.cached, list(first.risk_tags)) == ("linear", False, [])
+        assert c.classify(untagged, timeout=5).cached  # cached indeed
+        routed = c.classify(tagged, timeout=5)  # the rule's keyword matches this wording
+        assert (routed.tier, routed.cached, routed.pending_review) == ("review", False, True)
+        assert list(routed.risk_tags) == ["finance"]
+
+        hinted = "hello there, my friend"
+        assert not c.classify(hinted, risk_tags=["pii"], timeout=5).cached
+        assert not c.classify(hinted, force_tier="linear", timeout=5).cached
+        assert not c.classify(hinted, timeout=5).cached  # neither was kept for it
+        assert c.classify(hinted, timeout=5).cached
