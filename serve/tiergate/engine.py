@@ -450,6 +450,7 @@ def _yield_cpu() -> None:
 def in_process_runtime(task: Task) -> TaskRuntime:
     """Loads a task's bundle with its intent model run in-process (PyTorch)."""
     bundle = load_bundle(task.bundle)
+    TaskRuntime._check_mode(task, bundle)  # before a model is loaded for nothing
     backend: ModelBackend | None = None
     if bundle.has("intent"):
         from tiergate.tiers import load_intent_backend

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -371,6 +373,10 @@ class Server:
         self._retired: list[Any] = []
         # Models a reload replaced: each is closed once no request is running on it.
         self._dropped: list[TaskRuntime] = []
+        # One reload at a time (the file watch, SIGHUP and Ray each start one, on threads
+        # of their own): each must build on what the one before installed.
+        self._reloading = threading.Lock()
+        self._stopped = False
         self.admission = Admission()
         self._limit(engine.policy)
         metrics.inflight.set_function(lambda: self.admission.inflight)
@@ -444,10 +450,19 @@ class Server:
     def reload(self) -> bool:
         """Loads, validates and installs the policy file; keeps the old one on any error."""
         assert self.policy_path is not None
+        with self._reloading:
+            if self._stopped:
+                log.warning("policy reload ignored: the server is stopping")
+                return False
+            with contextlib.suppress(OSError):  # this edit is read: the watch need not
+                self._mtime = self.policy_path.stat().st_mtime
+            return self._reload(self.policy_path)
+
+    def _reload(self, path: Path) -> bool:
         previous = self.engine.runtimes
         runtimes: dict[str, TaskRuntime] = {}
         try:
-            policy = load_policy(self.policy_path, self.default_bundle)
+            policy = load_policy(path, self.default_bundle)
             runtimes = build_runtimes(policy, self.runtime_factory, previous)
             frontier = self.engine.frontier
             if self.pinned_frontier is None and policy.frontier != self.engine.policy.frontier:
@@ -467,7 +482,7 @@ class Server:
         self.engine.frontier = frontier
         self._limit(policy)
         self.reloads["ok"] += 1
-        log.info("policy version %s installed from %s", policy.version, self.policy_path)
+        log.info("policy version %s installed from %s", policy.version, path)
         return True
 
     async def _watch_policy(self) -> None:
@@ -479,7 +494,6 @@ class Server:
             except OSError:
                 continue
             if mtime != self._mtime:
-                self._mtime = mtime
                 await asyncio.to_thread(self.reload)
             await self._close_dropped()
 
@@ -493,15 +507,20 @@ class Server:
                 log.exception("closing the model of bundle %s failed", rt.task.bundle)
 
     async def stop(self, grace: float = 2.0) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._keep):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        # A reload running on its thread finishes first; none starts after this.
+        await asyncio.to_thread(self._reloading.acquire)
+        self._stopped = True
+        self._reloading.release()
         await self.admission.stop()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
-        if self._keep is not None:
-            self._keep.cancel()
         if self.state is not None:  # after the last request: nothing is left unwritten
             await self._save_cache()
             self.state.close()
@@ -570,22 +589,27 @@ def build_runtimes(
     by_bundle = {rt.task.bundle: rt for rt in (current or {}).values()}
     fresh: dict[Path, TaskRuntime] = {}
     out: dict[str, TaskRuntime] = {}
-    for name, task in policy.tasks.items():
-        old = fresh.get(task.bundle) or by_bundle.get(task.bundle)
-        if old is not None and (
-            task.bundle in fresh or old.bundle.created == _created(task.bundle)
-        ):
-            out[name] = old.for_task(task)
-        else:
-            out[name] = fresh[task.bundle] = factory(task)
+    try:
+        for name, task in policy.tasks.items():
+            old = fresh.get(task.bundle) or by_bundle.get(task.bundle)
+            if old is not None and (
+                task.bundle in fresh or old.bundle.created == _created(task.bundle)
+            ):
+                out[name] = old.for_task(task)
+            else:
+                out[name] = fresh[task.bundle] = factory(task)
+    except BaseException:
+        for rt in fresh.values():  # loaded for a policy that will not run: a vLLM engine
+            rt.close()  # would otherwise hold its memory until the process ends
+        raise
     return out
 
 
 def models_left_out(old: dict[str, TaskRuntime], new: dict[str, TaskRuntime]) -> list[TaskRuntime]:
-    """A runtime for each model of ``old`` that ``new`` does not use (tasks of one
-    bundle share a model: it is listed once)."""
-    kept = {id(rt.backend) for rt in new.values()}
-    left = {id(rt.backend): rt for rt in old.values() if id(rt.backend) not in kept}
+    """A runtime for each loaded bundle of ``old`` that ``new`` does not use. Tasks of
+    one bundle share its load (and its ``holders``): it is listed once."""
+    kept = {id(rt.holders) for rt in new.values()}
+    left = {id(rt.holders): rt for rt in old.values() if id(rt.holders) not in kept}
     return list(left.values())
 
 

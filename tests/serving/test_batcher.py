@@ -266,3 +266,91 @@ def test_a_reload_closes_the_model_it_dropped_once_no_request_runs_on_it(
         assert closing == [full_bundle.resolve(), second.resolve()]  # stop closes the new one
 
     asyncio.run(scenario())
+
+
+class Loads:
+    """A runtime factory that records what it loaded and what got closed (a model
+    loading takes ``seconds``, so that two reloads can overlap)."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+        self.loaded: list[TaskRuntime] = []
+        self.closed: list[TaskRuntime] = []
+
+    def __call__(self, task: Task) -> TaskRuntime:
+        time.sleep(self.seconds)
+        rt = in_process_runtime(task)
+        close = rt.close
+
+        def recorded_close() -> None:
+            self.closed.append(rt)
+            close()
+
+        rt.close = recorded_close  # type: ignore[method-assign]
+        self.loaded.append(rt)
+        return rt
+
+
+def test_reloads_run_one_at_a_time_and_every_model_is_closed_once(
+    linear_bundle: Path, tmp_path: Path
+) -> None:
+    """Two reloads at once (an edit seen by the watch, a SIGHUP) must not both load the
+    new bundle: the copy installed first would be replaced without ever being closed."""
+    second = tmp_path / "second-bundle"
+    shutil.copytree(linear_bundle, second)
+    loads = Loads(seconds=0.3)
+    path = write_policy(tmp_path / "p.yaml", linear_bundle)
+
+    async def scenario() -> None:
+        server = build_server(load_policy(path), path, runtime_factory=loads)
+        await server.start("127.0.0.1:0")
+        try:
+            write_policy(path, second)
+            both = await asyncio.gather(*(asyncio.to_thread(server.reload) for _ in range(2)))
+            assert all(both)
+            assert [rt.task.bundle for rt in loads.loaded] == [
+                linear_bundle.resolve(),
+                second.resolve(),
+            ], "the new bundle was loaded twice"
+        finally:
+            await server.stop(0.1)
+        assert sorted(map(id, loads.closed)) == sorted(map(id, loads.loaded))
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("failure", ["a task's mode", "a frontier key"])
+def test_a_rejected_reload_closes_the_models_it_loaded(
+    linear_bundle: Path, tmp_path: Path, failure: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A policy that fails after a new bundle was loaded (a vLLM engine, say) must not
+    leave that model running: each save of the broken file would start another."""
+    second = tmp_path / "second-bundle"
+    shutil.copytree(linear_bundle, second)
+    loads = Loads()
+    path = write_policy(tmp_path / "p.yaml", linear_bundle)
+    broken: dict[str, Any] = {"tasks": {"intents": {"bundle": str(second)}}}
+    if failure == "a task's mode":  # route needs an intent model this bundle lacks
+        broken["tasks"]["other"] = {"bundle": str(linear_bundle), "mode": "route"}
+    else:
+        monkeypatch.delenv("NO_SUCH_KEY_VARIABLE", raising=False)
+        provider = {"name": "p", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                    "api_key_env": "NO_SUCH_KEY_VARIABLE"}  # fmt: skip
+        broken["frontier"] = {"providers": [provider]}
+
+    async def scenario() -> None:
+        server = build_server(load_policy(path), path, runtime_factory=loads)
+        await server.start("127.0.0.1:0")
+        try:
+            write_policy(path, linear_bundle, **broken)
+            assert not await asyncio.to_thread(server.reload)
+            assert server.engine.runtimes["intents"].task.bundle == linear_bundle.resolve()
+            for _ in range(50):  # closed at once, or at the watch's next tick
+                if loads.closed:
+                    break
+                await asyncio.sleep(0.1)
+            assert [rt.task.bundle for rt in loads.closed] == [second.resolve()]
+        finally:
+            await server.stop(0.1)
+
+    asyncio.run(scenario())
