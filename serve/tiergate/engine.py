@@ -460,6 +460,8 @@ def in_process_runtime(task: Task) -> TaskRuntime:
 
 
 class Engine:
+    IDEMPOTENCY_KEYS = 100_000  # the newest keys kept (with their decisions)
+
     def __init__(
         self,
         policy: Policy,
@@ -553,29 +555,37 @@ class Engine:
         runtime = self.validate(req, state)
         policy = state[0]
         key = (req.tenant.name, req.idempotency_key)
+        # This request's own future: the table may evict it (or hold a newer attempt's
+        # under the same key), but whoever waits on it is answered through it.
+        mine: asyncio.Future[Decision] | None = None
         if req.idempotency_key:
             first = self.idempotent.get(key)
             if first is not None:
                 return await asyncio.shield(first)
-            self.idempotent[key] = asyncio.get_running_loop().create_future()
-            while len(self.idempotent) > 100_000:
+            mine = self.idempotent[key] = asyncio.get_running_loop().create_future()
+            while len(self.idempotent) > self.IDEMPOTENCY_KEYS:
                 self.idempotent.popitem(last=False)
         runtime.holders.count += 1  # (no await since the state was read: a reload waits)
         try:
             decision = await self._admitted(req, runtime, policy)
         except BaseException as e:
-            if req.idempotency_key:  # a failed first attempt may be retried under the same key
-                fut = self.idempotent.pop(key, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
-                    fut.exception()  # mark retrieved: waiters re-raise it, nobody else must
+            if mine is not None:  # a failed first attempt may be retried under the same key
+                if self.idempotent.get(key) is mine:
+                    del self.idempotent[key]
+                if not mine.done():
+                    if not isinstance(e, Exception):  # cancelled: the caller gave up
+                        e = RequestError(
+                            "UNAVAILABLE",
+                            "the first request with this idempotency key was cancelled "
+                            "before it was answered; send it again",
+                        )
+                    mine.set_exception(e)
+                    mine.exception()  # mark retrieved: waiters re-raise it, nobody else must
             raise
         finally:
             runtime.holders.count -= 1
-        if req.idempotency_key:
-            fut = self.idempotent.get(key)
-            if fut is not None and not fut.done():
-                fut.set_result(decision)
+        if mine is not None and not mine.done():
+            mine.set_result(decision)
         if self.on_decision is not None:
             self.on_decision(req, decision, time.perf_counter() - started)
         return decision

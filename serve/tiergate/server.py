@@ -248,6 +248,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         except RequestError as e:
             await self._abort(context, e)
             raise
+        except Exception as e:  # a bug of ours: INTERNAL (counted, logged), not UNKNOWN
+            log.exception("request failed")
+            await self._abort(context, RequestError("INTERNAL", f"{type(e).__name__}: {e}"))
+            raise
         finally:
             self.admission.release()
 

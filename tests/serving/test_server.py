@@ -21,7 +21,7 @@ from tests.serving.conftest import (
     tenant_a_with,
     write_policy,
 )
-from tiergate.engine import in_process_runtime
+from tiergate.engine import Engine, in_process_runtime
 from tiergate.policy import load_policy
 from tiergate.server import build_runtimes
 from tiergate.v1 import classifier_pb2 as pb
@@ -463,3 +463,48 @@ def test_a_reload_applies_new_semantic_cache_settings(
     assert r.server.reload()
     assert r.engine.policy.version == "v2"
     assert r.engine.semantic.threshold == pytest.approx(0.97)
+
+
+def test_a_retry_waiting_on_a_cancelled_first_attempt_is_told_to_send_again(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    script = Script(default="greeting", delay_s=1.0)
+    with fake_provider(script) as url:
+        tasks = escalate_everything(linear_bundle)
+        r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks), url)
+        with r.client(KEY_A) as c:
+            msg = pb.ClassifyRequest(text="hi", idempotency_key="k")
+            first = c.stub.Classify.future(msg, timeout=10, metadata=c.metadata)
+            time.sleep(0.3)  # the first attempt is at the frontier
+            retry = c.stub.Classify.future(msg, timeout=10, metadata=c.metadata)
+            time.sleep(0.3)  # the retry waits for the first attempt's answer
+            first.cancel()
+            with pytest.raises(grpc.RpcError) as failed:
+                retry.result()
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "send it again" in failed.value.details()
+            assert c.classify("hi", idempotency_key="k", timeout=10).label == "greeting"
+
+
+def test_a_first_attempt_evicted_from_the_key_table_still_answers_its_retries(
+    start: Any, linear_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Engine, "IDEMPOTENCY_KEYS", 1)
+    script = Script(default="greeting", delay_s=1.0)
+    with fake_provider(script) as url:
+        tasks = escalate_everything(linear_bundle)
+        r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks), url)
+        with r.client(KEY_A) as c:
+
+            def call(key: str) -> Any:
+                msg = pb.ClassifyRequest(text="hi", idempotency_key=key)
+                return c.stub.Classify.future(msg, timeout=5, metadata=c.metadata)
+
+            first = call("a")
+            time.sleep(0.3)
+            retry = call("a")  # waits on the first attempt
+            time.sleep(0.1)
+            other = call("b")  # a newer key pushes "a" out of the table
+            answers = [f.result() for f in (first, retry, other)]
+    assert [a.label for a in answers] == ["greeting"] * 3
+    assert answers[1].request_id == answers[0].request_id
