@@ -51,16 +51,17 @@ def fake_provider(script: Script) -> Iterator[str]:
                 fail = script.failing or script.calls <= script.fail_first
                 script.inflight += 1
                 script.max_inflight = max(script.max_inflight, script.inflight)
-            if script.delay_s:
-                time.sleep(script.delay_s)
-            with lock:
-                script.inflight -= 1
+            # What was asked is on record on arrival, before any scripted delay.
             content = body["messages"][-1]["content"]
             text, _, hint = content.partition("\n\n(cheaper tiers")
             script.hints.append(hint)
             script.keys.append(self.headers.get("Authorization", ""))
             schema = body.get("response_format", {}).get("json_schema", {}).get("schema", {})
             script.offered.append(list(schema.get("properties", {}).get("label", {})["enum"]))
+            if script.delay_s:
+                time.sleep(script.delay_s)
+            with lock:
+                script.inflight -= 1
             if fail:
                 error = json.dumps({"error": {"message": "scripted failure", "type": "x"}})
                 self.send_response(script.fail_status)

@@ -837,10 +837,13 @@ class Engine:
         hints = ", ".join(f"{s.tier}: {s.label} ({s.confidence:.2f})" for s in d.path if s.label)
         cost = estimate  # charged if the call is cancelled mid-way: it may have been paid
         limit = _until(req)
+        # The escalator plans its attempts within a slightly shorter limit, so that it
+        # ends them itself and charges only what it tried; wait_for is the backstop
+        # for an escalator that does not (charged at the whole reservation).
+        inner = None if limit is None else limit - min(0.05, limit / 10)
         try:
-            # The escalator plans its retries within the limit; wait_for is the backstop.
             result = await asyncio.wait_for(
-                self.frontier.classify(req.text, offered, hints, limit), limit
+                self.frontier.classify(req.text, offered, hints, inner), limit
             )
             label, cost, error = result.label, result.cost, result.error
             tried = result.summary()

@@ -16,15 +16,18 @@ import pytest
 from tests.fake_openai import Script, fake_provider
 from tests.serving.conftest import KEY_A, escalate_everything, write_policy
 from tiergate import ConfigError
+from tiergate.engine import Engine, Request, in_process_runtime
 from tiergate.escalation import (
     BreakerPolicy,
     CircuitBreaker,
+    Escalation,
     Escalator,
     FrontierConfig,
     RetryPolicy,
 )
 from tiergate.frontier import ProviderConfig, prompt_for, prompt_tokens
 from tiergate.policy import load_policy, parse_policy
+from tiergate.server import ANONYMOUS
 
 LABELS = ["balance", "transfer", "oos"]
 
@@ -398,3 +401,34 @@ def test_escalation_through_grpc_falls_back_and_reports_it(
         "tiergate_frontier_attempts_total", {"provider": "main", "outcome": "server_error"}
     )
     assert value == 2.0
+
+
+def test_an_escalation_that_ends_at_its_own_limit_is_charged_what_it_tried(
+    linear_bundle: Path,
+) -> None:
+    """The escalator is given a limit a little inside the engine's backstop: when the
+    deadline ends a call, the escalator charges the attempt it made. Hitting the
+    backstop instead charges the whole reservation (every try at every provider)."""
+
+    class UsesItsWholeLimit:
+        """Waits out the limit it is given, then reports one timed-out attempt."""
+
+        async def classify(self, text: str, labels: Any, hints: str,
+                           timeout_s: float | None = None) -> Escalation:  # fmt: skip
+            await asyncio.sleep(timeout_s or 0)
+            return Escalation(None, 0.001, "p0:timeout")
+
+        def estimate_cost(self, text: str, labels: Any) -> float:
+            return 0.05
+
+    policy = parse_policy(
+        {"version": "1", "tasks": {"t": escalate_everything(linear_bundle)["intents"]}},
+        Path("/"), "p.yaml",
+    )  # fmt: skip
+    runtimes = {"t": in_process_runtime(policy.tasks["t"])}
+    engine = Engine(policy, runtimes, frontier=UsesItsWholeLimit())  # type: ignore[arg-type]
+    request = Request("hello there", ANONYMOUS, deadline=time.monotonic() + 0.5)
+    answer = asyncio.run(engine.classify(request))
+    assert answer.degraded
+    assert answer.cost_usd == pytest.approx(0.001)
+    assert engine.ledger.snapshot("anonymous").spent_usd == pytest.approx(0.001)
