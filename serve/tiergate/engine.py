@@ -862,7 +862,7 @@ class Engine:
         d.cost_usd = cost
         if label is None:
             # The escalator stops its attempts in time: out of time is its usual failure.
-            if limit is not None and time.perf_counter() - t0 >= limit - MIN_ATTEMPT_S:
+            if inner is not None and time.perf_counter() - t0 >= inner - MIN_ATTEMPT_S:
                 error = f"no answer within the request's deadline ({error})"
                 if best[0] < 0:  # nothing else to answer with: the deadline is what failed
                     raise RequestError("DEADLINE_EXCEEDED", f"no tier answered: {error}")
