@@ -312,9 +312,12 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 await queue.put(self._error_response(msg, e))
                 return
             try:
-                await queue.put(await self._classify_or_error(msg, tenant, context))
+                answer = await self._classify_or_error(msg, tenant, context)
             finally:
                 self.admission.release()
+            # Its slot is free while the answer waits to be sent: a client that stops
+            # reading holds this stream's queue, not the server's admission.
+            await queue.put(answer)
 
         async def reader() -> None:
             try:

@@ -508,3 +508,26 @@ def test_a_first_attempt_evicted_from_the_key_table_still_answers_its_retries(
             answers = [f.result() for f in (first, retry, other)]
     assert [a.label for a in answers] == ["greeting"] * 3
     assert answers[1].request_id == answers[0].request_id
+
+
+def test_a_stream_nobody_reads_does_not_shut_out_other_calls(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    """Answers waiting to be sent hold their stream's queue, not admission slots: a
+    client that writes and never reads must not make every other call overloaded."""
+    limits = {"max_text_bytes": 2000, "max_batch": 8, "max_inflight": 8}
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle, limits=limits))
+    with r.client(KEY_A) as c:
+        n = 40_000  # more answers than flow control lets through unread
+        requests = (pb.ClassifyRequest(text="hello there") for _ in range(n))
+        stream = c.stub.ClassifyStream(requests, metadata=c.metadata)
+        try:
+            answered = r.server.metrics.decisions.answered
+            before, deadline = -1, time.monotonic() + 60
+            while answered() != before and time.monotonic() < deadline:  # until it stalls
+                before = answered()
+                time.sleep(1.0)
+            assert answered() < n, "the stream never stalled: nothing was tested"
+            assert c.classify("hello", timeout=5).label
+        finally:
+            stream.cancel()
