@@ -119,6 +119,13 @@ def _add_encoded(a: str, b: str) -> str:
     return str(h.encode(), "ascii")
 
 
+def latency_origin(intended: float, now: float) -> float:
+    """Where a request's latency starts: the intended send time when the client is late
+    (its lateness is the server's doing too: no coordinated omission), the actual one
+    when its timer woke it early. Whichever came first."""
+    return min(intended, now)
+
+
 def run(plan: Plan, out_q: Any, progress: Any, slot: int) -> None:
     """Process entry point: sends ``plan`` and puts a :class:`Tally` on ``out_q``."""
     try:
@@ -144,9 +151,7 @@ async def _run(plan: Plan, progress: Any, slot: int) -> Tally:
     await asyncio.wait_for(channel.channel_ready(), timeout=30)
 
     async def one(n: int, item: Item, intended: float) -> None:
-        # From the intended send time when the client is late (no coordinated omission),
-        # from the actual one when its timer woke it early.
-        since = max(intended, time.perf_counter())
+        since = latency_origin(intended, time.perf_counter())
         msg = pb.ClassifyRequest(text=item.text, hints=pb.Hints(risk_tags=list(item.risk_tags)))
         try:
             r = await stub.Classify(msg, timeout=plan.timeout_s, metadata=metadata[item.tenant])

@@ -21,6 +21,9 @@ def summarize(t: Tally, baseline: Tally | None = None) -> dict[str, Any]:
     to tell the errors a cache added from the ones it merely repeated."""
     h, cheap = t.histograms()
     answered = max(t.ok, 1)
+    # Accuracy and cost are per request sent: a refused or failed request is not a right
+    # answer, and leaving it out would flatter a configuration that fails a lot.
+    sent = max(t.sent, t.ok, 1)
     added = 0
     if baseline is not None:
         for n, (label, cached) in t.answers.items():
@@ -38,13 +41,13 @@ def summarize(t: Tally, baseline: Tally | None = None) -> dict[str, Any]:
         "errors": {code: n for code, n in sorted(t.codes.items()) if code != "OK"},
         "decided_by": {k: round(v / answered, 4) for k, v in sorted(t.decided_by.items())},
         "kinds_sent": dict(t.kinds),
-        "accuracy": round(t.correct / answered, 4),
+        "accuracy": round(t.correct / sent, 4),
         "in_scope_accuracy": round(t.in_scope_correct / max(t.in_scope, 1), 4),
         "oos_recall": round(t.oos_caught / t.oos, 4) if t.oos else None,
         "cache_hit_rate": round(t.cache_hits / answered, 4),
         # A cache answer whose label is not the dataset's (the answer it repeats may
         # have been wrong already) ...
-        "false_hit_rate": round(t.false_hits / t.cache_hits, 4) if t.cache_hits else 0.0,
+        "false_hit_rate": round(t.false_hits / t.cache_hits, 4) if t.cache_hits else None,
         "false_hits_by_cache": {  # per cache: (wrong answers, answers)
             k: [t.false_by_cache.get(k, 0), t.decided_by[k]]
             for k in ("exact_cache", "semantic_cache")
@@ -62,7 +65,7 @@ def summarize(t: Tally, baseline: Tally | None = None) -> dict[str, Any]:
         "escalation_rate": round(t.escalations / answered, 4),
         "degraded_rate": round(t.degraded / answered, 4),
         "cost_usd": round(t.cost_usd, 6),
-        "cost_per_1k_usd": round(1000 * t.cost_usd / answered, 4),
+        "cost_per_1k_usd": round(1000 * t.cost_usd / sent, 4),
     }
 
 

@@ -129,11 +129,21 @@ def build(pool: list[Example], mix: Mix, n: int, seed: int = 0) -> list[Item]:
     oos = [e for e in pool if e.label == OOS]
     fresh: list[Example] = list(pool)
     rng.shuffle(fresh)
-    if mix.out_of_scope is not None and in_scope and oos:
-        # Resample so that out-of-scope texts make up the asked share of fresh ones.
+    if mix.out_of_scope is not None:
+        share = mix.out_of_scope
+        if share > 0 and not oos:
+            raise ValueError(f"an out-of-scope share of {share:g} needs texts labelled {OOS!r}; "
+                             "the data has none")  # fmt: skip
+        # Out-of-scope texts make up the asked share of fresh ones, each drawn once: a
+        # text drawn twice would be a repeat the mix did not ask for. The fresh texts
+        # are as many as both kinds can fill at that share.
         k = len(pool)
-        n_oos = round(mix.out_of_scope * k)
-        fresh = rng.choices(oos, k=n_oos) + rng.choices(in_scope, k=k - n_oos)
+        if share > 0:
+            k = min(k, int(len(oos) / share))
+        if share < 1:
+            k = min(k, int(len(in_scope) / (1 - share)))
+        n_oos = min(len(oos), max(round(share * k), k - len(in_scope)))
+        fresh = rng.sample(oos, n_oos) + rng.sample(in_scope, k - n_oos)
         rng.shuffle(fresh)
     weights = [t.weight for t in mix.tenants]
     out: list[Item] = []

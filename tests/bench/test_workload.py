@@ -5,12 +5,13 @@ from __future__ import annotations
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
-from benchmarks.load import workload
-from benchmarks.load.cli import _is_loopback
+from benchmarks.load import report, workload
+from benchmarks.load.cli import _is_loopback, _targets, search_rates
 from benchmarks.load.cli import main as bench_main
-from benchmarks.load.loadgen import Tally, histogram
+from benchmarks.load.loadgen import Tally, histogram, latency_origin
 from benchmarks.load.simulator import answer
 
 from tiergate.data import Example
@@ -44,6 +45,30 @@ def test_the_mix_is_what_was_asked_and_seeded() -> None:
         if i.kind == "paraphrase":
             assert i.source in earlier[i.tenant]
         earlier[i.tenant].add(i.text)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.2, 0.5, 0.9, 1.0])
+def test_an_out_of_scope_share_draws_each_fresh_text_once(share: float) -> None:
+    """Reaching the share must not repeat texts: a duplicate fresh text is an exact
+    repeat the mix did not ask for, and it would inflate the cache's hit rate."""
+    mix = workload.Mix(0.0, 0.0, share)
+    items = workload.build(POOL, mix, 150, seed=3)  # fewer than the pool can fill
+    texts = [i.text for i in items]
+    assert len(set(texts)) == len(texts)
+    assert sum(i.label == "oos" for i in items) / len(items) == pytest.approx(share, abs=0.08)
+
+
+def test_an_out_of_scope_share_needs_out_of_scope_texts() -> None:
+    in_scope_only = [e for e in POOL if e.label != "oos"]
+    with pytest.raises(ValueError, match="needs texts labelled 'oos'"):
+        workload.build(in_scope_only, workload.Mix(0.2, 0.1, 0.2), 100)
+    assert len(workload.build(in_scope_only, workload.Mix(0.2, 0.1, 0.0), 100)) == 100
+
+
+def test_latency_starts_at_whichever_send_time_came_first() -> None:
+    late, early = latency_origin(10.0, 10.004), latency_origin(10.0, 9.9995)
+    assert late == 10.0  # the client's lateness counts: no coordinated omission
+    assert early == 9.9995  # woken early, sent early: the wait before is not latency
 
 
 def test_a_paraphrase_is_never_an_exact_cache_key_of_its_source() -> None:
@@ -110,3 +135,45 @@ def test_only_loopback_targets_by_default(capsys: pytest.CaptureFixture[str]) ->
     assert "no bundle at /nonexistent" in capsys.readouterr().err
     assert bench_main(["--bundle", str(Path(__file__)), "--configs", "fast"]) == 2
     assert "unknown configuration 'fast'" in capsys.readouterr().err
+
+
+def test_no_cache_answer_does_not_pass_the_false_hit_target() -> None:
+    """A run whose caches never answered says nothing of their false hits."""
+    t = Tally()
+    t.sent = t.ok = 100
+    t.codes["OK"] = 100
+    t.correct = 97
+    result = report.summarize(t)
+    assert result["false_hit_rate"] is None
+    (row,) = _targets({"hybrid": result}, workload.Mix(0.2, 0.1), None, 500.0)
+    assert row["measured"] == "no cache answers"
+    assert row["met"] is False
+
+
+def test_a_failed_request_counts_against_accuracy() -> None:
+    t = Tally()
+    t.sent, t.ok, t.correct, t.cost_usd = 100, 80, 80, 0.5
+    t.codes.update({"OK": 80, "RESOURCE_EXHAUSTED": 20})
+    result = report.summarize(t)
+    assert result["accuracy"] == 0.8  # not 1.0: a fifth of the requests got no answer
+    assert result["cost_per_1k_usd"] == 5.0
+
+
+@pytest.mark.parametrize(
+    ("capacity", "start", "cap", "found", "tried"),
+    [
+        (1000, 100, 1600, 800, [100, 200, 400, 800, 1600, 1200]),
+        (1300, 100, 1600, 1200, [100, 200, 400, 800, 1600, 1200]),
+        (30, 100, 1600, 25, [100, 50, 25, 37.5]),  # below the first step: down by halves
+        (5000, 100, 700, 400, [100, 200, 400]),  # the cap stops the doubling
+        (0.5, 4, 100, 0.0, [4, 2, 1]),  # nothing sustained
+    ],
+)
+def test_the_sweep_finds_the_highest_sustained_rate(
+    capacity: float, start: float, cap: float, found: float, tried: list[float]
+) -> None:
+    points: list[dict[str, Any]] = []
+    best = search_rates(lambda r: {"offered_rps": r, "sustained": r <= capacity}, points,
+                        start, cap)  # fmt: skip
+    assert best == found
+    assert [p["offered_rps"] for p in points] == tried
