@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -33,6 +34,9 @@ from tiergate.frontier import DEFAULT_CANDIDATES, shortlist
 from tiergate.gate import GENERAL, STRICT_DOMAINS, DomainGate
 from tiergate.policy import Policy, Task, Tenant
 from tiergate.tiers import LOCAL_TIERS, ORDER, RulesTier
+
+MAX_ID_CHARS = 256  # an idempotency key, a client id, a risk tag
+MAX_RISK_TAGS = 32
 
 
 class RequestError(Exception):
@@ -483,7 +487,9 @@ class Engine:
         self.semantic = self._semantic_cache(policy)
         # Idempotency keys -> the first request's decision, in flight or done: a
         # retry racing the original waits for it instead of deciding (and paying) twice.
-        self.idempotent: OrderedDict[tuple[str, str], asyncio.Future[Decision]] = OrderedDict()
+        self.idempotent: OrderedDict[
+            tuple[str, str], tuple[tuple[Any, ...], asyncio.Future[Decision]]
+        ] = OrderedDict()
         # Requests routed to human review: the newest 10,000, for a consumer to
         # drain into the review system; raw text only when the policy allows it.
         self.review_queue: deque[dict[str, Any]] = deque(maxlen=10_000)
@@ -547,6 +553,30 @@ class Engine:
                 raise RequestError(
                     "INVALID_ARGUMENT", f"hints.{name} {tier!r} is not one of {ORDER}"
                 )
+        if (
+            req.force_tier
+            and req.max_tier
+            and ORDER.index(req.force_tier) > ORDER.index(req.max_tier)
+        ):
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"hints.force_tier {req.force_tier!r} comes after hints.max_tier "
+                f"{req.max_tier!r}: no tier is left to answer",
+            )
+        # Kept per request (keys, review records, logs): bounded like the text.
+        for name, value in (("idempotency_key", req.idempotency_key),
+                            ("client_id", req.client_id)):  # fmt: skip
+            if len(value) > MAX_ID_CHARS:
+                raise RequestError(
+                    "INVALID_ARGUMENT", f"{name} is {len(value)} characters; the limit is "
+                    f"{MAX_ID_CHARS}",
+                )  # fmt: skip
+        if len(req.risk_tags) > MAX_RISK_TAGS or any(len(t) > MAX_ID_CHARS for t in req.risk_tags):
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"hints.risk_tags: at most {MAX_RISK_TAGS} tags of at most {MAX_ID_CHARS} "
+                "characters",
+            )
         return runtime
 
     async def classify(self, req: Request) -> Decision:
@@ -559,10 +589,19 @@ class Engine:
         # under the same key), but whoever waits on it is answered through it.
         mine: asyncio.Future[Decision] | None = None
         if req.idempotency_key:
+            asked = (req.text, req.task, tuple(req.risk_tags), req.force_tier, req.max_tier)
             first = self.idempotent.get(key)
             if first is not None:
-                return await asyncio.shield(first)
-            mine = self.idempotent[key] = asyncio.get_running_loop().create_future()
+                if first[0] != asked:
+                    raise RequestError(
+                        "INVALID_ARGUMENT",
+                        f"idempotency key {req.idempotency_key[:64]!r} was used for a "
+                        "different request (text, task or hints); use a new key",
+                    )
+                answer = await asyncio.shield(first[1])
+                return dataclasses.replace(answer, client_id=req.client_id)
+            mine = asyncio.get_running_loop().create_future()
+            self.idempotent[key] = (asked, mine)
             while len(self.idempotent) > self.IDEMPOTENCY_KEYS:
                 self.idempotent.popitem(last=False)
         runtime.holders.count += 1  # (no await since the state was read: a reload waits)
@@ -570,7 +609,7 @@ class Engine:
             decision = await self._admitted(req, runtime, policy)
         except BaseException as e:
             if mine is not None:  # a failed first attempt may be retried under the same key
-                if self.idempotent.get(key) is mine:
+                if (self.idempotent.get(key) or (None, None))[1] is mine:
                     del self.idempotent[key]
                 if not mine.done():
                     if not isinstance(e, Exception):  # cancelled: the caller gave up

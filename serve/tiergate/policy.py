@@ -109,6 +109,7 @@ class Task:
 
 
 MODES = ("cascade", "route")
+MAX_TEXT_BYTES = 1 << 20  # the Rust text tiers refuse longer texts
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,13 @@ def _whole(where: str, raw: object, *, minimum: int = 0) -> int:
     if not value.is_integer():
         raise ConfigError(f"{where}: expected a whole number >= {minimum}, not {raw!r}")
     return int(value)
+
+
+def _text_limit(where: str, limits: dict[str, Any]) -> int:
+    value = _whole(where, limits.get("max_text_bytes", 16_384), minimum=1)
+    if value > MAX_TEXT_BYTES:  # longer texts would pass validation and fail in a tier
+        raise ConfigError(f"{where}: at most {MAX_TEXT_BYTES} (the text tiers' own limit)")
+    return value
 
 
 def _flag(where: str, raw: object) -> bool:
@@ -351,9 +359,7 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
         ),
         semantic_threshold=threshold,
         cache_min_confidence=min_confidence,
-        max_text_bytes=_whole(
-            f"{source}: limits.max_text_bytes", limits.get("max_text_bytes", 16_384), minimum=1
-        ),
+        max_text_bytes=_text_limit(f"{source}: limits.max_text_bytes", limits),
         max_batch=_whole(f"{source}: limits.max_batch", limits.get("max_batch", 256), minimum=1),
         max_inflight=_whole(
             f"{source}: limits.max_inflight", limits.get("max_inflight", 4096), minimum=1

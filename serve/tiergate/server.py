@@ -45,10 +45,12 @@ NO_HINTS = pb.Hints()
 
 def api_key(metadata: Any) -> str | None:
     for key, value in metadata or ():
-        v = value.decode() if isinstance(value, bytes) else value
+        if key not in ("x-api-key", "authorization"):
+            continue  # other metadata (binary "-bin" values too) is not ours to read
+        v = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
         if key == "x-api-key":
             return v
-        if key == "authorization" and v.lower().startswith("bearer "):
+        if v.lower().startswith("bearer "):
             return v[7:].strip()
     return None
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.serving.conftest import write_policy
+from tests.serving.conftest import KEY_A, write_policy
 from tiergate.v1 import classifier_pb2 as pb
 
 METHODS = ("Classify", "ClassifyBatch")
@@ -121,3 +121,57 @@ def _server(start: Any, bundle: Path, tmp_path: Path) -> Any:
         _servers.clear()
         _servers[key] = start(write_policy(tmp_path / "p.yaml", bundle))
     return _servers[key]
+
+
+def test_ids_tags_and_contradictory_hints_are_bounded(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    """What the server keeps per request (idempotency keys, client ids, risk tags) is
+    bounded like the text, and hints that leave no tier are refused up front."""
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle))
+    with r.client(KEY_A) as c:
+        cases = [
+            pb.ClassifyRequest(text="hi", idempotency_key="k" * 257),
+            pb.ClassifyRequest(text="hi", client_id="c" * 257),
+            pb.ClassifyRequest(text="hi", hints=pb.Hints(risk_tags=["t"] * 33)),
+            pb.ClassifyRequest(text="hi", hints=pb.Hints(risk_tags=["t" * 257])),
+            pb.ClassifyRequest(text="hi", hints=pb.Hints(force_tier="frontier", max_tier="rules")),
+        ]
+        for msg in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                c.stub.Classify(msg, timeout=5, metadata=c.metadata)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, msg
+        assert "no tier is left" in e.value.details()
+        ok = pb.ClassifyRequest(text="hi", idempotency_key="k" * 256, client_id="c" * 256)
+        assert c.stub.Classify(ok, timeout=5, metadata=c.metadata).client_id == "c" * 256
+
+
+def test_binary_metadata_does_not_break_a_call(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle))
+    with r.client(KEY_A) as c:
+        metadata = (("x-trace-bin", b"\xff\xfe"), *c.metadata)
+        answer = c.stub.Classify(pb.ClassifyRequest(text="hello"), timeout=5, metadata=metadata)
+        assert answer.label
+
+
+def test_an_idempotency_key_names_one_request(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    """A key sent again with the same request answers as the first time (under this
+    call's client id); with another request it is refused, not answered wrongly."""
+    r = start(write_policy(tmp_path / "p.yaml", linear_bundle))
+    with r.client(KEY_A) as c:
+
+        def ask(text: str, client_id: str) -> Any:
+            msg = pb.ClassifyRequest(text=text, idempotency_key="k", client_id=client_id)
+            return c.stub.Classify(msg, timeout=5, metadata=c.metadata)
+
+        first, again = ask("reset my password", "c1"), ask("reset my password", "c2")
+        assert (again.request_id, again.label) == (first.request_id, first.label)
+        assert (first.client_id, again.client_id) == ("c1", "c2")
+        with pytest.raises(grpc.RpcError) as e:
+            ask("hello there", "c3")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "different request" in e.value.details()

@@ -59,6 +59,8 @@ def test_minimal_policy_gets_safe_defaults() -> None:
         ({"frontier": {"providers": [{"name": "m", "base_url": "http://x", "model": "m"}],
                        "retry": {"attempts": 1.5}}}, "retry.attempts: expected a whole number"),
         ({"limits": {"max_batch": 8.5}}, "max_batch: expected a whole number"),
+        # Longer texts would pass validation, then fail in the Rust tiers (INTERNAL).
+        ({"limits": {"max_text_bytes": 4 << 20}}, "max_text_bytes: at most 1048576"),
         ({"tenants": {"a": {"key_sha256": ["ab" * 32]}, "b": {"key_sha256": ["AB" * 32]}}},
          "is also tenant 'a'"),
         ({1: "x", "foo": "y"}, r"unknown key\(s\) \[1, 'foo'\]"),
