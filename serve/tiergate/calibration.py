@@ -294,8 +294,14 @@ class Calibrator:
             mix = float(params.get("mix", 0.0))
         except (TypeError, ValueError):
             raise FormatError(f"{where}: calibration parameters must be numbers") from None
-        if not temperature > 0:
-            raise FormatError(f"{where}: temperature must be positive")
+        if not (temperature > 0 and np.isfinite(temperature)):
+            raise FormatError(f"{where}: temperature must be a positive finite number")
+        if raw["method"] == "platt":
+            for k in ("a", "b"):
+                if not _finite_number(params[k]):
+                    raise FormatError(f"{where}: platt {k} must be a finite number")
+        if raw["method"] == "isotonic":
+            _check_isotonic(params["x"], params["y"], where)
         if ("bias_index" in params) != ("bias" in params):
             raise FormatError(f"{where}: bias_index and bias go together")
         index = params.get("bias_index", 0)
@@ -306,6 +312,23 @@ class Calibrator:
         if not 0.0 <= mix < 1.0:
             raise FormatError(f"{where}: mix must be in [0, 1)")
         return cls(raw["method"], params)
+
+
+def _finite_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _check_isotonic(x: object, y: object, where: str) -> None:
+    """An isotonic map: as many points in x as in y, x rising, y rising within [0, 1]
+    (a damaged one would give every request a confidence of 5, or fail on each)."""
+    if not (isinstance(x, list) and isinstance(y, list) and len(x) == len(y) >= 1
+            and all(_finite_number(v) for v in x + y)):  # fmt: skip
+        raise FormatError(f"{where}: isotonic x and y must be lists of numbers of one length")
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if np.any(np.diff(xs) < 0) or np.any(np.diff(ys) < 0):
+        raise FormatError(f"{where}: isotonic x and y must not decrease")
+    if ys.min() < 0 or ys.max() > 1:
+        raise FormatError(f"{where}: isotonic y must lie in [0, 1]")
 
 
 def _logit(p: FloatArray) -> FloatArray:

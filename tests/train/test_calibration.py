@@ -66,8 +66,16 @@ def test_ece_is_zero_when_confidence_matches_accuracy_per_bin() -> None:
     [
         ({"method": "magic"}, "must name a method"),
         ({"method": "platt", "a": 1.0}, "lacks"),
-        ({"method": "temperature", "temperature": -1.0}, "must be positive"),
+        ({"method": "temperature", "temperature": -1.0}, "must be a positive finite"),
+        ({"method": "temperature", "temperature": float("inf")}, "must be a positive finite"),
         ("temperature", "must name a method"),
+        # A damaged manifest must fail the load, not every request (or none, silently).
+        ({"method": "platt", "a": float("nan"), "b": 0.0}, "platt a must be a finite"),
+        ({"method": "platt", "a": 1.0, "b": "zero"}, "platt b must be a finite"),
+        ({"method": "isotonic", "x": "abc", "y": [1]}, "lists of numbers of one length"),
+        ({"method": "isotonic", "x": [0.1, 0.9], "y": [0.5]}, "lists of numbers of one length"),
+        ({"method": "isotonic", "x": [0.1, 0.9], "y": [5, 5]}, r"y must lie in \[0, 1\]"),
+        ({"method": "isotonic", "x": [0.9, 0.1], "y": [0.2, 0.8]}, "must not decrease"),
     ],
 )
 def test_broken_calibration_entries_are_rejected(raw: object, message: str) -> None:
