@@ -211,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--address", default="127.0.0.1:50051")
     k.add_argument("--api-key", help="tenant API key (default: $TIERGATE_API_KEY)")
     k.add_argument("--task", default="")
-    k.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    k.add_argument("--timeout", type=_seconds, default=5.0, help="deadline in seconds")
     k.add_argument("--json", action="store_true", help="print the full responses as JSON")
     k.add_argument("--tls-ca", type=Path, help="use TLS; the CA that signed the server's cert")
     k.add_argument("--tls-cert", type=Path, help="this client's certificate (mutual TLS)")
@@ -427,6 +427,17 @@ def _provider(args: argparse.Namespace) -> ProviderConfig | None:
                           args.frontier_key_env, args.price_in, args.price_out)  # fmt: skip
 
 
+def _seconds(raw: str) -> float:
+    """A deadline: positive, finite and at most a day (inf, nan or 1e300 failed at once)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{raw!r}: give seconds in (0, 86400]")
+    return value
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     import os
 
@@ -436,15 +447,30 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from tiergate.client import Client
 
     key = args.api_key or os.environ.get("TIERGATE_API_KEY")
-    with Client(
-        args.address, api_key=key, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
-    ) as client:
-        for text in args.texts:
+    if key is not None and not key.isascii():  # gRPC metadata is ASCII
+        print("tiergate classify: the API key must be ASCII", file=sys.stderr)
+        return 2
+    try:
+        client = Client(args.address, api_key=key, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key)  # fmt: skip
+    except (OSError, ValueError) as e:  # a TLS file missing or unreadable, half a pair
+        print(f"tiergate classify: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    with client:
+        for text in args.texts:  # each text on its own: one failing does not stop the rest
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
+                print(f"{text!r}: not valid UTF-8; not sent", file=sys.stderr)
+                failed += 1
+                continue
             try:
                 r = client.classify(text, task=args.task, timeout=args.timeout)
             except grpc.RpcError as e:
                 print(f"{text!r}: {e.code().name}: {e.details()}", file=sys.stderr)
-                return 1
+                failed += 1
+                continue
             if args.json:
                 print(json.dumps(MessageToDict(r), ensure_ascii=False))
             else:
@@ -452,7 +478,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                     f" degraded ({r.degraded_reason})" if r.degraded else ""
                 )
                 print(f"{r.label}\t{r.confidence:.3f}\t{r.tier}{flags}\t{text}")
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

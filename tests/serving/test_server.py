@@ -282,6 +282,23 @@ def test_classify_command(
     assert '"policyVersion": "v1"' in capsys.readouterr().out
     assert main(["classify", "--address", r.address, "hello"]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+    # Each text on its own: one that cannot be sent (bytes that are not UTF-8, as
+    # a shell passes them) or is refused does not stop the ones after it.
+    texts = ["hi", "caf\udcc3", "", "hello there"]
+    assert main(["classify", "--address", r.address, "--api-key", KEY_A, *texts]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[-1] for line in out.splitlines()] == ["hi", "hello there"]
+    assert "not valid UTF-8" in err
+    assert "INVALID_ARGUMENT" in err
+    # Bad options are told, not raised.
+    for bad in (["--timeout", "inf"], ["--timeout", "-1"], ["--tls-cert", str(tmp_path)],
+                ["--tls-ca", str(tmp_path)], ["--api-key", "clé"]):  # fmt: skip
+        try:
+            code = main(["classify", "--address", r.address, *bad, "hi"])
+        except SystemExit as e:  # argparse refusing a value
+            code = int(e.code or 0)
+        assert code == 2, bad
+        assert capsys.readouterr().err.strip(), bad
 
 
 def test_deadline_and_unavailable_codes(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
