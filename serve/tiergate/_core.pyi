@@ -141,9 +141,11 @@ class LinearModel:
     ) -> npt.NDArray[np.float32]:
         """Probabilities for rows already hashed, given as CSR arrays."""
     def top_k(
-        self, texts: Sequence[str], k: int = 1
+        self, texts: Sequence[str], k: int = 1, min_known: int = 0
     ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
-        """(class indices, probabilities) of the k best classes per text, best first."""
+        """(class indices, probabilities) of the k best classes per text, best first;
+        index -1 and probability 0 for a text with fewer than ``min_known`` features
+        that training saw."""
     def with_temperature(self, temperature: float) -> LinearModel:
         """The same weights with another calibration temperature."""
     @property

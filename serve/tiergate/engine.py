@@ -743,11 +743,17 @@ class Engine:
             linear = rt.linear
             probs = lambda: linear.predict_proba([req.text])[0]  # noqa: E731 (only if needed)
             t0 = time.perf_counter()
-            top, prob = rt.linear.top_k([req.text], 1)
+            # A text of which training saw no feature (emoji, symbols, unseen words)
+            # scores the intercepts alone, the same for all such texts: the tier
+            # abstains (-1) rather than answer them all with one confident label.
+            top, prob = rt.linear.top_k([req.text], 1, min_known=1)
+            lin_pred = int(top[0, 0])
             lin_conf = float(rt.calibrators["linear"].map_confidence(prob[0, 0]))
-            if route:
-                routed_to_model = consider("linear", int(top[0, 0]), lin_conf, _us(t0), True)
-            elif consider("linear", int(top[0, 0]), lin_conf, _us(t0)):
+            if lin_pred < 0 and not route:
+                path.append(Step("linear", micros=_us(t0), note="no feature it knows"))
+            elif route:
+                routed_to_model = consider("linear", lin_pred, lin_conf, _us(t0), True)
+            elif consider("linear", lin_pred, lin_conf, _us(t0)):
                 return self._finish(d, cache_key, rt, policy)
 
         vector = None

@@ -10,12 +10,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fake_openai import Script, fake_provider
 from tests.serving.conftest import KEY_A, write_policy
 from tiergate.v1 import classifier_pb2 as pb
 
 METHODS = ("Classify", "ClassifyBatch")
 # What a client may get back for a malformed or odd request; never INTERNAL/UNKNOWN.
-CLEAR = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
+# UNAVAILABLE: no tier could answer, e.g. a text the linear tier knows no feature of,
+# on a bundle with no other tier and no frontier configured.
+CLEAR = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE}
 
 
 def _raw(channel: grpc.Channel, method: str) -> Any:
@@ -101,6 +104,8 @@ def test_fuzzed_requests_get_clear_statuses(
             code, details = e.code(), e.details()
         assert code in CLEAR, (code, data[:80])
         assert details, "an error must say what is wrong"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            assert "no tier could answer" in details, details
         # ... and the server still answers a normal request.
         ok = ch.unary_unary(
             "/tiergate.v1.Classifier/Classify",
@@ -175,3 +180,20 @@ def test_an_idempotency_key_names_one_request(
             ask("hello there", "c3")
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "different request" in e.value.details()
+
+
+def test_a_text_the_linear_tier_knows_nothing_of_is_not_its_to_answer(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    """Emoji, symbols, unseen words: training saw no feature of them, so the linear
+    tier's scores are its intercepts alone, one confident label for all of them."""
+    with fake_provider(Script(default="track_order")) as url:
+        frontier = {"providers": [{"name": "p", "base_url": url, "model": "m"}]}
+        r = start(write_policy(tmp_path / "p.yaml", linear_bundle, frontier=frontier))
+        with r.client(KEY_A) as c:
+            for text in ("👍👍", "???", "\u200b"):
+                answer = c.classify(text, timeout=5)
+                assert answer.tier == "frontier", text
+                (step,) = [s for s in answer.path if s.tier == "linear"]
+                assert (step.label, step.note) == ("", "no feature it knows")
+            assert c.classify("hello there", timeout=5).tier == "linear"  # as before

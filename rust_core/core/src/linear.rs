@@ -25,6 +25,9 @@ pub struct LinearModel {
     /// Feature-major (`weights[f * n_outputs + c]`) so one hashed feature reads
     /// one cache-friendly row, rather than 150 strided loads.
     weights: Vec<f32>,
+    /// One bit per feature: set when its weight row is not all zeros, i.e. training
+    /// saw it. A text none of whose features is known scores the intercepts alone.
+    known: Vec<u64>,
     bias: Vec<f32>,
     /// 1 for a binary model (one logit, sigmoid), else the number of classes.
     n_outputs: usize,
@@ -106,11 +109,18 @@ impl LinearModel {
                 weights[f * n_outputs + c] = coef[c * n_features + f];
             }
         }
+        let mut known = vec![0u64; n_features.div_ceil(64)];
+        for (f, row) in weights.chunks(n_outputs).enumerate() {
+            if row.iter().any(|&w| w != 0.0) {
+                known[f / 64] |= 1 << (f % 64);
+            }
+        }
         Ok(LinearModel {
             hashers,
             offsets,
             n_features,
             weights,
+            known,
             bias: intercept.to_vec(),
             n_outputs,
             labels,
@@ -164,13 +174,16 @@ impl LinearModel {
         Ok(())
     }
 
-    /// Raw scores (before temperature), `n_outputs` per text, into `out`.
-    fn logits_into(&self, text: &str, scratch: &mut Scratch, out: &mut [f32]) {
+    /// Raw scores (before temperature), `n_outputs` per text, into `out`; returns
+    /// how many of the text's features the model knows (see `known`).
+    fn logits_into(&self, text: &str, scratch: &mut Scratch, out: &mut [f32]) -> usize {
         out.copy_from_slice(&self.bias);
         let k = self.n_outputs;
+        let mut known = 0;
         for (hasher, &offset) in self.hashers.iter().zip(&self.offsets) {
             for &(index, value) in hasher.row(text, scratch) {
                 let f = offset + index as usize;
+                known += usize::from(self.known[f / 64] >> (f % 64) & 1 == 1);
                 let row = &self.weights[f * k..(f + 1) * k];
                 let v = value as f32;
                 for (o, w) in out.iter_mut().zip(row) {
@@ -178,6 +191,7 @@ impl LinearModel {
                 }
             }
         }
+        known
     }
 
     /// Decision-function values (what scikit-learn's `decision_function`
@@ -187,7 +201,7 @@ impl LinearModel {
         let k = self.n_outputs;
         let mut out = vec![0.0f32; texts.len() * k];
         self.for_each_row(texts, &mut out, k, |model, text, scratch, row| {
-            model.logits_into(text, scratch, row)
+            model.logits_into(text, scratch, row);
         });
         Ok(out)
     }
@@ -203,6 +217,31 @@ impl LinearModel {
             model.probabilities_in_place(row);
         });
         Ok(out)
+    }
+
+    /// [`Self::predict_proba`], and for each text how many of its features the
+    /// model knows: 0 means training saw no part of it, and its probabilities are
+    /// the intercepts' alone, the same for every such text.
+    pub fn predict_proba_with_support<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
+        self.check_texts(texts)?;
+        let c = self.n_classes();
+        let width = c + 1; // the count rides in one more column (exact in f32 below 2^24)
+        let mut out = vec![0.0f32; texts.len() * width];
+        self.for_each_row(texts, &mut out, width, |model, text, scratch, row| {
+            let known = model.logits_into(text, scratch, &mut row[..model.n_outputs]);
+            model.probabilities_in_place(&mut row[..c]);
+            row[c] = known as f32;
+        });
+        let mut probs = Vec::with_capacity(texts.len() * c);
+        let mut support = Vec::with_capacity(texts.len());
+        for row in out.chunks(width) {
+            probs.extend_from_slice(&row[..c]);
+            support.push(row[c] as u32);
+        }
+        Ok((probs, support))
     }
 
     /// Probabilities for rows already hashed into the concatenated feature
@@ -358,6 +397,23 @@ mod tests {
 
     fn labels(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("c{i}")).collect()
+    }
+
+    #[test]
+    fn support_counts_the_features_training_saw() {
+        let h = hasher(1 << 12, Analyzer::Word);
+        let known = h.transform(&["refund"]).unwrap().indices[0] as usize;
+        let mut coef = vec![0.0f32; 2 * (1 << 12)];
+        coef[known] = 2.0; // class 0 weighs "refund"; every other feature is unseen
+        let model = LinearModel::new(vec![h], &coef, 2, &[0.0, 0.5], labels(2), 1.0).unwrap();
+        let texts = ["refund please", "zebra quantum", "refund refund"];
+        let (probs, support) = model.predict_proba_with_support(&texts).unwrap();
+        assert_eq!(support, vec![1, 0, 1]);
+        assert_eq!(probs, model.predict_proba(&texts).unwrap());
+        // Nothing known: the intercepts alone decide, whatever the text.
+        let prior = model.predict_proba(&["quantum zebra"]).unwrap();
+        assert_eq!(&probs[2..4], &prior[..]);
+        assert!(probs[3] > probs[2]);
     }
 
     #[test]

@@ -112,13 +112,16 @@ impl PyLinearModel {
 
     /// The ``k`` most probable classes per text, best first: ``(indices, probs)``
     /// as int32 and float32 arrays of shape ``(len(texts), min(k, n_classes))``;
-    /// ``labels[i]`` names index ``i``.
-    #[pyo3(signature = (texts, k = 1))]
+    /// ``labels[i]`` names index ``i``. A text with fewer than ``min_known``
+    /// features that training saw gets index -1 and probability 0 throughout: the
+    /// model knows nothing of it (its scores would be the intercepts alone).
+    #[pyo3(signature = (texts, k = 1, min_known = 0))]
     fn top_k<'py>(
         &self,
         py: Python<'py>,
         texts: &Bound<'py, PyAny>,
         k: usize,
+        min_known: u32,
     ) -> PyResult<TopK<'py>> {
         if k == 0 {
             return Err(InputError::new_err("k must be at least 1"));
@@ -127,9 +130,23 @@ impl PyLinearModel {
         let c = self.inner.n_classes();
         let (idx, val) = py
             .detach(|| {
+                if min_known == 0 {
+                    return self
+                        .inner
+                        .predict_proba(&texts)
+                        .map(|probs| top_k(&probs, c, k));
+                }
                 self.inner
-                    .predict_proba(&texts)
-                    .map(|probs| top_k(&probs, c, k))
+                    .predict_proba_with_support(&texts)
+                    .map(|(probs, support)| {
+                        let (mut idx, mut val) = top_k(&probs, c, k);
+                        let width = k.min(c);
+                        for (i, _) in support.iter().enumerate().filter(|(_, &n)| n < min_known) {
+                            idx[i * width..(i + 1) * width].fill(-1);
+                            val[i * width..(i + 1) * width].fill(0.0);
+                        }
+                        (idx, val)
+                    })
             })
             .py()?;
         let width = k.min(c);
