@@ -149,6 +149,10 @@ class LinearTier:
         started = time.perf_counter()
         probs = self.calibrator.probabilities(self.logits(texts))
         pred, conf = self.calibrator.apply_probabilities(probs)
+        # As the engine does: no answer for a text of which training saw no feature
+        # (its scores are the intercepts alone), so gates and evaluations match serving.
+        unknown = self.model.top_k(texts, 1, min_known=1)[0][:, 0] < 0
+        pred[unknown], conf[unknown] = -1, 0.0
         seconds = time.perf_counter() - started
         domains = answer_domains(pred, self.model.labels, self.label_domains)
         return TierOutput(pred, conf, domains, seconds, probs)

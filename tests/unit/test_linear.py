@@ -133,6 +133,29 @@ def test_top_k_agrees_with_argsort() -> None:
     assert model.top_k(probe, k=99)[0].shape == (40, 3)
 
 
+def test_a_text_with_no_known_feature_gets_no_label() -> None:
+    """Unseen words score the intercepts alone, the same for every such text: with
+    min_known=1 top_k says -1 for them, and the linear tier abstains, as in serving."""
+    from tiergate.calibration import Calibrator
+    from tiergate.tiers import LinearTier
+
+    texts, labels = synthetic(200)
+    _, _, model = fit(texts, labels, [WORD])
+    probe = ["zebra quantum", "refund my order", "xylophone"]
+    unknown = model.predict_proba(["zebra quantum"])
+    np.testing.assert_array_equal(model.predict_proba(["xylophone"]), unknown)  # intercepts
+    idx, val = model.top_k(probe, k=2, min_known=1)
+    assert idx.tolist()[0] == idx.tolist()[2] == [-1, -1]
+    assert val[0].tolist() == [0.0, 0.0]
+    assert model.labels[idx[1, 0]] == "refund"
+    np.testing.assert_array_equal(model.top_k(probe, k=2)[0][1], idx[1])  # the rest as before
+    calibrator = Calibrator("temperature", {"temperature": 1.0})
+    out = LinearTier(model, calibrator, {}).predict(probe)
+    assert out.pred.tolist()[0::2] == [-1, -1]
+    assert out.confidence.tolist()[0::2] == [0.0, 0.0]
+    assert model.labels[out.pred[1]] == "refund"
+
+
 def test_large_batches_run_in_parallel_and_agree() -> None:
     texts, labels = synthetic(200)
     _, _, model = fit(texts, labels, [WORD])
