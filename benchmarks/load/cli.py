@@ -268,6 +268,7 @@ def _main(args: argparse.Namespace) -> int:
                              timeout_s=args.timeout, label=name, seed=args.seed)  # fmt: skip
 
     tallies: dict[str, Tally] = {}
+    failed: dict[str, str] = {}  # configurations that did not finish, and why
     sweep: dict[str, Any] | None = None
     ceilings: dict[str, Any] = {}
     if args.target is not None:
@@ -284,9 +285,13 @@ def _main(args: argparse.Namespace) -> int:
 
             for name in names:
                 _log(f"{name}: starting tiergate")
-                with servers.tiergate(policy_of(name)) as address:
-                    _warm_up(address, keys)
-                    tallies[name] = run_config(name, address)
+                try:
+                    with servers.tiergate(policy_of(name)) as address:
+                        _warm_up(address, keys)
+                        tallies[name] = run_config(name, address)
+                except (TimeoutError, RuntimeError) as e:  # lose this one, not the run
+                    _log(f"{name}: FAILED ({e}); the report goes on without it")
+                    failed[name] = str(e)
             if args.sweep:
                 sweep = _sweep(args, sweep_items, keys, policy_of("hybrid"))
                 if args.overload and sweep["max_sustained_rps"]:
@@ -299,6 +304,7 @@ def _main(args: argparse.Namespace) -> int:
     results = {n: report.summarize(t, baseline if n == "hybrid" else None)
                for n, t in tallies.items()}  # fmt: skip
     verdicts = _targets(results, mix, sweep, args.p99_budget_ms)
+    header += [f"- FAILED, not in the tables: {n} ({why})" for n, why in failed.items()]
     md = report.markdown(results, header)
     if ceilings:
         md += (
@@ -317,7 +323,7 @@ def _main(args: argparse.Namespace) -> int:
         "header": header, "simulated_frontier": args.frontier_url is None,
         "simulator": sim.__dict__ if args.frontier_url is None else None,
         "mix": mix.as_dict(), "results": results, "ceilings": ceilings, "sweep": sweep,
-        "targets": verdicts,
+        "targets": verdicts, "failed": failed,
     }  # fmt: skip
     (args.out / "report.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     report.plot_latency_cdf(tallies, args.out / "latency_cdf.png")
@@ -327,7 +333,7 @@ def _main(args: argparse.Namespace) -> int:
     print(md)
     _log(f"report: {args.out}/report.md, report.json, latency_cdf.png, tier_mix.png"
          + (", sweep.png" if sweep is not None else ""))  # fmt: skip
-    return 0
+    return 1 if failed else 0
 
 
 def _warm_up(address: str, keys: dict[str, str]) -> None:

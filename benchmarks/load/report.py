@@ -145,7 +145,8 @@ def plot_latency_cdf(tallies: dict[str, Tally], path: Path) -> None:
     ax.set_ylabel("share of requests answered")
     ax.set_title("Latency CDF per configuration")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # (no configuration answered anything)
+        ax.legend()
     _save(plt, fig, path)
 
 
@@ -163,7 +164,8 @@ def plot_tier_mix(results: dict[str, dict[str, Any]], path: Path) -> None:
                     ha="center", va="bottom", fontsize=8)  # fmt: skip
     ax.set_ylabel("share of requests decided")
     ax.set_title("Which tier decided (cost per 1,000 requests on top)")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
     _save(plt, fig, path)
 
 
@@ -182,5 +184,6 @@ def plot_sweep(points: list[dict[str, Any]], budget_ms: float, path: Path) -> No
     ax.set_ylabel("latency (ms, log scale)")
     ax.set_title("Latency versus throughput (open loop, rate sweep)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # (no configuration answered anything)
+        ax.legend()
     _save(plt, fig, path)

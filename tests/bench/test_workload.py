@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from benchmarks.load.cli import main as bench_main
 from benchmarks.load.loadgen import Tally, histogram, latency_origin
 from benchmarks.load.simulator import answer
 
+import tiergate
 from tiergate.data import Example
 from tiergate.engine import normalise
 from tiergate.frontier import SimulatorParams
@@ -177,3 +180,19 @@ def test_the_sweep_finds_the_highest_sustained_rate(
                         start, cap)  # fmt: skip
     assert best == found
     assert [p["offered_rps"] for p in points] == tried
+
+
+def test_a_configuration_that_fails_is_reported_and_the_run_goes_on(
+    linear_bundle: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(linear_bundle, broken)
+    (broken / "linear.npz").write_bytes(b"not a model")
+    out = tmp_path / "out"
+    examples = Path(tiergate.__file__).parent / "examples" / "intents.jsonl"
+    code = bench_main(["--bundle", str(broken), "--data", str(examples), "--requests", "20",
+                       "--rate", "20", "--configs", "cascade", "--out", str(out)])  # fmt: skip
+    assert code == 1
+    doc = json.loads((out / "report.json").read_text())
+    assert "does not match the manifest's hash" in doc["failed"]["cascade"]
+    assert "FAILED, not in the tables: cascade" in (out / "report.md").read_text()
