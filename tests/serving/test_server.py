@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -439,17 +441,27 @@ def test_reload_reuses_loaded_tiers_and_shared_bundles_load_once(
     assert again["one"].linear is runtimes["one"].linear
 
 
+@contextmanager
+def escalating(start: Any, bundle: Path, tmp_path: Path, script: Script) -> Iterator[Any]:
+    """A running server that escalates every request to a loopback provider playing
+    ``script``."""
+    with fake_provider(script) as url:
+        tasks = escalate_everything(bundle)
+        yield start(write_policy(tmp_path / "p.yaml", bundle, tasks=tasks), url)
+
+
 def test_concurrent_retries_with_one_idempotency_key_decide_once(
     start: Any, linear_bundle: Path, tmp_path: Path
 ) -> None:
     script = Script(default="greeting", delay_s=0.3)
-    with fake_provider(script) as url:
-        tasks = escalate_everything(linear_bundle)
-        r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks), url)
-        with r.client(KEY_A) as c, ThreadPoolExecutor(5) as pool:
-            answers = list(
-                pool.map(lambda _: c.classify("hi", idempotency_key="k", timeout=10), range(5))
-            )
+    with (
+        escalating(start, linear_bundle, tmp_path, script) as r,
+        r.client(KEY_A) as c,
+        ThreadPoolExecutor(5) as pool,
+    ):
+        answers = list(
+            pool.map(lambda _: c.classify("hi", idempotency_key="k", timeout=10), range(5))
+        )
     assert {a.request_id for a in answers} == {answers[0].request_id}
     assert script.calls == 1
     assert r.engine.ledger.snapshot("a").escalations == 1
@@ -486,21 +498,18 @@ def test_a_retry_waiting_on_a_cancelled_first_attempt_is_told_to_send_again(
     start: Any, linear_bundle: Path, tmp_path: Path
 ) -> None:
     script = Script(default="greeting", delay_s=1.0)
-    with fake_provider(script) as url:
-        tasks = escalate_everything(linear_bundle)
-        r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks), url)
-        with r.client(KEY_A) as c:
-            msg = pb.ClassifyRequest(text="hi", idempotency_key="k")
-            first = c.stub.Classify.future(msg, timeout=10, metadata=c.metadata)
-            time.sleep(0.3)  # the first attempt is at the frontier
-            retry = c.stub.Classify.future(msg, timeout=10, metadata=c.metadata)
-            time.sleep(0.3)  # the retry waits for the first attempt's answer
-            first.cancel()
-            with pytest.raises(grpc.RpcError) as failed:
-                retry.result()
-            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "send it again" in failed.value.details()
-            assert c.classify("hi", idempotency_key="k", timeout=10).label == "greeting"
+    with escalating(start, linear_bundle, tmp_path, script) as r, r.client(KEY_A) as c:
+        msg = pb.ClassifyRequest(text="hi", idempotency_key="k")
+        first = c.stub.Classify.future(msg, timeout=10, metadata=c.metadata)
+        time.sleep(0.3)  # the first attempt is at the frontier
+        retry = c.stub.Classify.future(msg, timeout=10, metadata=c.metadata)
+        time.sleep(0.3)  # the retry waits for the first attempt's answer
+        first.cancel()
+        with pytest.raises(grpc.RpcError) as failed:
+            retry.result()
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "send it again" in failed.value.details()
+        assert c.classify("hi", idempotency_key="k", timeout=10).label == "greeting"
 
 
 def test_a_first_attempt_evicted_from_the_key_table_still_answers_its_retries(
@@ -508,21 +517,18 @@ def test_a_first_attempt_evicted_from_the_key_table_still_answers_its_retries(
 ) -> None:
     monkeypatch.setattr(Engine, "IDEMPOTENCY_KEYS", 1)
     script = Script(default="greeting", delay_s=1.0)
-    with fake_provider(script) as url:
-        tasks = escalate_everything(linear_bundle)
-        r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks), url)
-        with r.client(KEY_A) as c:
+    with escalating(start, linear_bundle, tmp_path, script) as r, r.client(KEY_A) as c:
 
-            def call(key: str) -> Any:
-                msg = pb.ClassifyRequest(text="hi", idempotency_key=key)
-                return c.stub.Classify.future(msg, timeout=5, metadata=c.metadata)
+        def call(key: str) -> Any:
+            msg = pb.ClassifyRequest(text="hi", idempotency_key=key)
+            return c.stub.Classify.future(msg, timeout=5, metadata=c.metadata)
 
-            first = call("a")
-            time.sleep(0.3)
-            retry = call("a")  # waits on the first attempt
-            time.sleep(0.1)
-            other = call("b")  # a newer key pushes "a" out of the table
-            answers = [f.result() for f in (first, retry, other)]
+        first = call("a")
+        time.sleep(0.3)
+        retry = call("a")  # waits on the first attempt
+        time.sleep(0.1)
+        other = call("b")  # a newer key pushes "a" out of the table
+        answers = [f.result() for f in (first, retry, other)]
     assert [a.label for a in answers] == ["greeting"] * 3
     assert answers[1].request_id == answers[0].request_id
 
