@@ -609,7 +609,8 @@ class Engine:
             decision = await self._admitted(req, runtime, policy)
         except BaseException as e:
             if mine is not None:  # a failed first attempt may be retried under the same key
-                if (self.idempotent.get(key) or (None, None))[1] is mine:
+                entry = self.idempotent.get(key)
+                if entry is not None and entry[1] is mine:  # not a newer attempt's
                     del self.idempotent[key]
                 if not mine.done():
                     if not isinstance(e, Exception):  # cancelled: the caller gave up
