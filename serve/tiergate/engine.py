@@ -806,7 +806,7 @@ class Engine:
                     d.label, d.confidence, d.tier = step.label, step.confidence, "intent"
                     accepted = True
                 if accepted:
-                    return self._finish(d, cache_key, rt, policy, vector)
+                    return self._finish(d, cache_key, rt, policy)
 
         namespace = f"{req.tenant.name}/{rt.task.name}/{policy.version}"
         if (
@@ -943,11 +943,19 @@ class Engine:
             return f"{tier} p95 {need:.1f} ms exceeds the task's p95 target of {target:g} ms"
         return None
 
-    def _finish(self, d: Decision, key: tuple[str, ...] | None, rt: TaskRuntime, policy: Policy,
-                vector: np.ndarray | None = None) -> Decision:  # fmt: skip
+    def _finish(
+        self, d: Decision, key: tuple[str, ...] | None, rt: TaskRuntime, policy: Policy
+    ) -> Decision:
         if key is None:  # a request whose answer is not for everyone (see _decide)
             return d
-        if d.label not in rt.task.no_cache_labels and d.confidence >= policy.cache_min_confidence:
+        # Only the model's answers are kept. Recomputing a rules or linear answer costs
+        # what a lookup does, and the room goes to answers that cost model time. And
+        # only sure ones: a cache repeats an answer, right or wrong, to every later asker.
+        if (
+            d.tier == "intent"
+            and d.label not in rt.task.no_cache_labels
+            and d.confidence >= policy.cache_min_confidence
+        ):
             self.exact.put(key, d, policy.exact_ttl_s)
         return d
 

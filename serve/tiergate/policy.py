@@ -26,8 +26,9 @@ Example::
         quota: {requests_per_day: 100000, escalations_per_day: 2000, spend_per_day_usd: 5}
         on_quota: degrade            # or reject (RESOURCE_EXHAUSTED)
     cache: {exact_ttl_s: 3600, semantic_ttl_s: 3600, semantic_threshold: 0.95,
-            min_confidence: 0}       # > 0: cache only local answers this sure, and
-                                     # frontier answers a local tier agrees with
+            min_confidence: 0.995}   # keep the intent model's answers this sure, and
+                                     # frontier answers a local tier agrees with (0: all
+                                     # of both); the cheap tiers' answers are never kept
     limits: {max_text_bytes: 16384, max_batch: 256,
              max_inflight: 4096,         # requests in flight; more are refused at once
              max_loop_lag_ms: 50,        # refuse new requests while the server runs
@@ -127,7 +128,9 @@ class Policy:
     # cache) to its rewordings. Above 0, only answers this likely right are kept. Off by
     # default: a cache replays the cascade's mistakes but adds none, and keeping fewer
     # answers costs more model calls and escalations (see the README).
-    cache_min_confidence: float = 0.0
+    # Calibrated: a kept model answer is right at least this often. The caches repeat
+    # an answer to every later asker, so they hold a stricter bar than the gate.
+    cache_min_confidence: float = 0.995
     max_text_bytes: int = 16_384
     max_batch: int = 256
     max_inflight: int = 4096
@@ -342,7 +345,9 @@ def parse_policy(raw: object, base_dir: Path, source: str = "<policy>") -> Polic
     )
     if threshold > 1:
         raise ConfigError(f"{source}: cache.semantic_threshold must be at most 1")
-    min_confidence = _number(f"{source}: cache.min_confidence", cache.get("min_confidence", 0.0))
+    min_confidence = _number(
+        f"{source}: cache.min_confidence", cache.get("min_confidence", Policy.cache_min_confidence)
+    )
     if min_confidence > 1:
         raise ConfigError(f"{source}: cache.min_confidence must be at most 1")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,21 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "serve" / "tiergate" / "examples" / "intents.jsonl"
 
 
+def model_only_copy(bundle: Path, out: Path) -> Path:
+    """``bundle`` with a linear tier that never answers: on the example intents it is
+    sure of every text, and the caches keep only the model tiers' answers."""
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    manifest["thresholds"]["linear"] = {"general": 1.01, "finance": 1.01}
+    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return out
+
+
 def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
+    bundle = model_only_copy(full_bundle, tmp_path / "bundle")
     cmd = [
-        sys.executable, "-m", "tiergate", "bench", "--bundle", str(full_bundle),
+        sys.executable, "-m", "tiergate", "bench", "--bundle", str(bundle),
         "--data", str(EXAMPLES), "--out", str(out), "--requests", "120", "--rate", "60",
         "--seconds", "30", "--sim-accuracy", "1.0", "--sim-latency-ms", "5",
         "--sim-p95-ms", "20", "--repeats", "0.2", "--paraphrases", "0.1",

@@ -1,15 +1,17 @@
 """What the caches keep, and what an escalation offers the frontier.
 
-With ``cache.min_confidence`` above 0, the caches keep only answers likely to be
-right: local answers at least that sure, and frontier answers that a local tier's
-top label agrees with. An escalation offers the frontier the local tiers' likeliest
-labels (``frontier.candidates``).
+The caches keep answers that cost model time or money and are likely right: the
+intent model's when at least ``cache.min_confidence`` sure (0.995 by default), the
+frontier's when a local tier's top label agrees. The cheap tiers' answers are
+never kept: recomputing them costs what a lookup does. An escalation offers the
+frontier the local tiers' likeliest labels (``frontier.candidates``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,8 @@ from tests.fake_openai import Script, fake_provider
 from tests.serving.conftest import KEY_A, escalate_everything, write_policy
 from tiergate._core import ConfigError
 from tiergate.bundle import load_bundle
-from tiergate.engine import Engine, Request, in_process_runtime
-from tiergate.policy import Tenant, default_policy, parse_policy
+from tiergate.engine import Decision, Engine, Request, in_process_runtime
+from tiergate.policy import Tenant, parse_policy
 
 
 def linear_ranking(bundle: Path, text: str) -> list[str]:
@@ -37,7 +39,7 @@ def frontier_section(url: str, **more: Any) -> dict[str, Any]:
 def test_a_frontier_answer_is_cached_only_when_a_local_tier_agrees(
     start: Any, linear_bundle: Path, tmp_path: Path
 ) -> None:
-    agreed, disputed = "where is my package", "i want my money back"
+    agreed, disputed = "where is my package", "i would like to cancel"  # no risk tags
     script = Script(
         answers={
             agreed: linear_ranking(linear_bundle, agreed)[0],
@@ -47,7 +49,7 @@ def test_a_frontier_answer_is_cached_only_when_a_local_tier_agrees(
     with fake_provider(script) as url:
         policy = write_policy(
             tmp_path / "p.yaml", linear_bundle, tasks=escalate_everything(linear_bundle),
-            frontier=frontier_section(url), cache={"min_confidence": 0.99},
+            frontier=frontier_section(url),  # the default cache settings
         )  # fmt: skip
         r = start(policy)
         with r.client(KEY_A) as c:
@@ -58,23 +60,69 @@ def test_a_frontier_answer_is_cached_only_when_a_local_tier_agrees(
     assert script.calls == 3  # the disputed answer was asked for twice
 
 
-def test_a_local_answer_is_cached_only_when_confident_enough(linear_bundle: Path) -> None:
-    base = default_policy(linear_bundle)
-    tenant, text = Tenant("a"), "my thing"  # the linear tier answers it, not quite sure
+def _engine(bundle: Path, thresholds: dict[str, Any], min_confidence: float | None) -> Engine:
+    raw: dict[str, Any] = {
+        "version": "v", "tasks": {"t": {"bundle": str(bundle), "thresholds": thresholds}},
+    }  # fmt: skip
+    if min_confidence is not None:
+        raw["cache"] = {"min_confidence": min_confidence}
+    policy = parse_policy(raw, bundle.parent)
+    return Engine(policy, {n: in_process_runtime(t) for n, t in policy.tasks.items()})
 
-    async def twice(min_confidence: float) -> tuple[float, list[bool]]:
-        policy = dataclasses.replace(base, cache_min_confidence=min_confidence)
-        engine = Engine(policy, {n: in_process_runtime(t) for n, t in policy.tasks.items()})
-        first = await engine.classify(Request(text, tenant))
-        second = await engine.classify(Request(text, tenant))
+
+async def _twice(engine: Engine, text: str) -> list[Decision]:
+    tenant = Tenant("a")
+    return [await engine.classify(Request(text, tenant)) for _ in range(2)]
+
+
+def _unsure_copy(bundle: Path, out: Path) -> Path:
+    """``bundle`` with its intent model's confidence softened (a high temperature): the
+    tiny test model is otherwise sure of everything."""
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    manifest["tiers"]["intent"]["calibration"] = {"method": "temperature", "temperature": 8.0}
+    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return out
+
+
+def test_a_model_answer_is_cached_only_when_sure_enough(full_bundle: Path, tmp_path: Path) -> None:
+    bundle = _unsure_copy(full_bundle, tmp_path / "unsure")
+    # The cheap tiers never answer; the intent model answers everything.
+    thresholds = {"rules": {"general": 1.01}, "linear": {"general": 1.01},
+                  "intent": {"general": 0.0, "finance": 0.0}}  # fmt: skip
+    text = "my thing"  # the intent model answers it, not quite sure
+
+    def cached(min_confidence: float | None) -> tuple[float, list[bool]]:
+        engine = _engine(bundle, thresholds, min_confidence)
+        try:
+            first, second = asyncio.run(_twice(engine, text))
+        finally:
+            for rt in engine.runtimes.values():
+                rt.close()
+        assert first.tier == second.tier == "intent"
         return first.confidence, [first.cached, second.cached]
 
-    assert base.cache_min_confidence == 0.0  # by default, every answer is cached
-    confidence, cached = asyncio.run(twice(0.0))
-    assert cached == [False, True]
-    assert 0.5 < confidence < 1.0
-    assert asyncio.run(twice(confidence))[1] == [False, True]  # exactly as sure: kept
-    assert asyncio.run(twice(min(1.0, confidence + 1e-6)))[1] == [False, False]
+    default = parse_policy({"version": "v", "tasks": {"t": {"bundle": str(bundle)}}}, tmp_path)
+    assert default.cache_min_confidence == 0.995
+    confidence, kept = cached(0.0)
+    assert kept == [False, True]
+    assert 0.0 < confidence < 0.995  # so the default does not keep it
+    assert cached(None)[1] == [False, False]
+    assert cached(confidence)[1] == [False, True]  # exactly as sure: kept
+    assert cached(min(1.0, confidence + 1e-6))[1] == [False, False]
+
+
+def test_the_cheap_tiers_answers_are_not_cached(linear_bundle: Path) -> None:
+    """A rules or linear answer is recomputed in microseconds: the caches keep none, not
+    even when sure, so that their room goes to answers that cost model time or money."""
+    answer_all = {"general": 0.0, "finance": 0.0}
+    engine = _engine(linear_bundle, {"rules": answer_all, "linear": answer_all}, 0.0)
+    for text, tier in (("hello there", "linear"), ("please reset my password", "rules")):
+        first, second = asyncio.run(_twice(engine, text))
+        assert (first.tier, second.tier) == (tier, tier), (text, first.path)
+        assert (first.cached, second.cached) == (False, False)
+        assert second.label == first.label
+    assert not engine.exact.entries
 
 
 @pytest.mark.parametrize("candidates", [2, 0])
@@ -144,22 +192,26 @@ def test_the_exact_cache_serves_only_answers_made_for_everyone(
     while only one of them trips a rule: that one must take its risk route, not the
     other's cached answer. And answers shaped by a request's own hints (risk tags, a
     forced tier) are never served to others."""
-    answer_all = {"linear": {"general": 0.0, "finance": 0.0}}  # every answer is cacheable
-    tasks = {"intents": {"bundle": str(linear_bundle), "thresholds": answer_all}}
-    policy = write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks,
-                          risk={"legal": "review", "finance": "review"})  # fmt: skip
-    r = start(policy)
     untagged, tagged = "please block my credit  card", "please block my CREDIT card"
-    with r.client(KEY_A) as c:
-        first = c.classify(untagged, timeout=5)
-        assert (first.tier, first.cached, list(first.risk_tags)) == ("linear", False, [])
-        assert c.classify(untagged, timeout=5).cached  # cached indeed
-        routed = c.classify(tagged, timeout=5)  # the rule's keyword matches this wording
-        assert (routed.tier, routed.cached, routed.pending_review) == ("review", False, True)
-        assert list(routed.risk_tags) == ["finance"]
+    hinted = "hello there, my friend"
+    # Frontier answers a local tier agrees with: the kind the caches keep.
+    script = Script(answers={t: linear_ranking(linear_bundle, t)[0] for t in (untagged, hinted)})
+    with fake_provider(script) as url:
+        policy = write_policy(tmp_path / "p.yaml", linear_bundle,
+                              tasks=escalate_everything(linear_bundle),
+                              frontier=frontier_section(url),
+                              risk={"legal": "review", "finance": "review"})  # fmt: skip
+        r = start(policy)
+        with r.client(KEY_A) as c:
+            first = c.classify(untagged, timeout=5)
+            assert (first.tier, first.cached, list(first.risk_tags)) == ("frontier", False, [])
+            assert c.classify(untagged, timeout=5).cached  # cached indeed
+            routed = c.classify(tagged, timeout=5)  # the rule's keyword matches this wording
+            assert (routed.tier, routed.cached, routed.pending_review) == ("review", False, True)
+            assert list(routed.risk_tags) == ["finance"]
 
-        hinted = "hello there, my friend"
-        assert not c.classify(hinted, risk_tags=["pii"], timeout=5).cached
-        assert not c.classify(hinted, force_tier="linear", timeout=5).cached
-        assert not c.classify(hinted, timeout=5).cached  # neither was kept for it
-        assert c.classify(hinted, timeout=5).cached
+            assert not c.classify(hinted, risk_tags=["pii"], timeout=5).cached
+            assert not c.classify(hinted, force_tier="linear", timeout=5).cached
+            assert not c.classify(hinted, timeout=5).cached  # neither was kept for it
+            assert c.classify(hinted, timeout=5).cached
+    assert script.calls == 4  # untagged once; hinted three times (pii, forced, plain)

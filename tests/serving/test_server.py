@@ -126,8 +126,11 @@ def test_spend_cap_holds_under_concurrency(start: Any, linear_bundle: Path, tmp_
 def test_caches_are_per_tenant(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
     tasks = escalate_everything(linear_bundle)
     script = Script(answers={"what time is it": "greeting"})
+    keep_all = {"min_confidence": 0}  # every frontier answer is kept: this is about whose
     with fake_provider(script) as url:
-        r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks), url)
+        r = start(
+            write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks, cache=keep_all), url
+        )
         with r.client(KEY_A) as a, r.client(KEY_B) as b:
             first = a.classify("what time is it", timeout=5)
             again = a.classify("What  time is it", timeout=5)  # same after normalisation
