@@ -10,8 +10,8 @@ load (and the ratio), then the front end at half of its own maximum rate
 from the servicer handing the request to the engine until the decision (gRPC
 transport and (de)serialisation excluded), as the upper bound of its bucket.
 Texts are ones the cheap tiers decide, so no model runs: by default 8 texts
-over and over (the exact cache answers); with --texts unique every text is new
-and the rules or linear tier decides it.
+over and over; with --texts unique every text is new. The rules or linear tier
+decides each of them every time (the caches keep only model and frontier answers).
 """
 
 from __future__ import annotations
@@ -227,8 +227,8 @@ def main() -> int:
         "--texts",
         choices=["repeated", "unique"],
         default="repeated",
-        help="repeated (default): 8 texts over and over, answered by the exact cache after "
-        "the first of each; unique: every text new, answered by the rules or linear tier",
+        help="repeated (default): 8 texts over and over; unique: every text new. Either way "
+        "the rules or linear tier decides each (their answers are not cached)",
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

@@ -918,9 +918,12 @@ class Engine:
             tried = f"{tried}; offered {len(offered)} of {len(rt.labels)} labels"
         d.path.append(Step("frontier", label, 1.0, 0.0, True, _us(t0), tried))
         d.label, d.confidence, d.tier = label, 1.0, "frontier"
-        # The frontier says nothing of how sure it is: its answer is kept for reuse
-        # only when a local tier's top label agrees (or the policy caches everything).
-        corroborated = label == best[1] or policy.cache_min_confidence <= 0
+        # The frontier says nothing of how sure it is: its answer is kept for reuse only
+        # when a local tier's top label agrees (a router's too), or when no local tier
+        # named one (a frontier-only task: nothing to check it against), or when the
+        # policy keeps every answer.
+        local = {s.label for s in d.path if s.label and s.tier in LOCAL_TIERS}
+        corroborated = label in local or not local or policy.cache_min_confidence <= 0
         cacheable = label not in rt.task.no_cache_labels and corroborated
         if self.semantic is not None and vector is not None and cacheable:
             self.semantic.put(namespace, vector, label.encode())

@@ -125,11 +125,11 @@ class Policy:
     semantic_ttl_s: float = 3600.0
     semantic_threshold: float = 0.95
     # A cached answer is served again without a second look, to this text and (semantic
-    # cache) to its rewordings. Above 0, only answers this likely right are kept. Off by
-    # default: a cache replays the cascade's mistakes but adds none, and keeping fewer
-    # answers costs more model calls and escalations (see the README).
-    # Calibrated: a kept model answer is right at least this often. The caches repeat
-    # an answer to every later asker, so they hold a stricter bar than the gate.
+    # cache) to its rewordings: the caches hold a stricter bar than the gate. The intent
+    # model's answers are kept when at least this sure (a calibrated confidence: on
+    # held-out data, answers this sure were right this often), the frontier's when a
+    # local tier agrees; 0 keeps all of both. Keeping fewer answers costs more model
+    # calls and escalations (see the README).
     cache_min_confidence: float = 0.995
     max_text_bytes: int = 16_384
     max_batch: int = 256

@@ -15,7 +15,8 @@ EXAMPLES = ROOT / "serve" / "tiergate" / "examples" / "intents.jsonl"
 
 def model_only_copy(bundle: Path, out: Path) -> Path:
     """``bundle`` with a linear tier that never answers: on the example intents it is
-    sure of every text, and the caches keep only the model tiers' answers."""
+    sure of every text, and the caches keep only the model tiers' answers. (Its router
+    then sends everything to the frontier; test_modes covers routing to the model.)"""
     shutil.copytree(bundle, out)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     manifest["thresholds"]["linear"] = {"general": 1.01, "finance": 1.01}

@@ -64,6 +64,9 @@ def test_classify_through_ray_vllm_and_an_escalation(
             },
             "frontier": {"providers": [{"name": "loopback", "base_url": url, "model": "m",
                                         "price_in_per_mtok": 1.0}]},
+            # Every frontier answer is kept, agreed with or not: this test is about
+            # where the semantic cache's embeddings come from, not what it admits.
+            "cache": {"min_confidence": 0},
         }))  # fmt: skip
         address = f"127.0.0.1:{free_port()}"
         started = time.perf_counter()

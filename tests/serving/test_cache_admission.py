@@ -60,6 +60,50 @@ def test_a_frontier_answer_is_cached_only_when_a_local_tier_agrees(
     assert script.calls == 3  # the disputed answer was asked for twice
 
 
+def test_a_frontier_only_task_keeps_the_frontiers_answers(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    """No local tier runs: nothing to check an answer against, and every repeat would
+    pay the frontier again. Its answers are kept (by default)."""
+    tasks = {"intents": {"bundle": str(linear_bundle), "tiers": []}}
+    script = Script(default="greeting")
+    with fake_provider(script) as url:
+        r = start(write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks,
+                               frontier=frontier_section(url)))  # fmt: skip
+        with r.client(KEY_A) as c:
+            answers = [c.classify("what time is it", timeout=5) for _ in range(2)]
+    assert [(a.tier, a.cache) for a in answers] == [("frontier", ""), ("frontier", "exact")]
+    assert script.calls == 1
+
+
+def test_a_disputed_frontier_answer_stays_out_of_both_caches(
+    start: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    """With embeddings (the full bundle), the semantic cache applies the same rule: a
+    paraphrase gets the agreed answer from it, never the disputed one."""
+    tasks = escalate_everything(full_bundle)
+    tasks["intents"]["thresholds"]["intent"] = {"general": 1.01}
+    agreed, disputed = "where is my parcel right now", "i would like to cancel my plan"
+    script = Script()  # at first a label no task has: refused, the best local one stands in
+    with fake_provider(script) as url:
+        policy = write_policy(tmp_path / "p.yaml", full_bundle, tasks=tasks,
+                              frontier=frontier_section(url),
+                              cache={"semantic_threshold": 0.9})  # fmt: skip
+        r = start(policy)
+        with r.client(KEY_A) as c:
+            local = {t: c.classify(t, timeout=30) for t in (agreed, disputed)}
+            assert all(a.degraded and not a.cached for a in local.values())
+            other = next(x for x in load_bundle(full_bundle).labels if x != local[disputed].label)
+            for text, label in ((agreed, local[agreed].label), (disputed, other)):
+                script.answers[text] = script.answers[text + "?"] = label
+            texts = [agreed, agreed, agreed + "?", disputed, disputed, disputed + "?"]
+            answers = [c.classify(t, timeout=30) for t in texts]
+    assert [a.tier for a in answers] == ["frontier"] * 6
+    assert [a.label for a in answers] == [local[agreed].label] * 3 + [other] * 3
+    assert [a.cache for a in answers] == ["", "exact", "semantic", "", "", ""]
+    assert script.calls == 2 + 1 + 3  # the probes, the agreed text once, the disputed always
+
+
 def _engine(bundle: Path, thresholds: dict[str, Any], min_confidence: float | None) -> Engine:
     raw: dict[str, Any] = {
         "version": "v", "tasks": {"t": {"bundle": str(bundle), "thresholds": thresholds}},

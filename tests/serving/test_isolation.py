@@ -37,7 +37,7 @@ def engine(full_bundle: Path) -> Iterator[Engine]:
         rt.close()
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(range(3)), st.sampled_from(TEXTS)), max_size=30))
 def test_no_cache_answer_crosses_tenants(engine: Engine, ops: list[tuple[int, str]]) -> None:
     engine.exact.entries.clear()

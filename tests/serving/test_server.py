@@ -375,7 +375,7 @@ def test_semantic_cache_is_per_tenant_and_per_policy_version(
 ) -> None:
     tasks = escalate_everything(full_bundle)
     tasks["intents"]["thresholds"]["intent"] = {"general": 1.01}
-    cache = {"semantic_threshold": 0.9}
+    cache = {"semantic_threshold": 0.9, "min_confidence": 0}  # keep all: this is about whose
     script = Script(default="track_order")
     path = tmp_path / "p.yaml"
     with fake_provider(script) as url:

@@ -97,7 +97,7 @@ def test_a_restart_keeps_the_semantic_cache_and_the_spend(
     tasks = escalate_everything(full_bundle)
     tasks["intents"]["thresholds"]["intent"] = {"general": 1.01}
     policy = write_policy(tmp_path / "p.yaml", full_bundle, tasks=tasks,
-                          cache={"semantic_threshold": 0.9})  # fmt: skip
+                          cache={"semantic_threshold": 0.9, "min_confidence": 0})  # fmt: skip
     state = tmp_path / "state"
     script = Script(default="track_order")
     with fake_provider(script) as url:
