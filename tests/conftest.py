@@ -6,8 +6,12 @@ TIERGATE_HYPOTHESIS_PROFILE=thorough for many more examples per property.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -97,4 +101,14 @@ def full_bundle(tmp_path_factory: pytest.TempPathFactory, rules_file: Path) -> P
         progress=False,
     )
     train_bundle(load_splits(INTENTS, seed=0), out, options)
+    return out
+
+
+def edited_bundle(bundle: Path, out: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of ``bundle`` at ``out`` whose manifest ``edit`` changed in place."""
+    shutil.copytree(bundle, out)
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    edit(manifest)
+    path.write_text(json.dumps(manifest), encoding="utf-8")
     return out

@@ -4,29 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.conftest import edited_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "serve" / "tiergate" / "examples" / "intents.jsonl"
 
 
-def model_only_copy(bundle: Path, out: Path) -> Path:
-    """``bundle`` with a linear tier that never answers: on the example intents it is
-    sure of every text, and the caches keep only the model tiers' answers. (Its router
-    then sends everything to the frontier; test_modes covers routing to the model.)"""
-    shutil.copytree(bundle, out)
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    manifest["thresholds"]["linear"] = {"general": 1.01, "finance": 1.01}
-    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    return out
-
-
 def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
-    bundle = model_only_copy(full_bundle, tmp_path / "bundle")
+    # A linear tier that never answers: on the example intents it is sure of every text,
+    # and the caches keep only the model tiers' answers. (Its router then sends all to
+    # the frontier; test_modes covers routing to the model.)
+    never = {"general": 1.01, "finance": 1.01}
+    bundle = edited_bundle(full_bundle, tmp_path / "bundle",
+                           lambda m: m["thresholds"].update(linear=never))  # fmt: skip
     cmd = [
         sys.executable, "-m", "tiergate", "bench", "--bundle", str(bundle),
         "--data", str(EXAMPLES), "--out", str(out), "--requests", "120", "--rate", "60",

@@ -10,13 +10,12 @@ frontier the local tiers' likeliest labels (``frontier.candidates``).
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import edited_bundle
 from tests.fake_openai import Script, fake_provider
 from tests.serving.conftest import KEY_A, escalate_everything, write_policy
 from tiergate._core import ConfigError
@@ -119,18 +118,11 @@ async def _twice(engine: Engine, text: str) -> list[Decision]:
     return [await engine.classify(Request(text, tenant)) for _ in range(2)]
 
 
-def _unsure_copy(bundle: Path, out: Path) -> Path:
-    """``bundle`` with its intent model's confidence softened (a high temperature): the
-    tiny test model is otherwise sure of everything."""
-    shutil.copytree(bundle, out)
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    manifest["tiers"]["intent"]["calibration"] = {"method": "temperature", "temperature": 8.0}
-    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    return out
-
-
 def test_a_model_answer_is_cached_only_when_sure_enough(full_bundle: Path, tmp_path: Path) -> None:
-    bundle = _unsure_copy(full_bundle, tmp_path / "unsure")
+    # The tiny test model is sure of everything: a high temperature softens it.
+    soften = {"method": "temperature", "temperature": 8.0}
+    bundle = edited_bundle(full_bundle, tmp_path / "unsure",
+                           lambda m: m["tiers"]["intent"].update(calibration=soften))  # fmt: skip
     # The cheap tiers never answer; the intent model answers everything.
     thresholds = {"rules": {"general": 1.01}, "linear": {"general": 1.01},
                   "intent": {"general": 0.0, "finance": 0.0}}  # fmt: skip
