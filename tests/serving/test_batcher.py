@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -190,6 +192,34 @@ def test_the_in_process_model_runs_below_the_event_loops_cpu_priority(full_bundl
     assert len(model) == 1
     assert nice(model[0].native_id) == min(19, nice(threading.main_thread().native_id) + MODEL_NICE)
     assert nice(threading.get_native_id()) == os.getpriority(os.PRIO_PROCESS, 0)  # ours: as before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PyTorch's Linux wheels use libgomp")
+@pytest.mark.parametrize(("preset", "spin"), [(None, "0"), ("ACTIVE", None)])
+def test_the_in_process_models_openmp_threads_sleep_between_batches(
+    full_bundle: Path, preset: str | None, spin: str | None
+) -> None:
+    """Spinning OpenMP threads would take the cores the event loop needs. libgomp reads
+    the setting once, as torch loads it: a fresh process shows what it read (its own
+    report on stderr). A value the user set stands."""
+    code = (
+        "import sys; from pathlib import Path; from tiergate.engine import in_process_runtime; "
+        "from tiergate.policy import default_policy; "
+        "in_process_runtime(next(iter(default_policy(Path(sys.argv[1])).tasks.values())))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    run = subprocess.run([sys.executable, "-c", code, str(full_bundle)], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    spins = re.findall(r"GOMP_SPINCOUNT = '(\d+)'", run.stderr)
+    assert spins, run.stderr[-2000:]  # libgomp loaded and reported (each copy loaded)
+    if spin is not None:
+        assert set(spins) == {spin}
+    else:
+        assert all(int(n) > 0 for n in spins)  # ACTIVE: the user's choice, spinning
 
 
 def test_a_stopped_server_leaves_no_model_thread_behind(full_bundle: Path) -> None:
