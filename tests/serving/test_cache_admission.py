@@ -3,8 +3,9 @@
 The caches keep answers that cost model time or money and are likely right: the
 intent model's when at least ``cache.min_confidence`` sure (0.995 by default), the
 frontier's when a local tier's top label agrees or no local tier named one. The
-cheap tiers' answers are never kept: recomputing them costs what a lookup does. An escalation offers the
-frontier the local tiers' likeliest labels (``frontier.candidates``).
+cheap tiers' answers are never kept: recomputing them costs what a lookup does.
+An escalation offers the frontier the local tiers' likeliest labels
+(``frontier.candidates``).
 """
 
 from __future__ import annotations
