@@ -217,7 +217,9 @@ def test_the_in_process_models_openmp_threads_sleep_between_batches(
     spins = re.findall(r"GOMP_SPINCOUNT = '(\d+)'", run.stderr)
     assert spins, run.stderr[-2000:]  # libgomp loaded and reported (each copy loaded)
     if spin is not None:
-        assert set(spins) == {spin}
+        # torch's copy, loaded after the setting, reads it. (Another library's copy loaded
+        # earlier in the process, if any, keeps its own default: seen under `make test`.)
+        assert spin in spins
     else:
         assert all(int(n) > 0 for n in spins)  # ACTIVE: the user's choice, spinning
 
