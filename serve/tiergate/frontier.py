@@ -59,15 +59,18 @@ DEFAULT_CANDIDATES = 20
 def shortlist(
     probs: npt.ArrayLike, labels: Sequence[str], k: int, always: Sequence[str] = (OUT_OF_SCOPE,)
 ) -> list[str]:
-    """The ``k`` likeliest labels under ``probs`` (likeliest first), plus those of
-    ``always`` that the label set has; the whole set when ``k`` is 0 or covers it."""
+    """The ``k`` likeliest labels under ``probs``, plus those of ``always`` that the
+    label set has, listed in the task's order; the whole set when ``k`` is 0 or covers it.
+
+    Not likeliest first: models lean towards the first options they are shown, and the
+    frontier's answer enters the caches when it agrees with a local tier, so the order
+    must not push it towards the local tiers' guess."""
     if k <= 0 or k >= len(labels):
         return list(labels)
     p = np.asarray(probs, dtype=np.float64)
-    top = np.argpartition(-p, k - 1)[:k]
-    out = [labels[i] for i in top[np.argsort(-p[top], kind="stable")]]
-    out += [a for a in always if a in labels and a not in out]
-    return out
+    chosen = set(np.argpartition(-p, k - 1)[:k].tolist())
+    chosen |= {i for i, label in enumerate(labels) if label in always}
+    return [labels[i] for i in sorted(chosen)]
 
 
 def prompt_for(text: str, labels: Sequence[str], hints: str = "") -> list[dict[str, str]]:
@@ -113,9 +116,10 @@ def simulated_draw(seed: int, text: str, salt: str) -> float:
 def simulated_answer(seed: int, accuracy: float, truth: str, source: str,
                      labels: Sequence[str]) -> str:  # fmt: skip
     """The simulated label for a text whose true label is ``truth``, out of ``labels``
-    (likeliest first when shortlisted): right with probability ``accuracy``, else a
+    (in the task's order when shortlisted): right with probability ``accuracy``, else a
     wrong label. ``source`` fixes the draw (a paraphrase gets its original's answer).
-    A true label that is not offered cannot be named: the first one offered stands in."""
+    A true label that is not offered cannot be named: the first one offered stands in
+    (the worst case of a model's lean towards the first options)."""
     if not labels:
         return truth
     if simulated_draw(seed, source, "correct") < accuracy or len(labels) < 2:

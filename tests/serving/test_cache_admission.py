@@ -5,7 +5,7 @@ intent model's when at least ``cache.min_confidence`` sure (0.995 by default), t
 frontier's when a local tier's top label agrees or no local tier named one. The
 cheap tiers' answers are never kept: recomputing them costs what a lookup does.
 An escalation offers the frontier the local tiers' likeliest labels
-(``frontier.candidates``).
+(``frontier.candidates``), listed in the task's order.
 """
 
 from __future__ import annotations
@@ -163,11 +163,14 @@ def test_the_cheap_tiers_answers_are_not_cached(linear_bundle: Path) -> None:
 
 
 @pytest.mark.parametrize("candidates", [2, 0])
-def test_an_escalation_offers_the_likeliest_labels(
+def test_an_escalation_offers_the_likeliest_labels_in_the_tasks_order(
     start: Any, linear_bundle: Path, tmp_path: Path, candidates: int
 ) -> None:
     text = "i want my money back"
     ranking = linear_ranking(linear_bundle, text)
+    labels = load_bundle(linear_bundle).labels
+    in_task_order = [x for x in labels if x in ranking[:2]]
+    assert in_task_order != ranking[:2], "the test needs a ranking out of the task's order"
     script = Script(answers={text: ranking[1]})
     with fake_provider(script) as url:
         policy = write_policy(
@@ -179,10 +182,11 @@ def test_an_escalation_offers_the_likeliest_labels(
             answer = c.classify(text, timeout=5)
     assert answer.label == ranking[1]
     if candidates:
-        assert script.offered == [ranking[:candidates]]
+        # Not likeliest first: the order must not lean the frontier to the local guess.
+        assert script.offered == [in_task_order]
         assert f"offered {candidates} of {len(ranking)} labels" in answer.path[-1].note
     else:
-        assert script.offered == [load_bundle(linear_bundle).labels]
+        assert script.offered == [labels]
 
 
 def test_a_label_outside_the_offer_is_refused(

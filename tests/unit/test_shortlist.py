@@ -9,15 +9,26 @@ from tiergate.frontier import FrontierSimulator, SimulatorParams, shortlist, sim
 LABELS = ["a", "b", "c", "d", "oos", "e"]
 
 
-def test_the_likeliest_labels_come_first_and_oos_is_always_offered() -> None:
+def test_the_likeliest_labels_are_offered_in_the_tasks_order_with_oos() -> None:
     probs = np.array([0.05, 0.4, 0.1, 0.3, 0.01, 0.14])
-    assert shortlist(probs, LABELS, 3) == ["b", "d", "e", "oos"]
-    assert shortlist(probs, LABELS, 5) == ["b", "d", "e", "c", "a", "oos"]
+    assert shortlist(probs, LABELS, 3) == ["b", "d", "oos", "e"]
+    assert shortlist(probs, LABELS, 5) == ["a", "b", "c", "d", "oos", "e"]
     assert shortlist(probs, LABELS, 0) == LABELS  # 0: everything, in the task's order
     assert shortlist(probs, LABELS, 6) == LABELS
     assert shortlist(probs[[0, 1, 2, 3, 5]], ["a", "b", "c", "d", "e"], 2) == ["b", "d"]
     probs[4] = 0.9  # oos among the likeliest: offered once
-    assert shortlist(probs, LABELS, 2) == ["oos", "b"]
+    assert shortlist(probs, LABELS, 2) == ["b", "oos"]
+
+
+def test_the_local_guess_is_not_what_a_frontier_falls_back_to() -> None:
+    # The likeliest local label ("e") is last in the task's order. A simulated frontier
+    # that is not offered the true label ("c") names the first label listed: were the
+    # list likeliest first, that would be the local guess, and their agreement would let
+    # a wrong answer into the caches.
+    probs = np.array([0.05, 0.2, 0.01, 0.3, 0.01, 0.43])
+    offered = shortlist(probs, LABELS, 3)
+    assert offered[0] != "e"
+    assert simulated_answer(0, 1.0, "c", "some text", offered) != "e"
 
 
 def test_the_simulator_answers_a_text_the_same_way_every_time() -> None:
