@@ -185,6 +185,15 @@ def _parser() -> argparse.ArgumentParser:
         help="model for the semantic cache's embeddings on Ray: a path or hub id, "
         "'packaged' (the shipped MiniLM, default) or 'none'",
     )
+    s.add_argument(
+        "--model-priority",
+        choices=["idle", "low"],
+        default="idle",
+        help="--runtime local, Linux: the CPU priority of the in-process model. idle "
+        "(default): it runs only on cores the front end leaves free, so answers from the "
+        "cheap tiers never wait for it; but any busy process on the host starves it. "
+        "low: nice +10, which still gets it a share on a shared host",
+    )
     s.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
     s.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0: off)")
     s.add_argument("--frontier-url", help="OpenAI-compatible base URL for escalations")
@@ -410,9 +419,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.ray_address,
         )
         return 0
+    import functools
+
+    from tiergate.engine import in_process_runtime
+
     server = build_server(
-        policy, args.policy, _provider(args), default_bundle=args.bundle, state_dir=state_dir
-    )
+        policy, args.policy, _provider(args), default_bundle=args.bundle, state_dir=state_dir,
+        runtime_factory=functools.partial(in_process_runtime, model_priority=args.model_priority),
+    )  # fmt: skip
     asyncio.run(serve_forever(server, args.address, args.metrics_port or None, tls))
     return 0
 

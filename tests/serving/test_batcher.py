@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.serving.conftest import write_policy
+from tiergate._core import ConfigError
 from tiergate.engine import (
     MODEL_NICE,
     MicroBatcher,
@@ -170,28 +171,56 @@ def test_a_queue_behind_a_model_that_finishes_nothing_is_a_stall_not_overload() 
     asyncio.run(main())
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
-def test_the_in_process_model_runs_below_the_event_loops_cpu_priority(full_bundle: Path) -> None:
-    """When the cores are busy, the loop answering from the cheap tiers runs first."""
+def _thread_priority(native_id: int) -> tuple[int, int]:
+    """(scheduling policy, nice value) of one of this process's threads."""
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[38]), int(fields[16])
+
+
+def _threads() -> set[int]:
+    return {int(t) for t in os.listdir("/proc/self/task")}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling is Linux's")
+@pytest.mark.parametrize("priority", ["idle", "low"])
+def test_the_in_process_model_runs_below_the_event_loops_cpu_priority(
+    full_bundle: Path, priority: str
+) -> None:
+    """When the cores are busy, the loop answering from the cheap tiers runs first: the
+    model's thread, and every thread it starts (PyTorch's compute team), runs in the
+    SCHED_IDLE class ("idle"), or at nice +10 ("low")."""
     policy = default_policy(full_bundle)
-    before = set(threading.enumerate())
-    runtime = in_process_runtime(next(iter(policy.tasks.values())))
+    runtime = in_process_runtime(next(iter(policy.tasks.values())), model_priority=priority)
     assert runtime.batcher is not None
+    before, started = _threads(), set(threading.enumerate())  # the model's thread: at
+    # its first batch, and so is PyTorch's compute team for it
 
     async def one() -> None:
         assert runtime.batcher is not None
         await runtime.batcher.submit("where is my package", 5000.0, 250.0)
 
     asyncio.run(one())
+    try:
+        model = [t for t in set(threading.enumerate()) - started if t.name.startswith("model-")]
+        assert len(model) == 1
+        assert model[0].native_id is not None
+        ours = _thread_priority(threading.get_native_id())
+        assert ours == (os.SCHED_OTHER, os.getpriority(os.PRIO_PROCESS, 0))  # as before
+        if priority == "idle":
+            wanted = (os.SCHED_IDLE, ours[1])
+        else:
+            wanted = (os.SCHED_OTHER, min(19, ours[1] + MODEL_NICE))
+        assert _thread_priority(model[0].native_id) == wanted
+        for tid in _threads() - before:  # started since: by the model's thread
+            assert _thread_priority(tid) == wanted, f"thread {tid}"
+    finally:
+        runtime.close()
 
-    def nice(native_id: int | None) -> int:
-        stat = Path(f"/proc/self/task/{native_id}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[16])
 
-    model = [t for t in set(threading.enumerate()) - before if t.name.startswith("model-")]
-    assert len(model) == 1
-    assert nice(model[0].native_id) == min(19, nice(threading.main_thread().native_id) + MODEL_NICE)
-    assert nice(threading.get_native_id()) == os.getpriority(os.PRIO_PROCESS, 0)  # ours: as before
+def test_an_unknown_model_priority_is_refused(full_bundle: Path) -> None:
+    task = next(iter(default_policy(full_bundle).tasks.values()))
+    with pytest.raises(ConfigError, match="model priority 'realtime' is not one of"):
+        in_process_runtime(task, model_priority="realtime")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PyTorch's Linux wheels use libgomp")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,10 +12,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tiergate.accounting import DAY_S
 from tiergate.client import Client
+from tiergate.engine import MODEL_NICE
 from tiergate.state import LEDGER, replay
 
 
@@ -73,3 +76,49 @@ def test_serve_reloads_on_sighup_serves_metrics_and_stops_cleanly(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def _priorities(pid: int) -> list[tuple[int, int]]:
+    """(scheduling policy, nice value) of each thread of process ``pid``."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that has just ended
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out.append((int(fields[38]), int(fields[16])))
+    return out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling is Linux's")
+@pytest.mark.parametrize("priority", ["idle", "low"])
+def test_serve_runs_the_model_at_the_priority_asked(
+    full_bundle: Path, tmp_path: Path, priority: str
+) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tiergate", "serve", "--runtime", "local", "--bundle",
+         str(full_bundle), "--address", f"127.0.0.1:{port}", "--metrics-port", "0",
+         "--state-dir", "none", "--model-priority", priority],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        while "serving gRPC" not in line:
+            assert line, "the server exited before serving"
+            line = proc.stdout.readline()
+        with Client(f"127.0.0.1:{port}") as c:
+            assert c.classify("where is my parcel", force_tier="intent", timeout=30).tier
+        threads = _priorities(proc.pid)
+    finally:
+        proc.kill()
+        proc.communicate()
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the server's, inherited from us
+    assert (os.SCHED_OTHER, base) in threads  # the front end's
+    idle = [t for t in threads if t[0] == os.SCHED_IDLE]
+    niced = [t for t in threads if t == (os.SCHED_OTHER, min(19, base + MODEL_NICE))]
+    if priority == "idle":
+        assert idle
+        assert not niced
+    else:
+        assert niced
+        assert not idle
