@@ -440,6 +440,11 @@ class TaskRuntime:
 
 RuntimeFactory = Callable[[Task], TaskRuntime]
 
+# What the caches keep, as a version. It is part of every semantic-cache namespace, so
+# the entries of a snapshot kept under other rules (by an older tiergate) are never
+# served. 2: only corroborated frontier answers, their labels offered in task order.
+CACHE_RULES = 2
+
 # How the in-process model's thread (and the compute threads it starts, which inherit
 # it) gives way to the front end on Linux. "idle": the SCHED_IDLE class; it runs only
 # on a core no normal thread wants, and a waking normal thread takes the core at once
@@ -836,7 +841,7 @@ class Engine:
                 if accepted:
                     return self._finish(d, cache_key, rt, policy)
 
-        namespace = f"{req.tenant.name}/{rt.task.name}/{policy.version}"
+        namespace = f"{req.tenant.name}/{rt.task.name}/{policy.version}/rules{CACHE_RULES}"
         if (
             vector is None
             and rt.embedder is not None

@@ -9,8 +9,9 @@ A front end given a state directory keeps two files there:
   never passed because of a crash).
 - ``semantic.tgcache``: a snapshot of the semantic cache (``SemanticCache.save``),
   written every ``snapshot_interval_s`` and at shutdown, restored at start. Its
-  entries are keyed by policy version like the live ones, so a restart under
-  a new policy serves nothing stale.
+  entries are keyed by policy version like the live ones, and by the version of
+  the rules for what the caches keep (``engine.CACHE_RULES``), so a restart under
+  a new policy, or a newer tiergate, serves nothing stale.
 
 A file that cannot be read is moved aside (``*.corrupt-<time>``), never
 deleted, and the front end starts without it: a warning, not a crash. One

@@ -24,6 +24,7 @@ from tests.serving.conftest import (
     write_policy,
 )
 from tests.serving.test_serve_command import free_port
+from tiergate import engine
 from tiergate._core import ConfigError
 from tiergate.accounting import DAY_S, Ledger
 from tiergate.client import Client
@@ -91,9 +92,16 @@ def test_an_unreadable_journal_line_is_set_aside_and_the_rest_counts(
     assert replay(tmp_path / LEDGER, day).bad_lines == []  # the new journal is clean
 
 
+@pytest.mark.parametrize("rules_changed", [False, True])
 def test_a_restart_keeps_the_semantic_cache_and_the_spend(
-    start: Any, full_bundle: Path, tmp_path: Path
+    start: Any,
+    full_bundle: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    rules_changed: bool,
 ) -> None:
+    """Unless what the caches keep has changed since the snapshot: its entries were kept
+    under other rules, and are not served."""
     tasks = escalate_everything(full_bundle)
     tasks["intents"]["thresholds"]["intent"] = {"general": 1.01}
     policy = write_policy(tmp_path / "p.yaml", full_bundle, tasks=tasks,
@@ -106,10 +114,16 @@ def test_a_restart_keeps_the_semantic_cache_and_the_spend(
             first = a.classify("where is my parcel right now", timeout=30)
         r.stop()
         assert (state / CACHE).exists()
+        if rules_changed:
+            monkeypatch.setattr(engine, "CACHE_RULES", engine.CACHE_RULES + 1)
         r2 = start(policy, url, state_dir=state)
         with r2.client(KEY_A) as a:
             near = a.classify("where is my parcel right now?", timeout=30)  # not an exact key
     assert (first.tier, first.cost_usd > 0) == ("frontier", True)
+    if rules_changed:
+        assert (near.cached, near.tier, near.cost_usd > 0) == (False, "frontier", True)
+        assert script.calls == 2
+        return
     assert (near.cached, near.cache, near.label, near.cost_usd) == (
         True, "semantic", "track_order", 0
     )  # fmt: skip
