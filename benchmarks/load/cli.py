@@ -87,6 +87,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--clients", type=int, default=2, help="client processes")
     g.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--model-priority", choices=["low", "idle"], default="low",
+        help="the CPU priority of tiergate's in-process model (as `tiergate serve "
+        "--model-priority`): low (nice +10, the default) or idle (SCHED_IDLE)",
+    )  # fmt: skip
     w = p.add_argument_group("workload mix")
     w.add_argument("--repeats", type=float, default=0.2, help="share of exact repeats")
     w.add_argument("--paraphrases", type=float, default=0.1, help="share of rewordings")
@@ -254,8 +259,8 @@ def _main(args: argparse.Namespace) -> int:
         f"- load: {load}, {args.clients} client processes, at most {args.seconds:g} s per "
         f"configuration; latency from the intended send time",
         f"- frontier: {frontier_note}",
-        f"- bundle: {args.bundle}; machine: {os.cpu_count()} CPUs; "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}",
+        f"- bundle: {args.bundle}, model priority {args.model_priority}; machine: "
+        f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M:%S')}",
     ]
     for line in header[2:]:
         _log(line[2:])
@@ -286,7 +291,7 @@ def _main(args: argparse.Namespace) -> int:
             for name in names:
                 _log(f"{name}: starting tiergate")
                 try:
-                    with servers.tiergate(policy_of(name)) as address:
+                    with servers.tiergate(policy_of(name), None, args.model_priority) as address:
                         _warm_up(address, keys)
                         tallies[name] = run_config(name, address)
                 except (TimeoutError, RuntimeError) as e:  # lose this one, not the run
@@ -362,7 +367,7 @@ def _sweep(args: argparse.Namespace, items: list[workload.Item], keys: dict[str,
     points: list[dict[str, Any]] = []
 
     def step(rate: float) -> dict[str, Any]:
-        with servers.tiergate(policy) as address:
+        with servers.tiergate(policy, None, args.model_priority) as address:
             _warm_up(address, keys)
             n = int(rate * args.sweep_seconds)
             t = loadgen.drive(address, items[:n], keys, clients=args.clients, rate=rate,
@@ -447,7 +452,7 @@ def _overload(args: argparse.Namespace, items: list[workload.Item], keys: dict[s
     """The hybrid offered ``rate`` (twice the sustained maximum) for --overload-seconds."""
     stats: dict[str, Any] = {}
     n = int(rate * args.overload_seconds)
-    with servers.tiergate(policy, stats) as address:
+    with servers.tiergate(policy, stats, args.model_priority) as address:
         _warm_up(address, keys)
         t = loadgen.drive(address, items[:n], keys, clients=args.clients, rate=rate,
                           concurrency=1, seconds=args.overload_seconds, timeout_s=args.timeout,

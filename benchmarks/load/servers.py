@@ -14,15 +14,19 @@ from typing import Any
 from tiergate.frontier import SimulatorParams
 
 
-def _tiergate(policy_path: str, port_q: Any) -> None:
+def _tiergate(policy_path: str, model_priority: str, port_q: Any) -> None:
     # The front end as `tiergate serve --runtime local` runs it: every tier in
     # this process, the intent model on PyTorch. (On Ray, point --target at it.)
+    import functools
+
+    from tiergate.engine import in_process_runtime
     from tiergate.policy import load_policy
     from tiergate.server import build_server
 
     async def main() -> None:
         path = Path(policy_path)
-        server = build_server(load_policy(path), path)
+        factory = functools.partial(in_process_runtime, model_priority=model_priority)
+        server = build_server(load_policy(path), path, runtime_factory=factory)
         port_q.put(await server.start("127.0.0.1:0"))
         # Stop cleanly on SIGTERM: the model's worker processes and semaphores are
         # released rather than left to the resource tracker.
@@ -77,10 +81,12 @@ def _process(target: Any, args: tuple[Any, ...], what: str, timeout_s: float,
 
 
 @contextmanager
-def tiergate(policy_path: Path, stats: dict[str, Any] | None = None) -> Iterator[str]:
+def tiergate(policy_path: Path, stats: dict[str, Any] | None = None,
+             model_priority: str = "low") -> Iterator[str]:  # fmt: skip
     """A tiergate front end on ``policy_path``; yields its address. ``stats`` gets
     the server's peak memory when it stops."""
-    with _process(_tiergate, (str(policy_path),), "tiergate", 300, stats) as port:
+    args = (str(policy_path), model_priority)
+    with _process(_tiergate, args, "tiergate", 300, stats) as port:
         yield f"127.0.0.1:{port}"
 
 

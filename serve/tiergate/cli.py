@@ -187,12 +187,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--model-priority",
-        choices=["idle", "low"],
-        default="idle",
-        help="--runtime local, Linux: the CPU priority of the in-process model. idle "
-        "(default): it runs only on cores the front end leaves free, so answers from the "
-        "cheap tiers never wait for it; but any busy process on the host starves it. "
-        "low: nice +10, which still gets it a share on a shared host",
+        choices=["low", "idle"],
+        help="--runtime local, Linux: the CPU priority of the in-process model's threads. "
+        "low (default): nice +10, a small share of a busy core. idle: only the cores the "
+        "front end leaves free, for lower cheap-tier latency on a host that runs nothing "
+        "else (any busy process starves the model, and the requests that need it fail)",
     )
     s.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
     s.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0: off)")
@@ -395,6 +394,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.runtime == "ray":
         from tiergate.ray_app import run
 
+        if args.model_priority:
+            print("--model-priority is for --runtime local: on Ray the model runs in its "
+                  "own processes; ignored", file=sys.stderr)  # fmt: skip
+
         provider = _provider(args)
         frontier = None
         if provider is not None:
@@ -425,7 +428,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     server = build_server(
         policy, args.policy, _provider(args), default_bundle=args.bundle, state_dir=state_dir,
-        runtime_factory=functools.partial(in_process_runtime, model_priority=args.model_priority),
+        runtime_factory=functools.partial(
+            in_process_runtime, model_priority=args.model_priority or "low"
+        ),
     )  # fmt: skip
     asyncio.run(serve_forever(server, args.address, args.metrics_port or None, tls))
     return 0

@@ -9,9 +9,9 @@ concurrent requests are gathered into micro-batches by :class:`MicroBatcher`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -34,6 +34,8 @@ from tiergate.frontier import DEFAULT_CANDIDATES, shortlist
 from tiergate.gate import GENERAL, STRICT_DOMAINS, DomainGate
 from tiergate.policy import Policy, Task, Tenant
 from tiergate.tiers import LOCAL_TIERS, ORDER, RulesTier
+
+log = logging.getLogger("tiergate.engine")
 
 MAX_ID_CHARS = 256  # an idempotency key, a client id, a risk tag
 MAX_RISK_TAGS = 32
@@ -347,7 +349,7 @@ class TaskRuntime:
     """One task's loaded bundle: its tiers, gates and model batcher."""
 
     def __init__(self, task: Task, bundle: Bundle, backend: ModelBackend | None,
-                 model_priority: str = "idle"):  # fmt: skip
+                 model_priority: str = "low"):  # fmt: skip
         _check_priority(model_priority)
         self.task = task
         self.bundle = bundle
@@ -446,12 +448,12 @@ RuntimeFactory = Callable[[Task], TaskRuntime]
 CACHE_RULES = 2
 
 # How the in-process model's thread (and the compute threads it starts, which inherit
-# it) gives way to the front end on Linux. "idle": the SCHED_IDLE class; it runs only
-# on a core no normal thread wants, and a waking normal thread takes the core at once
-# (CLINC bench, 2 cores, against "low": cheap-tier p99 3.1 vs 4.1 ms at 200 req/s; one
-# rate sweep each sustained 400 vs 300 req/s). But any other busy process starves it:
-# on a shared host, "low" (nice +10) still gets the model a small share.
-MODEL_PRIORITIES = ("idle", "low")
+# it) gives way to the front end on Linux. "low" (default): nice +10, a small share
+# of a busy core. "idle": the SCHED_IDLE class, only the cores no normal thread wants
+# (CLINC bench, 2 cores, 200 req/s: cheap-tier p99 3.1 against 4.1 ms; one rate sweep
+# each sustained 400 against 300 req/s). Only for a host that runs nothing else: any
+# busy process starves it, and while starved it may hold the GIL the event loop needs.
+MODEL_PRIORITIES = ("low", "idle")
 MODEL_NICE = 10
 
 
@@ -460,24 +462,30 @@ def _check_priority(priority: str) -> None:
         raise ConfigError(f"model priority {priority!r} is not one of {MODEL_PRIORITIES}")
 
 
-def yield_cpu(priority: str = "idle") -> None:
-    """Lowers the calling thread's CPU priority to ``priority`` (see MODEL_PRIORITIES).
-    On Linux the scheduling class and nice value belong to a thread, not the process.
-    Elsewhere they would lower the whole process: leave it."""
+def yield_cpu(priority: str = "low") -> str:
+    """Lowers the calling thread's CPU priority to ``priority`` (see MODEL_PRIORITIES);
+    what it got: the priority asked, "low" or "normal" where the system refuses (with
+    a warning). On Linux the scheduling class and nice value belong to a thread, not
+    the process; elsewhere they would lower the whole process: leave it."""
     if sys.platform != "linux":
-        return
+        return "normal"
     if priority == "idle":
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            return
-        except OSError:  # not allowed here (some sandboxes): a nice value, then
-            pass
-    with contextlib.suppress(OSError):  # not allowed either: the usual priority, then
+            return "idle"
+        except OSError as e:  # refused here (some sandboxes): a nice value, then
+            log.warning("the model thread cannot run in SCHED_IDLE (%s): nice +%d", e,
+                        MODEL_NICE)  # fmt: skip
+    try:
         nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + MODEL_NICE)
         os.setpriority(os.PRIO_PROCESS, 0, nice)
+        return "low"
+    except OSError as e:
+        log.warning("the model thread keeps the usual CPU priority (%s)", e)
+        return "normal"
 
 
-def in_process_runtime(task: Task, model_priority: str = "idle") -> TaskRuntime:
+def in_process_runtime(task: Task, model_priority: str = "low") -> TaskRuntime:
     """Loads a task's bundle with its intent model run in-process (PyTorch), on a thread
     at ``model_priority`` (see MODEL_PRIORITIES)."""
     _check_priority(model_priority)  # before anything is loaded

@@ -64,7 +64,8 @@ def shortlist(
 
     Not likeliest first: models lean towards the first options they are shown, and the
     frontier's answer enters the caches when it agrees with a local tier, so the order
-    must not push it towards the local tiers' guess."""
+    must not push it towards the local tiers' guess. (The prompt's hints still name
+    that guess: this removes one pull towards agreement, not every one.)"""
     if k <= 0 or k >= len(labels):
         return list(labels)
     p = np.asarray(probs, dtype=np.float64)

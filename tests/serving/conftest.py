@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +41,25 @@ class Running:
     def stop(self) -> None:
         """A graceful stop, as on SIGTERM (stopping again later is harmless)."""
         asyncio.run_coroutine_threadsafe(self.server.stop(0.5), self.loop).result(30)
+
+
+def sched_idle_allowed() -> bool:
+    """Whether this system lets a thread put itself in SCHED_IDLE (some sandboxes do not)."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    allowed: list[bool] = []
+
+    def probe() -> None:  # a throwaway thread: the class stays with it
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            allowed.append(True)
+        except OSError:
+            allowed.append(False)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return allowed == [True]
 
 
 def write_policy(path: Path, bundle: Path, **changes: Any) -> Path:

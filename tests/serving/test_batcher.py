@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.serving.conftest import write_policy
+from tests.serving.conftest import sched_idle_allowed, write_policy
 from tiergate._core import ConfigError
 from tiergate.engine import (
     MODEL_NICE,
@@ -26,6 +27,7 @@ from tiergate.engine import (
     Stalled,
     TaskRuntime,
     in_process_runtime,
+    yield_cpu,
 )
 from tiergate.policy import Task, default_policy, load_policy
 from tiergate.server import ANONYMOUS, build_server
@@ -182,13 +184,15 @@ def _threads() -> set[int]:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling is Linux's")
-@pytest.mark.parametrize("priority", ["idle", "low"])
+@pytest.mark.parametrize("priority", ["low", "idle"])
 def test_the_in_process_model_runs_below_the_event_loops_cpu_priority(
     full_bundle: Path, priority: str
 ) -> None:
     """When the cores are busy, the loop answering from the cheap tiers runs first: the
-    model's thread, and every thread it starts (PyTorch's compute team), runs in the
-    SCHED_IDLE class ("idle"), or at nice +10 ("low")."""
+    model's thread, and every thread it starts (PyTorch's compute team), runs at nice
+    +10 ("low", the default), or in the SCHED_IDLE class ("idle")."""
+    if priority == "idle" and not sched_idle_allowed():
+        pytest.skip("this system does not let a thread enter SCHED_IDLE")
     policy = default_policy(full_bundle)
     runtime = in_process_runtime(next(iter(policy.tasks.values())), model_priority=priority)
     assert runtime.batcher is not None
@@ -215,6 +219,29 @@ def test_the_in_process_model_runs_below_the_event_loops_cpu_priority(
             assert _thread_priority(tid) == wanted, f"thread {tid}"
     finally:
         runtime.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling is Linux's")
+def test_a_refused_sched_idle_falls_back_to_nice_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(*_: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    got: list[tuple[str, tuple[int, int]]] = []
+
+    def model_thread() -> None:  # a throwaway thread: the priority stays with it
+        got.append((yield_cpu("idle"), _thread_priority(threading.get_native_id())))
+
+    with caplog.at_level(logging.WARNING, logger="tiergate.engine"):
+        t = threading.Thread(target=model_thread)
+        t.start()
+        t.join()
+    ours = _thread_priority(threading.get_native_id())
+    assert got == [("low", (os.SCHED_OTHER, min(19, ours[1] + MODEL_NICE)))]
+    assert "cannot run in SCHED_IDLE" in caplog.text
+    assert ours == (os.SCHED_OTHER, os.getpriority(os.PRIO_PROCESS, 0))  # ours: as before
 
 
 def test_an_unknown_model_priority_is_refused(full_bundle: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.serving.conftest import sched_idle_allowed
 from tiergate.accounting import DAY_S
 from tiergate.client import Client
 from tiergate.engine import MODEL_NICE
@@ -93,6 +94,8 @@ def _priorities(pid: int) -> list[tuple[int, int]]:
 def test_serve_runs_the_model_at_the_priority_asked(
     full_bundle: Path, tmp_path: Path, priority: str
 ) -> None:
+    if priority == "idle" and not sched_idle_allowed():
+        pytest.skip("this system does not let a thread enter SCHED_IDLE")
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tiergate", "serve", "--runtime", "local", "--bundle",
