@@ -444,7 +444,8 @@ RuntimeFactory = Callable[[Task], TaskRuntime]
 
 # What the caches keep, as a version. It is part of every semantic-cache namespace, so
 # the entries of a snapshot kept under other rules (by an older tiergate) are never
-# served. 2: only corroborated frontier answers, their labels offered in task order.
+# served. 2: frontier answers a local tier agrees with (offered in the task's order),
+# or of tasks no local tier answers.
 CACHE_RULES = 2
 
 # How the in-process model's thread (and the compute threads it starts, which inherit
