@@ -451,9 +451,9 @@ CACHE_RULES = 2
 # How the in-process model's thread (and the compute threads it starts, which inherit
 # it) gives way to the front end on Linux. "low" (default): nice +10, a small share
 # of a busy core. "idle": the SCHED_IDLE class, only the cores no normal thread wants
-# (CLINC bench, 2 cores, 200 req/s: cheap-tier p99 3.1 against 4.1 ms; one rate sweep
-# each sustained 400 against 300 req/s). Only for a host that runs nothing else: any
-# busy process starves it, and while starved it may hold the GIL the event loop needs.
+# (CLINC bench, 2 cores, 200 req/s, three measurements each: cheap-tier p99 3.1-3.8
+# against 3.8-4.1 ms). Only for a host that runs nothing else: any busy process
+# starves it, and while starved it may hold the GIL the event loop needs.
 MODEL_PRIORITIES = ("low", "idle")
 MODEL_NICE = 10
 
