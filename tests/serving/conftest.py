@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +62,30 @@ def sched_idle_allowed() -> bool:
     t.start()
     t.join()
     return allowed == [True]
+
+
+def thread_priority(tid: int, pid: int | None = None) -> tuple[int, int]:
+    """(scheduling policy, nice value) of thread ``tid`` of process ``pid`` (default: ours)."""
+    stat = Path(f"/proc/{pid or os.getpid()}/task/{tid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[38]), int(fields[16])
+
+
+def serve_subprocess(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """`tiergate serve --runtime local ARGS` as a user runs it, once it serves: the process
+    and its banner line. The caller stops it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tiergate", "serve", "--runtime", "local", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    while "serving gRPC" not in line:
+        if not line:
+            out, _ = proc.communicate(timeout=30)
+            raise AssertionError(f"the server exited before serving:\n{out}")
+        line = proc.stdout.readline()
+    return proc, line
 
 
 def write_policy(path: Path, bundle: Path, **changes: Any) -> Path:

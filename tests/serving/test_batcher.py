@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.serving.conftest import sched_idle_allowed, write_policy
+from tests.serving.conftest import sched_idle_allowed, thread_priority, write_policy
 from tiergate._core import ConfigError
 from tiergate.engine import (
     MODEL_NICE,
@@ -173,12 +173,6 @@ def test_a_queue_behind_a_model_that_finishes_nothing_is_a_stall_not_overload() 
     asyncio.run(main())
 
 
-def _thread_priority(native_id: int) -> tuple[int, int]:
-    """(scheduling policy, nice value) of one of this process's threads."""
-    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[38]), int(fields[16])
-
-
 def _threads() -> set[int]:
     return {int(t) for t in os.listdir("/proc/self/task")}
 
@@ -208,15 +202,15 @@ def test_the_in_process_model_runs_below_the_event_loops_cpu_priority(
         model = [t for t in set(threading.enumerate()) - started if t.name.startswith("model-")]
         assert len(model) == 1
         assert model[0].native_id is not None
-        ours = _thread_priority(threading.get_native_id())
+        ours = thread_priority(threading.get_native_id())
         assert ours == (os.SCHED_OTHER, os.getpriority(os.PRIO_PROCESS, 0))  # as before
         if priority == "idle":
             wanted = (os.SCHED_IDLE, ours[1])
         else:
             wanted = (os.SCHED_OTHER, min(19, ours[1] + MODEL_NICE))
-        assert _thread_priority(model[0].native_id) == wanted
+        assert thread_priority(model[0].native_id) == wanted
         for tid in _threads() - before:  # started since: by the model's thread
-            assert _thread_priority(tid) == wanted, f"thread {tid}"
+            assert thread_priority(tid) == wanted, f"thread {tid}"
     finally:
         runtime.close()
 
@@ -232,13 +226,13 @@ def test_a_refused_sched_idle_falls_back_to_nice_with_a_warning(
     got: list[tuple[str, tuple[int, int]]] = []
 
     def model_thread() -> None:  # a throwaway thread: the priority stays with it
-        got.append((yield_cpu("idle"), _thread_priority(threading.get_native_id())))
+        got.append((yield_cpu("idle"), thread_priority(threading.get_native_id())))
 
     with caplog.at_level(logging.WARNING, logger="tiergate.engine"):
         t = threading.Thread(target=model_thread)
         t.start()
         t.join()
-    ours = _thread_priority(threading.get_native_id())
+    ours = thread_priority(threading.get_native_id())
     assert got == [("low", (os.SCHED_OTHER, min(19, ours[1] + MODEL_NICE)))]
     assert "cannot run in SCHED_IDLE" in caplog.text
     assert ours == (os.SCHED_OTHER, os.getpriority(os.PRIO_PROCESS, 0))  # ours: as before

@@ -6,7 +6,6 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.serving.conftest import sched_idle_allowed
+from tests.serving.conftest import sched_idle_allowed, serve_subprocess, thread_priority
 from tiergate.accounting import DAY_S
 from tiergate.client import Client
 from tiergate.engine import MODEL_NICE
@@ -35,18 +34,11 @@ def test_serve_reloads_on_sighup_serves_metrics_and_stops_cleanly(
     doc = {"version": "v1", "tasks": {"intents": {"bundle": str(linear_bundle)}}}
     policy.write_text(yaml.safe_dump(doc))
     port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tiergate", "serve", "--runtime", "local", "--policy", str(policy),
-         "--address", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port),
-         "--state-dir", str(tmp_path / "state")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc, banner = serve_subprocess(
+        "--policy", str(policy), "--address", f"127.0.0.1:{port}",
+        "--metrics-port", str(metrics_port), "--state-dir", str(tmp_path / "state"),
     )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        banner = proc.stdout.readline()
-        while "serving gRPC" not in banner:
-            assert banner, "the server exited before serving"
-            banner = proc.stdout.readline()
         assert f"127.0.0.1:{port}" in banner
         with Client(f"127.0.0.1:{port}") as c:
             assert c.classify("hello there", timeout=10).policy_version == "v1"
@@ -84,8 +76,7 @@ def _priorities(pid: int) -> list[tuple[int, int]]:
     out = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError):  # a thread that has just ended
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            out.append((int(fields[38]), int(fields[16])))
+            out.append(thread_priority(int(tid), pid))
     return out
 
 
@@ -97,18 +88,11 @@ def test_serve_runs_the_model_at_the_priority_asked(
     if priority == "idle" and not sched_idle_allowed():
         pytest.skip("this system does not let a thread enter SCHED_IDLE")
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tiergate", "serve", "--runtime", "local", "--bundle",
-         str(full_bundle), "--address", f"127.0.0.1:{port}", "--metrics-port", "0",
-         "--state-dir", "none", "--model-priority", priority],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc, _ = serve_subprocess(
+        "--bundle", str(full_bundle), "--address", f"127.0.0.1:{port}", "--metrics-port", "0",
+        "--state-dir", "none", "--model-priority", priority,
     )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        while "serving gRPC" not in line:
-            assert line, "the server exited before serving"
-            line = proc.stdout.readline()
         with Client(f"127.0.0.1:{port}") as c:
             assert c.classify("where is my parcel", force_tier="intent", timeout=30).tier
         threads = _priorities(proc.pid)

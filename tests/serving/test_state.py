@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from tests.fake_openai import Script, fake_provider
 from tests.serving.conftest import (
     KEY_A,
     escalate_everything,
+    serve_subprocess,
     sha,
     write_policy,
 )
@@ -147,17 +147,10 @@ def test_a_corrupt_cache_snapshot_is_set_aside_and_the_server_starts(
 
 
 def _serve(policy: Path, state: Path, url: str, port: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tiergate", "serve", "--runtime", "local", "--config", str(policy),
-         "--address", f"127.0.0.1:{port}", "--metrics-port", "0", "--state-dir", str(state),
-         "--frontier-url", url, "--price-in", "10", "--price-out", "10"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc, _ = serve_subprocess(
+        "--config", str(policy), "--address", f"127.0.0.1:{port}", "--metrics-port", "0",
+        "--state-dir", str(state), "--frontier-url", url, "--price-in", "10", "--price-out", "10",
     )  # fmt: skip
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    while "serving gRPC" not in line:
-        assert line, "the server exited before serving"
-        line = proc.stdout.readline()
     return proc
 
 
