@@ -146,6 +146,9 @@ class LinearModel:
         """(class indices, probabilities) of the k best classes per text, best first;
         index -1 and probability 0 for a text with fewer than ``min_known`` features
         that training saw."""
+    def top1(self, text: str, min_known: int = 0) -> tuple[int, float]:
+        """(class index, probability) of one text's best class: ``top_k([text], 1,
+        min_known)`` as two numbers."""
     def with_temperature(self, temperature: float) -> LinearModel:
         """The same weights with another calibration temperature."""
     @property

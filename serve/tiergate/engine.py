@@ -789,9 +789,8 @@ class Engine:
             # A text of which training saw no feature (emoji, symbols, unseen words)
             # scores the intercepts alone, the same for all such texts: the tier
             # abstains (-1) rather than answer them all with one confident label.
-            top, prob = rt.linear.top_k([req.text], 1, min_known=1)
-            lin_pred = int(top[0, 0])
-            lin_conf = float(rt.calibrators["linear"].map_confidence(prob[0, 0]))
+            lin_pred, prob = linear.top1(req.text, min_known=1)
+            lin_conf = float(rt.calibrators["linear"].map_confidence(prob))
             if lin_pred < 0 and not route:
                 path.append(Step("linear", micros=_us(t0), note="no feature it knows"))
             elif route:

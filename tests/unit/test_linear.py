@@ -131,6 +131,9 @@ def test_top_k_agrees_with_argsort() -> None:
     np.testing.assert_array_equal(idx[:, 0], probs.argmax(axis=1))
     np.testing.assert_allclose(val, np.take_along_axis(probs, idx.astype(np.int64), axis=1))
     assert model.top_k(probe, k=99)[0].shape == (40, 3)
+    # top1: the same first column, for one text, as two numbers.
+    best = list(zip(idx[:, 0].tolist(), val[:, 0].tolist(), strict=True))
+    assert [model.top1(t) for t in probe] == best
 
 
 def test_a_text_with_no_known_feature_gets_no_label() -> None:
@@ -149,6 +152,7 @@ def test_a_text_with_no_known_feature_gets_no_label() -> None:
     assert val[0].tolist() == [0.0, 0.0]
     assert model.labels[idx[1, 0]] == "refund"
     np.testing.assert_array_equal(model.top_k(probe, k=2)[0][1], idx[1])  # the rest as before
+    assert [model.top1(t, min_known=1)[0] for t in probe] == idx[:, 0].tolist()
     calibrator = Calibrator("temperature", {"temperature": 1.0})
     out = LinearTier(model, calibrator, {}).predict(probe)
     assert out.pred.tolist()[0::2] == [-1, -1]
@@ -203,6 +207,12 @@ def test_bad_texts_raise_and_leave_the_model_usable() -> None:
         model.predict_proba_csr([1.0], [0], [0, 5])
     with pytest.raises(tiergate.InputError, match="k must be"):
         model.top_k(["ok"], k=0)
+    with pytest.raises(tiergate.InputError, match="text 0 is empty"):
+        model.top1("  \n")
+    with pytest.raises(tiergate.InputError, match="lone surrogate"):
+        model.top1("bad \udcff text")
+    with pytest.raises(TypeError, match="text must be str"):
+        model.top1(["a list"])  # type: ignore[arg-type]
     assert model.predict_proba(["refund my order"]).shape == (1, 3)
 
 

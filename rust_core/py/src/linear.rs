@@ -27,6 +27,36 @@ pub struct PyLinearModel {
     inner: linear::LinearModel,
 }
 
+impl PyLinearModel {
+    /// `top_k` over the calibrated probabilities, flat (`k.min(n_classes)` per
+    /// text); a text with fewer than `min_known` known features gets -1 and 0.
+    fn best(
+        &self,
+        texts: &[String],
+        k: usize,
+        min_known: u32,
+    ) -> tiergate_core::Result<(Vec<i32>, Vec<f32>)> {
+        let c = self.inner.n_classes();
+        if min_known == 0 {
+            return self
+                .inner
+                .predict_proba(texts)
+                .map(|probs| top_k(&probs, c, k));
+        }
+        self.inner
+            .predict_proba_with_support(texts)
+            .map(|(probs, support)| {
+                let (mut idx, mut val) = top_k(&probs, c, k);
+                let width = k.min(c);
+                for (i, _) in support.iter().enumerate().filter(|(_, &n)| n < min_known) {
+                    idx[i * width..(i + 1) * width].fill(-1);
+                    val[i * width..(i + 1) * width].fill(0.0);
+                }
+                (idx, val)
+            })
+    }
+}
+
 #[pymethods]
 impl PyLinearModel {
     #[new]
@@ -127,33 +157,27 @@ impl PyLinearModel {
             return Err(InputError::new_err("k must be at least 1"));
         }
         let texts = input::text_batch(texts, "texts")?;
-        let c = self.inner.n_classes();
-        let (idx, val) = py
-            .detach(|| {
-                if min_known == 0 {
-                    return self
-                        .inner
-                        .predict_proba(&texts)
-                        .map(|probs| top_k(&probs, c, k));
-                }
-                self.inner
-                    .predict_proba_with_support(&texts)
-                    .map(|(probs, support)| {
-                        let (mut idx, mut val) = top_k(&probs, c, k);
-                        let width = k.min(c);
-                        for (i, _) in support.iter().enumerate().filter(|(_, &n)| n < min_known) {
-                            idx[i * width..(i + 1) * width].fill(-1);
-                            val[i * width..(i + 1) * width].fill(0.0);
-                        }
-                        (idx, val)
-                    })
-            })
-            .py()?;
-        let width = k.min(c);
+        let (idx, val) = py.detach(|| self.best(&texts, k, min_known)).py()?;
+        let width = k.min(self.inner.n_classes());
         Ok((
             matrix(py, idx, texts.len(), width)?,
             matrix(py, val, texts.len(), width)?,
         ))
+    }
+
+    /// The most probable class of one text and its probability, ``(index,
+    /// prob)``: ``top_k([text], 1, min_known)`` as two Python numbers, for the
+    /// front end's one-text path (no list to build, no arrays to index).
+    #[pyo3(signature = (text, min_known = 0))]
+    fn top1(
+        &self,
+        py: Python<'_>,
+        text: &Bound<'_, PyAny>,
+        min_known: u32,
+    ) -> PyResult<(i32, f32)> {
+        let texts = [input::text(text, "text")?];
+        let (idx, val) = py.detach(|| self.best(&texts, 1, min_known)).py()?;
+        Ok((idx[0], val[0]))
     }
 
     /// The same weights with another calibration temperature.
