@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import itertools
 import logging
 import os
 import sys
@@ -51,7 +52,25 @@ class RequestError(Exception):
         self.retry_after_s = retry_after_s
 
 
-@dataclass
+# Request ids: unique, not secret. A random prefix per process and a counter cost
+# no system call per request (os.urandom did, on the cheap tiers' path).
+_ids = (os.urandom(8).hex(), itertools.count())
+
+
+def _new_id_prefix() -> None:
+    global _ids
+    _ids = (os.urandom(8).hex(), itertools.count())
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)  # a forked child must not repeat ids
+
+
+def new_request_id() -> str:
+    prefix, counter = _ids
+    return f"{prefix}{next(counter):016x}"
+
+
+@dataclass(slots=True)
 class Request:
     text: str
     tenant: Tenant
@@ -62,7 +81,7 @@ class Request:
     idempotency_key: str = ""
     client_id: str = ""
     deadline: float | None = None  # time.monotonic() by which the answer must leave
-    request_id: str = field(default_factory=lambda: os.urandom(16).hex())
+    request_id: str = field(default_factory=new_request_id)
 
     def remaining_ms(self) -> float:
         if self.deadline is None:
@@ -70,7 +89,7 @@ class Request:
         return (self.deadline - time.monotonic()) * 1000
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     tier: str
     label: str = ""
@@ -81,7 +100,7 @@ class Step:
     note: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     label: str
     confidence: float
@@ -448,6 +467,7 @@ RuntimeFactory = Callable[[Task], TaskRuntime]
 # or of tasks no local tier answers.
 CACHE_RULES = 2
 
+
 # How the in-process model's thread (and the compute threads it starts, which inherit
 # it) gives way to the front end on Linux. "low" (default): nice +10, a small share
 # of a busy core. "idle": the SCHED_IDLE class, only the cores no normal thread wants
@@ -582,43 +602,19 @@ class Engine:
             raise RequestError(
                 "INVALID_ARGUMENT", f"unknown task {task!r}; known: {sorted(runtimes)}"
             )
-        if not req.text.strip():
+        text = req.text
+        if not text or text.isspace():  # (what strip() would empty, without a copy)
             raise RequestError("INVALID_ARGUMENT", "text is empty")
-        size = len(req.text.encode("utf-8", "surrogatepass"))
-        if size > policy.max_text_bytes:
-            raise RequestError(
-                "INVALID_ARGUMENT",
-                f"text is {size} bytes; the limit is {policy.max_text_bytes}",
-            )
-        for name, tier in (("force_tier", req.force_tier), ("max_tier", req.max_tier)):
-            if tier and tier not in ORDER:
+        # UTF-8 takes at most 4 bytes a character: most texts need no encoding to know.
+        if len(text) * 4 > policy.max_text_bytes:
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if size > policy.max_text_bytes:
                 raise RequestError(
-                    "INVALID_ARGUMENT", f"hints.{name} {tier!r} is not one of {ORDER}"
+                    "INVALID_ARGUMENT",
+                    f"text is {size} bytes; the limit is {policy.max_text_bytes}",
                 )
-        if (
-            req.force_tier
-            and req.max_tier
-            and ORDER.index(req.force_tier) > ORDER.index(req.max_tier)
-        ):
-            raise RequestError(
-                "INVALID_ARGUMENT",
-                f"hints.force_tier {req.force_tier!r} comes after hints.max_tier "
-                f"{req.max_tier!r}: no tier is left to answer",
-            )
-        # Kept per request (keys, review records, logs): bounded like the text.
-        for name, value in (("idempotency_key", req.idempotency_key),
-                            ("client_id", req.client_id)):  # fmt: skip
-            if len(value) > MAX_ID_CHARS:
-                raise RequestError(
-                    "INVALID_ARGUMENT", f"{name} is {len(value)} characters; the limit is "
-                    f"{MAX_ID_CHARS}",
-                )  # fmt: skip
-        if len(req.risk_tags) > MAX_RISK_TAGS or any(len(t) > MAX_ID_CHARS for t in req.risk_tags):
-            raise RequestError(
-                "INVALID_ARGUMENT",
-                f"hints.risk_tags: at most {MAX_RISK_TAGS} tags of at most {MAX_ID_CHARS} "
-                "characters",
-            )
+        if req.force_tier or req.max_tier or req.risk_tags or req.idempotency_key or req.client_id:
+            _check_hints(req)  # most requests carry none
         return runtime
 
     async def classify(self, req: Request) -> Decision:
@@ -743,7 +739,7 @@ class Engine:
         if action == "review":
             return self._review(req, d, why or "", t0)
 
-        strict = next((t for t in STRICT_DOMAINS if t in tags), None)
+        strict = next((t for t in STRICT_DOMAINS if t in tags), None) if tags else None
 
         def domain_of(pred: int) -> str:
             return strict or rt.label_domains.get(labels[pred], GENERAL)
@@ -1034,6 +1030,31 @@ def _failure(e: BaseException) -> tuple[str, str]:
     if isinstance(e, asyncio.CancelledError):
         return "CANCELLED", "the call ended before a decision"
     return "INTERNAL", repr(e)
+
+
+def _check_hints(req: Request) -> None:
+    """Refuses hints that name no tier or leave none, and ids or tags over their limits."""
+    for name, tier in (("force_tier", req.force_tier), ("max_tier", req.max_tier)):
+        if tier and tier not in ORDER:
+            raise RequestError("INVALID_ARGUMENT", f"hints.{name} {tier!r} is not one of {ORDER}")
+    if req.force_tier and req.max_tier and ORDER.index(req.force_tier) > ORDER.index(req.max_tier):
+        raise RequestError(
+            "INVALID_ARGUMENT",
+            f"hints.force_tier {req.force_tier!r} comes after hints.max_tier "
+            f"{req.max_tier!r}: no tier is left to answer",
+        )
+    # Kept per request (keys, review records, logs): bounded like the text.
+    for name, value in (("idempotency_key", req.idempotency_key), ("client_id", req.client_id)):
+        if len(value) > MAX_ID_CHARS:
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"{name} is {len(value)} characters; the limit is {MAX_ID_CHARS}",
+            )
+    if len(req.risk_tags) > MAX_RISK_TAGS or any(len(t) > MAX_ID_CHARS for t in req.risk_tags):
+        raise RequestError(
+            "INVALID_ARGUMENT",
+            f"hints.risk_tags: at most {MAX_RISK_TAGS} tags of at most {MAX_ID_CHARS} characters",
+        )
 
 
 def _us(t0: float) -> int:

@@ -40,9 +40,6 @@ log = logging.getLogger("tiergate.server")
 decisions_log = logging.getLogger("tiergate.decisions")
 
 
-NO_HINTS = pb.Hints()
-
-
 def api_key(metadata: Any) -> str | None:
     for key, value in metadata or ():
         if key not in ("x-api-key", "authorization"):
@@ -190,14 +187,18 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     def _request(self, msg: pb.ClassifyRequest, tenant: Tenant, context: Any) -> Request:
         remaining = context.time_remaining()
         # Reading an unset sub-message builds an empty one: most requests carry no hints.
-        hints = msg.hints if msg.HasField("hints") else NO_HINTS
+        if msg.HasField("hints"):
+            h = msg.hints
+            risk_tags, force_tier, max_tier = list(h.risk_tags), h.force_tier, h.max_tier
+        else:
+            risk_tags, force_tier, max_tier = [], "", ""
         return Request(
             text=msg.text,
             tenant=tenant,
             task=msg.task,
-            risk_tags=list(hints.risk_tags),
-            force_tier=hints.force_tier,
-            max_tier=hints.max_tier,
+            risk_tags=risk_tags,
+            force_tier=force_tier,
+            max_tier=max_tier,
             idempotency_key=msg.idempotency_key,
             client_id=msg.client_id,
             deadline=None if remaining is None else time.monotonic() + remaining,
