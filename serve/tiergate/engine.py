@@ -491,6 +491,11 @@ RuntimeFactory = Callable[[Task], TaskRuntime]
 CACHE_RULES = 2
 
 
+def _namespace_tail(policy_version: str) -> str:
+    """How every semantic-cache namespace a request under this policy reads ends."""
+    return f"/{policy_version}/rules{CACHE_RULES}"
+
+
 # How the in-process model's thread (and the compute threads it starts, which inherit
 # it) gives way to the front end on Linux. "low" (default): nice +10, a small share
 # of a busy core. "idle": the SCHED_IDLE class, only the cores no normal thread wants
@@ -614,6 +619,22 @@ class Engine:
         ):
             self.semantic = self._semantic_cache(policy)
         self.state = (policy, runtimes)
+
+    def drop_unservable_entries(self) -> int:
+        """Clears the semantic-cache entries no request can be served any more: those of
+        another policy version, or kept under older rules for what the caches keep (a
+        snapshot's). They would hold memory, and go into every snapshot, until their TTL.
+        Returns how many entries went."""
+        cache = self.semantic
+        if cache is None:
+            return 0
+        tail = _namespace_tail(self.policy.version)
+        dropped = 0
+        for namespace, counts in cache.stats()["namespaces"].items():
+            if counts["entries"] and not namespace.endswith(tail):
+                cache.clear(namespace)
+                dropped += counts["entries"]
+        return dropped
 
     def validate(
         self, req: Request, state: tuple[Policy, dict[str, TaskRuntime]] | None = None
@@ -868,7 +889,7 @@ class Engine:
                 if accepted:
                     return self._finish(d, cache_key, rt, policy)
 
-        namespace = f"{req.tenant.name}/{rt.task.name}/{policy.version}/rules{CACHE_RULES}"
+        namespace = f"{req.tenant.name}/{rt.task.name}{_namespace_tail(policy.version)}"
         if (
             vector is None
             and rt.embedder is not None

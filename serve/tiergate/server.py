@@ -407,9 +407,11 @@ class Server:
             return
         books = self.state.restore_ledger(self.engine.ledger)
         cached = self.state.restore_cache(self.engine.semantic)
+        unservable = self.engine.drop_unservable_entries()
         log.info(
-            "state from %s: books of %d tenant(s) for today, %d semantic-cache entries",
-            self.state_dir, len(books.usage), cached,
+            "state from %s: books of %d tenant(s) for today, %d semantic-cache entries "
+            "(%d more dropped: kept under another policy version or older cache rules)",
+            self.state_dir, len(books.usage), cached - unservable, unservable,
         )  # fmt: skip
 
     async def _keep_state(self) -> None:
@@ -425,6 +427,7 @@ class Server:
 
     async def _save_cache(self) -> None:
         assert self.state is not None
+        self.engine.drop_unservable_entries()  # a reloaded policy's old entries: not saved
         try:
             await asyncio.to_thread(self.state.save_cache, self.engine.semantic)
         except OSError as e:  # a full disk must not take the server down

@@ -11,7 +11,8 @@ A front end given a state directory keeps two files there:
   written every ``snapshot_interval_s`` and at shutdown, restored at start. Its
   entries are keyed by policy version like the live ones, and by the version of
   the rules for what the caches keep (``engine.CACHE_RULES``), so a restart under
-  a new policy, or a newer tiergate, serves nothing stale.
+  a new policy, or a newer tiergate, serves nothing stale: the server drops such
+  entries as the snapshot loads.
 
 A file that cannot be read is moved aside (``*.corrupt-<time>``), never
 deleted, and the front end starts without it: a warning, not a crash. One

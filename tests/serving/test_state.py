@@ -3,6 +3,7 @@ a restart (graceful or SIGKILL); unreadable state files are set aside, not fatal
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import subprocess
@@ -117,9 +118,12 @@ def test_a_restart_keeps_the_semantic_cache_and_the_spend(
         if rules_changed:
             monkeypatch.setattr(engine, "CACHE_RULES", engine.CACHE_RULES + 1)
         r2 = start(policy, url, state_dir=state)
+        assert r2.engine.semantic is not None
+        restored = len(r2.engine.semantic)  # those other rules kept are dropped, not held
         with r2.client(KEY_A) as a:
             near = a.classify("where is my parcel right now?", timeout=30)  # not an exact key
     assert (first.tier, first.cost_usd > 0) == ("frontier", True)
+    assert restored == (0 if rules_changed else 1)
     if rules_changed:
         assert (near.cached, near.tier, near.cost_usd > 0) == (False, "frontier", True)
         assert script.calls == 2
@@ -129,6 +133,37 @@ def test_a_restart_keeps_the_semantic_cache_and_the_spend(
     )  # fmt: skip
     assert script.calls == 1
     assert r2.engine.ledger.snapshot("a").spent_usd == pytest.approx(first.cost_usd)
+
+
+def test_a_snapshot_after_a_reload_leaves_out_the_old_versions_entries(
+    start: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    """No request reads a replaced policy's namespaces again: they are cleared rather
+    than held in memory, and saved, until their TTL."""
+    tasks = escalate_everything(full_bundle)
+    tasks["intents"]["thresholds"]["intent"] = {"general": 1.01}
+    cache = {"semantic_threshold": 0.9, "min_confidence": 0}
+    policy = write_policy(tmp_path / "p.yaml", full_bundle, tasks=tasks, cache=cache)
+    state = tmp_path / "state"
+    with fake_provider(Script(default="track_order")) as url:
+        r = start(policy, url, state_dir=state)
+        with r.client(KEY_A) as a:
+            a.classify("where is my parcel right now", timeout=30)
+        semantic = r.engine.semantic
+        assert semantic is not None
+        assert len(semantic) == 1
+        write_policy(policy, full_bundle, version="v2", tasks=tasks, cache=cache)
+        assert r.server.reload()
+        assert r.engine.semantic is semantic  # same settings: the same cache goes on
+        with r.client(KEY_A) as a:
+            a.classify("is my refund on its way", timeout=30)  # an entry under v2
+        assert len(semantic) == 2
+        asyncio.run_coroutine_threadsafe(r.server._save_cache(), r.loop).result(30)
+        assert len(semantic) == 1
+        assert [ns for ns, c in semantic.stats()["namespaces"].items() if c["entries"]] == [
+            f"a/intents/v2/rules{engine.CACHE_RULES}"
+        ]
+        r.stop()
 
 
 def test_a_corrupt_cache_snapshot_is_set_aside_and_the_server_starts(
