@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import itertools
 import logging
 import os
 import sys
@@ -52,24 +51,6 @@ class RequestError(Exception):
         self.retry_after_s = retry_after_s
 
 
-# Request ids: unique, not secret. A random prefix per process and a counter cost
-# no system call per request (os.urandom did, on the cheap tiers' path).
-_ids = (os.urandom(8).hex(), itertools.count())
-
-
-def _new_id_prefix() -> None:
-    global _ids
-    _ids = (os.urandom(8).hex(), itertools.count())
-
-
-os.register_at_fork(after_in_child=_new_id_prefix)  # a forked child must not repeat ids
-
-
-def new_request_id() -> str:
-    prefix, counter = _ids
-    return f"{prefix}{next(counter):016x}"
-
-
 @dataclass(slots=True)
 class Request:
     text: str
@@ -81,7 +62,7 @@ class Request:
     idempotency_key: str = ""
     client_id: str = ""
     deadline: float | None = None  # time.monotonic() by which the answer must leave
-    request_id: str = field(default_factory=new_request_id)
+    request_id: str = field(default_factory=lambda: os.urandom(16).hex())
 
     def remaining_ms(self) -> float:
         if self.deadline is None:

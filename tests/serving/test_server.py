@@ -53,6 +53,11 @@ def test_status_codes(start: Any, linear_bundle: Path, tmp_path: Path) -> None:
         assert (
             code_of(lambda: c.classify("x" * 2001, timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
         )
+        # The limit is in UTF-8 bytes: 700 characters of 3 bytes each are over it.
+        with pytest.raises(grpc.RpcError) as e:
+            c.classify("€" * 700, timeout=5)
+        assert "text is 2100 bytes; the limit is 2000" in (e.value.details() or "")
+        assert c.classify("€" * 500 + " hello", timeout=5).label  # 1,506 bytes: served
         assert (
             code_of(lambda: c.classify("hi", task="nope", timeout=5))
             == grpc.StatusCode.INVALID_ARGUMENT
