@@ -168,8 +168,9 @@ class LatencyTracker:
 
     Every request bound for a model or the frontier asks, on the event loop; a
     percentile of a full window costs tens of microseconds there, which the cheap
-    requests queued behind it wait out. So a p95 is reused until 1/20 of the
-    window is new samples, some expire, or ``refresh_s`` passes.
+    requests queued behind it wait out. So a p95 is reused until new samples make
+    up 1/20 of those held (every sample counts while fewer than 40 are), some
+    expire, or ``refresh_s`` passes.
     """
 
     def __init__(self, window: int = 512, max_age_s: float = 60.0,

@@ -81,3 +81,16 @@ def test_old_samples_are_forgotten_and_the_p95_follows() -> None:
     assert t.p95("k") == 5.0
     clock.now += 61.0
     assert t.p95("k") == 0.0  # nothing recent: try the tier
+
+
+def test_a_reused_p95_is_computed_again_once_samples_expire() -> None:
+    clock = Clock()
+    t = LatencyTracker(window=100, max_age_s=60.0, clock=clock, refresh_s=float("inf"))
+    for _ in range(50):
+        t.record("k", 900.0)
+    clock.now += 30.0
+    for _ in range(50):
+        t.record("k", 10.0)
+    assert t.p95("k") == 900.0
+    clock.now += 31.0  # the slow half expires; nothing new, and no refresh by time
+    assert t.p95("k") == 10.0
