@@ -557,6 +557,7 @@ class Engine:
         self.latency = LatencyTracker()
         self.semantic_dim = semantic_dim
         self.semantic = self._semantic_cache(policy)
+        self.previous_version: str | None = None  # the policy's before the last reload
         # Idempotency keys -> the first request's decision, in flight or done: a
         # retry racing the original waits for it instead of deciding (and paying) twice.
         self.idempotent: OrderedDict[
@@ -600,20 +601,28 @@ class Engine:
             old.semantic_ttl_s,
         ):
             self.semantic = self._semantic_cache(policy)
+        if policy.version != old.version:
+            self.previous_version = old.version
         self.state = (policy, runtimes)
 
-    def drop_unservable_entries(self) -> int:
-        """Clears the semantic-cache entries no request can be served any more: those of
-        another policy version, or kept under older rules for what the caches keep (a
-        snapshot's). They would hold memory, and go into every snapshot, until their TTL.
-        Returns how many entries went."""
+    def servable_versions(self) -> tuple[str, ...]:
+        """The policy versions whose semantic-cache entries are kept: the current one and
+        the one before the last reload, so that rolling a policy back finds its entries."""
+        current, previous = self.policy.version, self.previous_version
+        return (current,) if previous in (None, current) else (current, previous)
+
+    def drop_unservable_entries(self, versions: Sequence[str] = ()) -> int:
+        """Clears the semantic-cache entries of policy versions other than ``versions``
+        (default: ``servable_versions()``), and those a snapshot kept under older rules for
+        what the caches keep: no request reads them, and they would hold memory, and go
+        into every snapshot, until their TTL. Returns how many entries went."""
         cache = self.semantic
         if cache is None:
             return 0
-        tail = _namespace_tail(self.policy.version)
+        tails = tuple(_namespace_tail(v) for v in versions or self.servable_versions())
         dropped = 0
         for namespace, counts in cache.stats()["namespaces"].items():
-            if counts["entries"] and not namespace.endswith(tail):
+            if counts["entries"] and not namespace.endswith(tails):
                 cache.clear(namespace)
                 dropped += counts["entries"]
         return dropped

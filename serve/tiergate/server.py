@@ -427,9 +427,15 @@ class Server:
 
     async def _save_cache(self) -> None:
         assert self.state is not None
-        self.engine.drop_unservable_entries()  # a reloaded policy's old entries: not saved
+        state, engine = self.state, self.engine
+        versions = engine.servable_versions()
+
+        def drop_and_save() -> None:  # off the loop: both walk the whole cache
+            engine.drop_unservable_entries(versions)  # older policies' entries: not saved
+            state.save_cache(engine.semantic)
+
         try:
-            await asyncio.to_thread(self.state.save_cache, self.engine.semantic)
+            await asyncio.to_thread(drop_and_save)
         except OSError as e:  # a full disk must not take the server down
             log.error("could not save the semantic cache: %s", e)
 
