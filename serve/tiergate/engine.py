@@ -9,6 +9,7 @@ concurrent requests are gathered into micro-batches by :class:`MicroBatcher`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -514,6 +515,19 @@ def yield_cpu(priority: str = "low") -> str:
     except OSError as e:
         log.warning("the model thread keeps the usual CPU priority (%s)", e)
         return "normal"
+
+
+def renice_process(niceness: int) -> int:
+    """Sets every thread of this process to ``niceness``; threads started later inherit
+    their creator's (Linux: a nice value belongs to a thread). Returns the calling
+    thread's niceness after: unchanged where the system refuses (a lower value needs
+    CAP_SYS_NICE, or root)."""
+    if sys.platform == "linux":
+        for tid in os.listdir("/proc/self/task"):
+            # Refused, or the thread has just ended: it keeps what it had.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def in_process_runtime(task: Task, model_priority: str = "low") -> TaskRuntime:

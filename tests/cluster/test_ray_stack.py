@@ -16,6 +16,7 @@ import yaml
 
 from tests.cluster.conftest import one_ray_session
 from tests.fake_openai import Script, fake_provider
+from tests.serving.conftest import thread_priority
 from tiergate.client import Client
 
 ray = pytest.importorskip("ray", reason="the Ray stack needs ray[serve] (make test installs it)")
@@ -33,6 +34,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def nice_of_threads(title: str) -> set[int]:
+    """The nice values of every thread of the processes whose title contains ``title``."""
+    found: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            comm = (proc / "comm").read_text()
+            if title not in cmdline and title not in comm:
+                continue
+            for task in (proc / "task").iterdir():
+                found.add(thread_priority(int(task.name), int(proc.name))[1])
+        except (OSError, ValueError):  # not a process, or gone meanwhile
+            continue
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +91,13 @@ def test_classify_through_ray_vllm_and_an_escalation(
                          "address": address, "engine": "vllm"})  # fmt: skip
         serve.run(app, name=APP_NAME, route_prefix=None)
         print(f"stack deployed in {time.perf_counter() - started:.1f} s")
+        # The front end runs above the model's engine processes, whatever niceness Ray
+        # gave both (15 here): else it waits behind model compute for the cores.
+        front = nice_of_threads("ServeReplica:tiergate:Frontend")
+        engine = nice_of_threads("VLLM::")
+        assert front, "no front-end replica process found"
+        assert engine, "no vLLM engine process found"
+        assert max(front) < min(engine), (front, engine)
         with Client(address) as client:
             texts = ["I want my money back", "where is my parcel", "hello there"]
             answers = [client.classify(t) for t in texts]

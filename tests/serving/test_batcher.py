@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -436,3 +437,47 @@ def test_a_rejected_reload_closes_the_models_it_loaded(
             await server.stop(0.1)
 
     asyncio.run(scenario())
+
+
+RENICE_CHILD = """
+import json, os, threading
+from tiergate.engine import renice_process
+started = threading.Event()
+stop = threading.Event()
+def idle():
+    started.set()
+    stop.wait()
+t = threading.Thread(target=idle, daemon=True)  # a failing child still exits
+t.start()
+started.wait()
+got = [renice_process(int(n)) for n in os.environ["NICE_STEPS"].split(",")]
+tids = [int(x) for x in os.listdir("/proc/self/task")]
+late = []
+later = threading.Thread(target=lambda: late.append(os.getpriority(os.PRIO_PROCESS, 0)))
+later.start()
+later.join()
+print(json.dumps({"got": got, "tids": tids, "pid": os.getpid(), "late": late}), flush=True)
+input()
+stop.set()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice values per thread are Linux's")
+def test_renice_process_moves_every_thread_and_reports_a_refusal() -> None:
+    """What Ray's replicas use: the model's go lower, the front end's back up (to 0),
+    which needs privileges; a refusal shows in the value returned."""
+    root = os.geteuid() == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RENICE_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, env={**os.environ, "NICE_STEPS": "7,3"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        out = json.loads(proc.stdout.readline())
+        # every thread, the idle one too, at the last value the system allowed
+        expected = 3 if root else 7
+        assert out["got"] == [7, expected]
+        assert {thread_priority(t, out["pid"])[1] for t in out["tids"]} == {expected}
+        assert out["late"] == [expected]  # a thread started later inherits it
+    finally:
+        proc.communicate("\n", timeout=30)
