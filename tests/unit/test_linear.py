@@ -152,7 +152,8 @@ def test_a_text_with_no_known_feature_gets_no_label() -> None:
     assert val[0].tolist() == [0.0, 0.0]
     assert model.labels[idx[1, 0]] == "refund"
     np.testing.assert_array_equal(model.top_k(probe, k=2)[0][1], idx[1])  # the rest as before
-    assert [model.top1(t, min_known=1)[0] for t in probe] == idx[:, 0].tolist()
+    best = list(zip(idx[:, 0].tolist(), val[:, 0].tolist(), strict=True))
+    assert [model.top1(t, min_known=1) for t in probe] == best  # (-1, 0.0) for the unknown
     calibrator = Calibrator("temperature", {"temperature": 1.0})
     out = LinearTier(model, calibrator, {}).predict(probe)
     assert out.pred.tolist()[0::2] == [-1, -1]
