@@ -125,12 +125,17 @@ def test_a_zero_shot_bundle_is_trained_calibrated_and_evaluated(
 
 
 def test_the_ray_model_deployment_serves_a_zero_shot_bundle(
-    zero_shot_bundle: tuple[Path, dict],
+    zero_shot_bundle: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The IntentModel deployment's own code (outside Serve): the instruct model scores the
     labels, the packaged MiniLM embeds for the semantic cache."""
     pytest.importorskip("ray.serve", reason="needs ray[serve]")
+    from tiergate import ray_app
     from tiergate.ray_app import IntentModel
+
+    # A replica lowers its whole process's CPU priority; here that process is pytest's,
+    # and every later test would run (and start servers) at it.
+    monkeypatch.setattr(ray_app, "renice_process", lambda niceness: niceness)
 
     out, _ = zero_shot_bundle
     deployment = IntentModel.func_or_class
