@@ -3,6 +3,7 @@ and an escalation to an OpenAI-compatible server on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -40,15 +41,20 @@ def nice_of_threads(title: str) -> set[int]:
     """The nice values of every thread of the processes whose title contains ``title``."""
     found: set[int] = set()
     for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            comm = (proc / "comm").read_text()
-            if title not in cmdline and title not in comm:
-                continue
-            for task in (proc / "task").iterdir():
-                found.add(thread_priority(int(task.name), int(proc.name))[1])
-        except (OSError, ValueError):  # not a process, or gone meanwhile
+        if not proc.name.isdigit():
             continue
+        try:
+            comm = (proc / "comm").read_text(errors="replace")
+            # A title set over argv may leave bytes that are not UTF-8 behind it.
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            tasks = list((proc / "task").iterdir())
+        except OSError:  # gone meanwhile
+            continue
+        if title not in cmdline and title not in comm:
+            continue
+        for task in tasks:
+            with contextlib.suppress(OSError):  # a thread that has just ended
+                found.add(thread_priority(int(task.name), int(proc.name))[1])
     return found
 
 
