@@ -97,13 +97,14 @@ def test_classify_through_ray_vllm_and_an_escalation(
                          "address": address, "engine": "vllm"})  # fmt: skip
         serve.run(app, name=APP_NAME, route_prefix=None)
         print(f"stack deployed in {time.perf_counter() - started:.1f} s")
-        # The front end runs above the model's engine processes, whatever niceness Ray
-        # gave both (15 here): else it waits behind model compute for the cores.
+        # The front end runs above the model replica (whose engine processes inherit its
+        # value), whatever niceness Ray gave both (15 here): else it waits behind model
+        # compute for the cores.
         front = nice_of_threads("ServeReplica:tiergate:Frontend")
-        engine = nice_of_threads("VLLM::")
+        model = nice_of_threads("ServeReplica:tiergate:IntentModel")
         assert front, "no front-end replica process found"
-        assert engine, "no vLLM engine process found"
-        assert max(front) < min(engine), (front, engine)
+        assert model, "no model replica process found"
+        assert max(front) < min(model), (front, model)
         with Client(address) as client:
             texts = ["I want my money back", "where is my parcel", "hello there"]
             answers = [client.classify(t) for t in texts]
