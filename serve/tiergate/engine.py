@@ -509,12 +509,16 @@ def yield_cpu(priority: str = "low") -> str:
             log.warning("the model thread cannot run in SCHED_IDLE (%s): nice +%d", e,
                         MODEL_NICE)  # fmt: skip
     try:
-        nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + MODEL_NICE)
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        os.setpriority(os.PRIO_PROCESS, 0, model_niceness())
         return "low"
     except OSError as e:
         log.warning("the model thread keeps the usual CPU priority (%s)", e)
         return "normal"
+
+
+def model_niceness() -> int:
+    """The nice value model compute runs at: MODEL_NICE below the calling thread's."""
+    return min(19, os.getpriority(os.PRIO_PROCESS, 0) + MODEL_NICE)
 
 
 def renice_process(niceness: int) -> int:

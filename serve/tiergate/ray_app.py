@@ -39,7 +39,7 @@ from ray.serve.exceptions import ReplicaUnavailableError
 
 from tiergate._core import ConfigError
 from tiergate.bundle import ZERO_SHOT, load_bundle
-from tiergate.engine import MODEL_NICE, TaskRuntime, renice_process
+from tiergate.engine import TaskRuntime, model_niceness, renice_process
 from tiergate.escalation import Attempt, Escalation, Escalator, FrontierConfig, estimate_cost
 from tiergate.metrics import Metrics
 from tiergate.policy import Policy, Task, default_policy, load_policy
@@ -77,7 +77,7 @@ class IntentModel:
         # niceness, and a front end there waits behind model compute for the cores (2 cores,
         # CLINC, 100 req/s: cheap-tier p99 13.5 ms, 5-6 ms once the front end ran higher).
         # The engines' processes, started from here, inherit it.
-        renice_process(min(19, os.getpriority(os.PRIO_PROCESS, 0) + MODEL_NICE))
+        renice_process(model_niceness())
 
         b = load_bundle(bundle)
         self.labels = b.labels

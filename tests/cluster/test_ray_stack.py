@@ -3,7 +3,6 @@ and an escalation to an OpenAI-compatible server on loopback."""
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
@@ -17,7 +16,7 @@ import yaml
 
 from tests.cluster.conftest import one_ray_session
 from tests.fake_openai import Script, fake_provider
-from tests.serving.conftest import thread_priority
+from tests.serving.conftest import thread_priorities
 from tiergate.client import Client
 
 ray = pytest.importorskip("ray", reason="the Ray stack needs ray[serve] (make test installs it)")
@@ -45,16 +44,12 @@ def nice_of_threads(title: str) -> set[int]:
             continue
         try:
             comm = (proc / "comm").read_text(errors="replace")
-            # A title set over argv may leave bytes that are not UTF-8 behind it.
+            # Leniently: a process may have set any bytes as its title.
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            tasks = list((proc / "task").iterdir())
+            if title in cmdline or title in comm:
+                found.update(nice for _, nice in thread_priorities(int(proc.name)))
         except OSError:  # gone meanwhile
             continue
-        if title not in cmdline and title not in comm:
-            continue
-        for task in tasks:
-            with contextlib.suppress(OSError):  # a thread that has just ended
-                found.add(thread_priority(int(task.name), int(proc.name))[1])
     return found
 
 

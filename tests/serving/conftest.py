@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -69,6 +70,15 @@ def thread_priority(tid: int, pid: int | None = None) -> tuple[int, int]:
     stat = Path(f"/proc/{pid or os.getpid()}/task/{tid}/stat").read_text()
     fields = stat.rsplit(")", 1)[1].split()
     return int(fields[38]), int(fields[16])
+
+
+def thread_priorities(pid: int) -> list[tuple[int, int]]:
+    """(scheduling policy, nice value) of each thread of process ``pid``."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that has just ended
+            out.append(thread_priority(int(tid), pid))
+    return out
 
 
 def serve_subprocess(*args: str) -> tuple[subprocess.Popen[str], str]:

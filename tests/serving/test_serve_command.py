@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.serving.conftest import sched_idle_allowed, serve_subprocess, thread_priority
+from tests.serving.conftest import sched_idle_allowed, serve_subprocess, thread_priorities
 from tiergate.accounting import DAY_S
 from tiergate.client import Client
 from tiergate.engine import MODEL_NICE
@@ -71,15 +70,6 @@ def test_serve_reloads_on_sighup_serves_metrics_and_stops_cleanly(
             proc.communicate()
 
 
-def _priorities(pid: int) -> list[tuple[int, int]]:
-    """(scheduling policy, nice value) of each thread of process ``pid``."""
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):  # a thread that has just ended
-            out.append(thread_priority(int(tid), pid))
-    return out
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling is Linux's")
 @pytest.mark.parametrize("priority", ["idle", "low"])
 def test_serve_runs_the_model_at_the_priority_asked(
@@ -95,7 +85,7 @@ def test_serve_runs_the_model_at_the_priority_asked(
     try:
         with Client(f"127.0.0.1:{port}") as c:
             assert c.classify("where is my parcel", force_tier="intent", timeout=30).tier
-        threads = _priorities(proc.pid)
+        threads = thread_priorities(proc.pid)
     finally:
         proc.kill()
         proc.communicate()
