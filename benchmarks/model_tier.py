@@ -165,7 +165,8 @@ def main() -> None:
     print(f"[model_tier] raw vLLM LLM.classify on {len(texts)} texts...", file=sys.stderr)
     results["raw_vllm"] = raw_vllm(bundle.intent_path(), texts, args.batch)
     print(f"[model_tier] raw: {results['raw_vllm']}", file=sys.stderr)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a Ray of our own, never a cluster left in /tmp/ray/ray_current_cluster.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
     try:
         for name, embedder in (("serve", None), ("serve_with_embedder", "packaged")):

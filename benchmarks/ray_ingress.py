@@ -137,7 +137,8 @@ def main() -> None:
 
     results: dict[str, Any] = {"bundle": bundle, "requests": args.requests,
                                "clients": args.clients}  # fmt: skip
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a Ray of our own, never a cluster left in /tmp/ray/ray_current_cluster.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(
             grpc_options=gRPCOptions(port=9011, grpc_servicer_functions=[SERVICER]),

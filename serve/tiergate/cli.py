@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -171,7 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--ray-address",
-        help="join this Ray cluster ('auto' for the local one) instead of starting Ray",
+        default=os.environ.get("RAY_ADDRESS") or None,
+        help="join this Ray cluster (host:port, or 'auto' for one `ray start` began on this "
+        "machine) instead of starting a Ray of our own; default: $RAY_ADDRESS if set",
     )
     s.add_argument(
         "--engine",

@@ -475,7 +475,9 @@ def run(app_args: dict[str, Any], ray_address: str | None) -> None:
         # privileges; at 0, the model replicas still step 10 below it (see IntentModel).
         os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
-        address=ray_address,
+        # Without an address Ray would join the cluster named in
+        # /tmp/ray/ray_current_cluster, even a dead one an interrupted run left there.
+        address=ray_address if joined else "local",
         include_dashboard=False,
         logging_level=logging.WARNING,
         runtime_env={"env_vars": quiet},

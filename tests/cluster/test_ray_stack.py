@@ -3,6 +3,7 @@ and an escalation to an OpenAI-compatible server on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -53,10 +54,29 @@ def nice_of_threads(title: str) -> set[int]:
     return found
 
 
+@contextlib.contextmanager
+def a_dead_cluster_on_record() -> Iterator[None]:
+    """What an interrupted run leaves behind: /tmp/ray/ray_current_cluster naming a cluster
+    that is gone. ray.init() without an address joins it (and fails); CI once did. A file
+    already there (a live cluster of the user's, say) is left as it is."""
+    record = Path(ray._private.utils.get_ray_address_file(None))
+    if record.exists():
+        yield
+        return
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"127.0.0.1:{free_port()}")
+    try:
+        yield
+    finally:
+        record.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     one_ray_session("tests/cluster/test_ray_stack.py")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with a_dead_cluster_on_record():
+        # "local": a Ray of our own, whatever cluster is on record (as `tiergate serve` does)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")  # clients talk to our gRPC server, not Ray's proxy
     yield
     serve.shutdown()
