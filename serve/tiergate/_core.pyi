@@ -158,6 +158,9 @@ class LinearModel:
     @property
     def n_features(self) -> int: ...
     @property
+    def seen_features(self) -> int:
+        """How many features training saw: only their weight rows are held in memory."""
+    @property
     def temperature(self) -> float: ...
     @property
     def hashers(self) -> list[FeatureHasher]: ...

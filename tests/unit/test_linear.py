@@ -67,6 +67,9 @@ def test_probabilities_match_logistic_regression(params: list[dict[str, object]]
     )
     assert model.labels == sorted(INTENTS)
     assert model.n_features == sum(int(p["n_features"]) for p in params)  # type: ignore[call-overload]
+    # Only the features training saw keep a row of weights in memory.
+    assert model.seen_features == int((clf.coef_ != 0).any(axis=0).sum())
+    assert 0 < model.seen_features < model.n_features
 
 
 def test_clinc_slice_matches_sklearn(clinc150: dict[str, list[list[str]]]) -> None:

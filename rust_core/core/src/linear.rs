@@ -5,12 +5,23 @@
 //! blocks are concatenated (as `scipy.sparse.hstack` would). Scoring raw texts
 //! fuses hashing and the dot product: each hashed feature adds one contiguous
 //! row of class weights, so no feature matrix is ever built.
+//!
+//! Only the rows of features training saw are stored. A hashed space is mostly
+//! empty (CLINC150: 12% of 2 x 2^18 features seen), so this keeps a 150-class
+//! model in 37 MB instead of 317, and a text's unseen features (typos, numbers,
+//! new words) cost no read from memory, where the cold-cache misses of a lone
+//! request are most of its scoring time.
+
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use crate::hashing::{FeatureHasher, Scratch};
 use crate::text::check_classifiable;
 use crate::{Error, Result};
+
+/// `row_of` for a feature training never saw: no row is stored for it.
+const UNSEEN: u32 = u32::MAX;
 
 /// Batches at least this large are scored on all cores; below it, the cost of
 /// waking rayon's workers exceeds the work.
@@ -22,12 +33,15 @@ pub struct LinearModel {
     /// Where each hasher's block starts in the concatenated feature space.
     offsets: Vec<usize>,
     n_features: usize,
-    /// Feature-major (`weights[f * n_outputs + c]`) so one hashed feature reads
-    /// one cache-friendly row, rather than 150 strided loads.
-    weights: Vec<f32>,
-    /// One bit per feature: set when its weight row is not all zeros, i.e. training
-    /// saw it. A text none of whose features is known scores the intercepts alone.
-    known: Vec<u64>,
+    /// The class weights of each seen feature, feature-major
+    /// (`rows[r * n_outputs + c]`) so one hashed feature reads one cache-friendly
+    /// row, rather than 150 strided loads. Shared: a model under another
+    /// temperature copies no weights.
+    rows: Arc<[f32]>,
+    /// Each feature's row in `rows`, or [`UNSEEN`] when its weights are all zeros
+    /// (training never saw it). A text none of whose features is known scores the
+    /// intercepts alone.
+    row_of: Arc<[u32]>,
     bias: Vec<f32>,
     /// 1 for a binary model (one logit, sigmoid), else the number of classes.
     n_outputs: usize,
@@ -103,24 +117,19 @@ impl LinearModel {
             )));
         }
         check_temperature(temperature)?;
-        let mut weights = vec![0.0f32; coef.len()];
-        for c in 0..n_outputs {
-            for f in 0..n_features {
-                weights[f * n_outputs + c] = coef[c * n_features + f];
-            }
+        if n_features >= UNSEEN as usize {
+            return Err(Error::config(format!(
+                "the hashers have {n_features} features together; at most {} are supported",
+                UNSEEN - 1
+            )));
         }
-        let mut known = vec![0u64; n_features.div_ceil(64)];
-        for (f, row) in weights.chunks(n_outputs).enumerate() {
-            if row.iter().any(|&w| w != 0.0) {
-                known[f / 64] |= 1 << (f % 64);
-            }
-        }
+        let (rows, row_of) = seen_rows(coef, n_outputs, n_features);
         Ok(LinearModel {
             hashers,
             offsets,
             n_features,
-            weights,
-            known,
+            rows: rows.into(),
+            row_of: row_of.into(),
             bias: intercept.to_vec(),
             n_outputs,
             labels,
@@ -142,6 +151,24 @@ impl LinearModel {
 
     pub fn n_features(&self) -> usize {
         self.n_features
+    }
+
+    /// How many features training saw: the rows of weights held in memory.
+    pub fn seen_features(&self) -> usize {
+        self.rows.len() / self.n_outputs
+    }
+
+    /// The weight row of feature `f` (an index into the concatenated space), or
+    /// None for a feature training never saw.
+    #[inline]
+    fn row(&self, f: usize) -> Option<&[f32]> {
+        let r = self.row_of[f];
+        if r == UNSEEN {
+            return None;
+        }
+        let k = self.n_outputs;
+        let start = r as usize * k;
+        Some(&self.rows[start..start + k])
     }
 
     pub fn temperature(&self) -> f32 {
@@ -178,13 +205,21 @@ impl LinearModel {
     /// how many of the text's features the model knows (see `known`).
     fn logits_into(&self, text: &str, scratch: &mut Scratch, out: &mut [f32]) -> usize {
         out.copy_from_slice(&self.bias);
-        let k = self.n_outputs;
         let mut known = 0;
         for (hasher, &offset) in self.hashers.iter().zip(&self.offsets) {
-            for &(index, value) in hasher.row(text, scratch) {
-                let f = offset + index as usize;
-                known += usize::from(self.known[f / 64] >> (f % 64) & 1 == 1);
-                let row = &self.weights[f * k..(f + 1) * k];
+            let features = hasher.row(text, scratch);
+            // A text's rows lie scattered over the model: ask for all of them before
+            // summing any, so that their cache misses overlap rather than queue.
+            for &(index, _) in features.iter() {
+                if let Some(row) = self.row(offset + index as usize) {
+                    prefetch(row);
+                }
+            }
+            for &(index, value) in features {
+                let Some(row) = self.row(offset + index as usize) else {
+                    continue; // all zeros: adds nothing
+                };
+                known += 1;
                 let v = value as f32;
                 for (o, w) in out.iter_mut().zip(row) {
                     *o += v * w;
@@ -289,9 +324,11 @@ impl LinearModel {
             let logits = &mut row[..k];
             logits.copy_from_slice(&self.bias);
             for j in indptr[r] as usize..indptr[r + 1] as usize {
-                let f = indices[j] as usize;
+                let Some(weights) = self.row(indices[j] as usize) else {
+                    continue;
+                };
                 let v = data[j] as f32;
-                for (o, w) in logits.iter_mut().zip(&self.weights[f * k..(f + 1) * k]) {
+                for (o, w) in logits.iter_mut().zip(weights) {
                     *o += v * w;
                 }
             }
@@ -344,6 +381,51 @@ impl LinearModel {
 
 /// Indices and probabilities of the `k` most probable classes of each row,
 /// best first; ties keep the lower class index first.
+/// Asks the CPU to bring `row` into its caches (a hint: it never faults, and
+/// elsewhere than x86-64 it does nothing).
+#[inline]
+fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in row.chunks(16) {
+        // SAFETY: a prefetch is only a hint; it reads no memory the program can see
+        // and cannot fault, whatever the address (here a live slice's).
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
+/// From scikit-learn's class-major `coef` (`coef[c * n_features + f]`): the
+/// feature-major rows of the features with a nonzero weight, and each feature's
+/// row (or [`UNSEEN`]).
+fn seen_rows(coef: &[f32], n_outputs: usize, n_features: usize) -> (Vec<f32>, Vec<u32>) {
+    let mut seen = vec![false; n_features];
+    for class in coef.chunks(n_features) {
+        for (s, &w) in seen.iter_mut().zip(class) {
+            *s |= w != 0.0;
+        }
+    }
+    let mut row_of = vec![UNSEEN; n_features];
+    let mut n_rows = 0u32;
+    for (r, _) in row_of.iter_mut().zip(&seen).filter(|(_, &s)| s) {
+        *r = n_rows;
+        n_rows += 1;
+    }
+    let mut rows = vec![0.0f32; n_rows as usize * n_outputs];
+    for (c, class) in coef.chunks(n_features).enumerate() {
+        for (&r, &w) in row_of.iter().zip(class) {
+            if r != UNSEEN {
+                rows[r as usize * n_outputs + c] = w;
+            }
+        }
+    }
+    (rows, row_of)
+}
+
 pub fn top_k(probs: &[f32], n_classes: usize, k: usize) -> (Vec<i32>, Vec<f32>) {
     let k = k.min(n_classes);
     let rows = probs.len() / n_classes.max(1);
@@ -443,6 +525,49 @@ mod tests {
         for row in fused.chunks(3) {
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn only_seen_rows_are_stored_and_scores_equal_the_dense_product() {
+        let hashers = vec![hasher(64, Analyzer::Word), hasher(32, Analyzer::CharWb)];
+        let (k, n) = (3, 96);
+        // Feature f is seen by some class when f % 3 == 0 (one class each), or by
+        // all when f % 5 == 0; -0.0 counts as unseen, as scikit-learn leaves it.
+        let mut coef = vec![0.0f32; k * n];
+        for f in 0..n {
+            if f % 3 == 0 {
+                coef[(f % k) * n + f] = f as f32 / 10.0 - 4.0;
+            }
+            if f % 5 == 0 {
+                for c in 0..k {
+                    coef[c * n + f] = (c as f32 + 1.0) * 0.3;
+                }
+            }
+        }
+        coef[1] = -0.0; // feature 1: otherwise unseen
+        let seen = (0..n).filter(|f| f % 3 == 0 || f % 5 == 0).count();
+        let bias = [0.1, -0.2, 0.3];
+        let model = LinearModel::new(hashers.clone(), &coef, k, &bias, labels(3), 1.0).unwrap();
+        assert_eq!(model.seen_features(), seen);
+        let texts = ["refund my order 1234", "where is my card", "zz qq"];
+        let scores = model.decision_function(&texts).unwrap();
+        for (t, got) in texts.iter().zip(scores.chunks(k)) {
+            let mut want = bias.to_vec();
+            for (h, off) in hashers.iter().zip([0usize, 64]) {
+                let csr = h.transform(&[t]).unwrap();
+                for (&i, &v) in csr.indices.iter().zip(&csr.data) {
+                    for (c, w) in want.iter_mut().enumerate() {
+                        *w += v as f32 * coef[c * n + off + i as usize];
+                    }
+                }
+            }
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{t:?}: {got:?} vs {want:?}");
+            }
+        }
+        // The same rows under another temperature: shared, not copied.
+        let cooler = model.with_temperature(0.5).unwrap();
+        assert!(Arc::ptr_eq(&model.rows, &cooler.rows));
     }
 
     #[test]

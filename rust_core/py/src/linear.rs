@@ -70,13 +70,22 @@ impl PyLinearModel {
     ) -> PyResult<Self> {
         let hashers = extract_hashers(hashers)?;
         let labels = input::text_batch(labels, "labels")?;
-        let n_outputs = coef.as_array().nrows();
-        let coef = coef.as_array().iter().copied().collect::<Vec<f32>>();
+        let view = coef.as_array();
+        let n_outputs = view.nrows();
+        // Read a C-contiguous array in place: a CLINC150 model's coef is 317 MB.
+        let copied: Vec<f32>;
+        let coef = match view.as_slice() {
+            Some(values) => values,
+            None => {
+                copied = view.iter().copied().collect();
+                &copied
+            }
+        };
         let intercept = intercept.as_array().iter().copied().collect::<Vec<f32>>();
         Ok(PyLinearModel {
             inner: linear::LinearModel::new(
                 hashers,
-                &coef,
+                coef,
                 n_outputs,
                 &intercept,
                 labels,
@@ -203,6 +212,12 @@ impl PyLinearModel {
     #[getter]
     fn n_features(&self) -> usize {
         self.inner.n_features()
+    }
+
+    /// How many features training saw: only their weight rows are held in memory.
+    #[getter]
+    fn seen_features(&self) -> usize {
+        self.inner.seen_features()
     }
 
     /// The calibration temperature.
