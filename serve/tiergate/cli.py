@@ -191,10 +191,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--model-priority",
         choices=["low", "idle"],
-        help="--runtime local, Linux: the CPU priority of the in-process model's threads. "
-        "low (default): nice +10, a small share of a busy core. idle: only the cores the "
-        "front end leaves free, for lower cheap-tier latency on a host that runs nothing "
-        "else (any busy process starves the model, and the requests that need it fail)",
+        help="Linux: the CPU priority of model compute, below the front end's. low: nice "
+        "+10, a small share of a busy core. idle: only the cores the front end leaves free, "
+        "for lower cheap-tier latency on a host that runs nothing else (any busy process "
+        "starves the model, and the requests that need it fail). Default: low for the "
+        "in-process model (--runtime local), idle for the vLLM engines' processes on Ray",
     )
     s.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
     s.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0: off)")
@@ -397,10 +398,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.runtime == "ray":
         from tiergate.ray_app import run
 
-        if args.model_priority:
-            print("--model-priority is for --runtime local: on Ray the model runs in its "
-                  "own processes; ignored", file=sys.stderr)  # fmt: skip
-
         provider = _provider(args)
         frontier = None
         if provider is not None:
@@ -416,6 +413,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "bundle": str(args.bundle) if args.bundle else None,
                 "address": args.address,
                 "engine": args.engine,
+                "model_priority": args.model_priority or "idle",
                 "embedder": None if args.embedder == "none" else args.embedder,
                 "frontier": frontier,
                 "metrics_port": args.metrics_port or None,

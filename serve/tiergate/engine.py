@@ -375,7 +375,7 @@ class TaskRuntime:
 
     def __init__(self, task: Task, bundle: Bundle, backend: ModelBackend | None,
                  model_priority: str = "low"):  # fmt: skip
-        _check_priority(model_priority)
+        check_model_priority(model_priority)
         self.task = task
         self.bundle = bundle
         self.labels = bundle.labels
@@ -489,7 +489,7 @@ MODEL_PRIORITIES = ("low", "idle")
 MODEL_NICE = 10
 
 
-def _check_priority(priority: str) -> None:
+def check_model_priority(priority: str) -> None:
     if priority not in MODEL_PRIORITIES:
         raise ConfigError(f"model priority {priority!r} is not one of {MODEL_PRIORITIES}")
 
@@ -521,6 +521,50 @@ def model_niceness() -> int:
     return min(19, os.getpriority(os.PRIO_PROCESS, 0) + MODEL_NICE)
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes started from ``pid``, and from those in turn (Linux: /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if sys.platform == "linux" else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # ended meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def idle_descendants() -> int | None:
+    """Moves every thread of every process started from this one into SCHED_IDLE, where
+    it runs only on cores nothing else wants; threads they start later inherit it. How
+    many processes moved, or None where the system refuses (or has no SCHED_IDLE)."""
+    if sys.platform != "linux" or not hasattr(os, "SCHED_IDLE"):
+        return None
+    moved = 0
+    for pid in descendants(os.getpid()):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+            except PermissionError:
+                return None
+            except OSError:  # the thread has just ended
+                continue
+        moved += 1
+    return moved
+
+
 def renice_process(niceness: int) -> int:
     """Sets every thread of this process to ``niceness``; threads started later inherit
     their creator's (Linux: a nice value belongs to a thread). Returns the calling
@@ -537,7 +581,7 @@ def renice_process(niceness: int) -> int:
 def in_process_runtime(task: Task, model_priority: str = "low") -> TaskRuntime:
     """Loads a task's bundle with its intent model run in-process (PyTorch), on a thread
     at ``model_priority`` (see MODEL_PRIORITIES)."""
-    _check_priority(model_priority)  # before anything is loaded
+    check_model_priority(model_priority)  # before anything is loaded
     bundle = load_bundle(task.bundle)
     TaskRuntime._check_mode(task, bundle)  # before a model is loaded for nothing
     backend: ModelBackend | None = None

