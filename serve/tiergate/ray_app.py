@@ -118,7 +118,7 @@ class IntentModel:
             # The engines compute in processes of their own. At idle they use only the
             # cores the front ends leave free: a nice value still takes turns with a
             # front end that wakes up (2 cores, CLINC, 100 and 150 req/s: cheap-tier p99
-            # 8.0-10.3 ms at nice +10, 5.7-7.0 ms at idle; the model's answers came
+            # 8.0-10.3 ms at nice +10, 6.0-7.4 ms at idle; the model's answers came
             # sooner too). Ray's own threads in this process stay at nice +10.
             if model_priority == "idle" and idle_descendants() is None:
                 log.warning("the model engines cannot run in SCHED_IDLE here: nice +%d",
