@@ -211,8 +211,11 @@ def test_bad_texts_raise_and_leave_the_model_usable() -> None:
         model.predict_proba_csr([1.0], [0], [0, 5])
     with pytest.raises(tiergate.InputError, match="k must be"):
         model.top_k(["ok"], k=0)
-    with pytest.raises(tiergate.InputError, match="text 0 is empty"):
+    # One text: the error names no position in a batch.
+    with pytest.raises(tiergate.InputError, match=r"^the text is empty"):
         model.top1("  \n")
+    with pytest.raises(tiergate.InputError, match=r"^text 1 is empty"):
+        model.top_k(["ok", "  \n"])
     with pytest.raises(tiergate.InputError, match="lone surrogate"):
         model.top1("bad \udcff text")
     with pytest.raises(TypeError, match="text must be str"):

@@ -146,8 +146,10 @@ def test_broken_files_raise_clear_errors(tmp_path: Path) -> None:
 
 def test_bad_texts_raise_and_leave_the_ruleset_usable() -> None:
     rs = RuleSet(RULES, max_text_bytes=1000)
-    with pytest.raises(tiergate.InputError, match="empty"):
+    with pytest.raises(tiergate.InputError, match=r"^the text is empty"):
         rs.match("   ")
+    with pytest.raises(tiergate.InputError, match=r"^the text is 2000 bytes"):
+        rs.match("x" * 2000)
     with pytest.raises(tiergate.InputError, match="text 1 is 2000 bytes"):
         rs.match_batch(["refund", "x" * 2000])
     with pytest.raises(tiergate.InputError, match="lone surrogate"):

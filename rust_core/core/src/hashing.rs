@@ -172,7 +172,7 @@ impl FeatureHasher {
 
     /// Checks `text` (number `index` of its batch) against this hasher's limits.
     pub fn check(&self, text: &str, index: usize) -> Result<()> {
-        check_size(text, index, self.max_text_bytes)
+        check_size(text, Some(index), self.max_text_bytes)
     }
 
     /// The final row of `text`: sorted indices, summed values (explicit zeros

@@ -193,16 +193,21 @@ impl LinearModel {
             .unwrap_or(0)
     }
 
+    /// Checks the one text of a single-text call (its errors say "the text").
+    pub fn check_text(&self, text: &str) -> Result<()> {
+        check_classifiable(text, None, self.max_text_bytes())
+    }
+
     fn check_texts<S: AsRef<str>>(&self, texts: &[S]) -> Result<()> {
         let limit = self.max_text_bytes();
         for (i, t) in texts.iter().enumerate() {
-            check_classifiable(t.as_ref(), i, limit)?;
+            check_classifiable(t.as_ref(), Some(i), limit)?;
         }
         Ok(())
     }
 
     /// Raw scores (before temperature), `n_outputs` per text, into `out`; returns
-    /// how many of the text's features the model knows (see `known`).
+    /// how many of the text's features the model knows (see `row_of`).
     fn logits_into(&self, text: &str, scratch: &mut Scratch, out: &mut [f32]) -> usize {
         out.copy_from_slice(&self.bias);
         let mut known = 0;

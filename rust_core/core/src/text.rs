@@ -7,13 +7,23 @@ use crate::{Error, Result};
 /// rather than scanned.
 pub const DEFAULT_MAX_TEXT_BYTES: usize = 1 << 20;
 
-/// Checks one text of a batch against the limits a classifier needs: not empty
-/// (nothing to classify) and not over `max_bytes`. `index` names the text in
-/// the error message.
-pub fn check_classifiable(text: &str, index: usize, max_bytes: usize) -> Result<()> {
+/// How an error names the text: by its position in a batch, or as the one text a
+/// call took.
+fn subject(index: Option<usize>) -> String {
+    match index {
+        Some(i) => format!("text {i}"),
+        None => "the text".to_owned(),
+    }
+}
+
+/// Checks a text against the limits a classifier needs: not empty (nothing to
+/// classify) and not over `max_bytes`. `index`, its position in a batch (None:
+/// a call for one text), names it in the error message.
+pub fn check_classifiable(text: &str, index: Option<usize>, max_bytes: usize) -> Result<()> {
     if text.trim().is_empty() {
         return Err(Error::input(format!(
-            "text {index} is empty or only whitespace: there is nothing to classify"
+            "{} is empty or only whitespace: there is nothing to classify",
+            subject(index)
         )));
     }
     check_size(text, index, max_bytes)
@@ -21,10 +31,11 @@ pub fn check_classifiable(text: &str, index: usize, max_bytes: usize) -> Result<
 
 /// Checks only the size limit (feature extraction accepts empty text, as
 /// scikit-learn does, and returns an empty row for it).
-pub fn check_size(text: &str, index: usize, max_bytes: usize) -> Result<()> {
+pub fn check_size(text: &str, index: Option<usize>, max_bytes: usize) -> Result<()> {
     if text.len() > max_bytes {
         return Err(Error::input(format!(
-            "text {index} is {} bytes, over the limit of {max_bytes} bytes (max_text_bytes)",
+            "{} is {} bytes, over the limit of {max_bytes} bytes (max_text_bytes)",
+            subject(index),
             text.len()
         )));
     }
@@ -37,19 +48,21 @@ mod tests {
 
     #[test]
     fn empty_and_whitespace_are_refused_with_index() {
-        let err = check_classifiable(" \t\n", 3, 10).unwrap_err();
+        let err = check_classifiable(" \t\n", Some(3), 10).unwrap_err();
         assert!(err.to_string().contains("text 3 is empty"), "{err}");
+        let err = check_classifiable("", None, 10).unwrap_err();
+        assert!(err.to_string().starts_with("the text is empty"), "{err}");
     }
 
     #[test]
     fn oversized_text_names_size_and_limit() {
-        let err = check_classifiable("abcdef", 0, 4).unwrap_err();
+        let err = check_classifiable("abcdef", None, 4).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("6 bytes") && msg.contains("limit of 4"),
+            msg.starts_with("the text is 6 bytes") && msg.contains("limit of 4"),
             "{msg}"
         );
-        assert!(check_size("", 0, 4).is_ok());
-        assert!(check_classifiable("ok", 0, 4).is_ok());
+        assert!(check_size("", Some(0), 4).is_ok());
+        assert!(check_classifiable("ok", Some(0), 4).is_ok());
     }
 }

@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (rules, hashers) = tiers();
-    if rules.check(text, 0).is_ok() {
+    if rules.check(text, None).is_ok() {
         let mut scratch = rules.scratch();
         let _ = rules.match_text(text, &mut scratch);
     }

@@ -185,6 +185,7 @@ impl PyLinearModel {
         min_known: u32,
     ) -> PyResult<(i32, f32)> {
         let texts = [input::text(text, "text")?];
+        self.inner.check_text(&texts[0]).py()?;
         let (idx, val) = py.detach(|| self.best(&texts, 1, min_known)).py()?;
         Ok((idx[0], val[0]))
     }

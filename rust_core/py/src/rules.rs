@@ -118,7 +118,7 @@ impl PyRuleSet {
     #[pyo3(name = "match")]
     fn match_one(&self, py: Python<'_>, text: &Bound<'_, PyAny>) -> PyResult<PyRuleMatch> {
         let text = input::text(text, "text")?;
-        self.inner.check(&text, 0).py()?;
+        self.inner.check(&text, None).py()?;
         let m = py.detach(|| self.with_scratch(|s| self.inner.match_text(&text, s)));
         Ok(self.to_py_match(m))
     }
@@ -145,7 +145,7 @@ impl PyRuleSet {
         let (winners, confidences) = py
             .detach(|| -> tiergate_core::Result<(Vec<i32>, Vec<f32>)> {
                 for (i, t) in texts.iter().enumerate() {
-                    self.inner.check(t, i)?;
+                    self.inner.check(t, Some(i))?;
                 }
                 Ok(self.with_scratch(|s| {
                     texts

@@ -164,8 +164,9 @@ impl RuleSet {
         }
     }
 
-    /// Checks text number `index` of a batch against the tier's limits.
-    pub fn check(&self, text: &str, index: usize) -> Result<()> {
+    /// Checks a text against the tier's limits: number `index` of a batch, or
+    /// (None) the one text of a call.
+    pub fn check(&self, text: &str, index: Option<usize>) -> Result<()> {
         check_classifiable(text, index, self.max_text_bytes)
     }
 
@@ -178,7 +179,7 @@ impl RuleSet {
         scratch: &mut MatchScratch,
     ) -> Result<Vec<RuleMatch>> {
         for (i, t) in texts.iter().enumerate() {
-            self.check(t.as_ref(), i)?;
+            self.check(t.as_ref(), Some(i))?;
         }
         Ok(texts
             .iter()
