@@ -7,6 +7,7 @@ other on loopback, and writes report.md, report.json and plots to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import ipaddress
 import json
@@ -168,7 +169,8 @@ def parser() -> argparse.ArgumentParser:
         "--target",
         default=None,
         metavar="HOST:PORT",
-        help="load a running server instead (one configuration, 'target')",
+        help="load a running server instead (one configuration, 'target'; with --sweep, "
+        "the sweep's steps too, all on that one server)",
     )
     x.add_argument("--api-key", default=None, help="with --target: the key to send")
     x.add_argument(
@@ -220,6 +222,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.overload:
         if args.overload_seconds <= 0:
             raise ValueError("--overload-seconds must be positive")
+        if args.target is not None:
+            raise ValueError("--overload reads the memory of a server it starts itself: it "
+                             "cannot load a --target (use --sweep)")  # fmt: skip
         args.sweep = True
     rate = None if args.closed else args.rate
     if rate is not None and rate <= 0:
@@ -278,6 +283,8 @@ def _main(args: argparse.Namespace) -> int:
     ceilings: dict[str, Any] = {}
     if args.target is not None:
         tallies["target"] = run_config("target", args.target)
+        if args.sweep:
+            sweep = _sweep(args, sweep_items, keys, None)
     else:
         gold = workload.gold(items + sweep_items + overload_items)
         with servers.simulator(sim, gold) as sim_url:
@@ -360,17 +367,27 @@ def _warm_up(address: str, keys: dict[str, str]) -> None:
 
 
 def _sweep(args: argparse.Namespace, items: list[workload.Item], keys: dict[str, str],
-           policy: Path) -> dict[str, Any]:  # fmt: skip
-    """Open-loop steps at rising rates on a fresh hybrid server each (same cache state):
-    the highest rate that keeps up (every request answered, p99 within the budget,
-    < 1% errors), then a run at half of it."""
+           policy: Path | None) -> dict[str, Any]:  # fmt: skip
+    """Open-loop steps at rising rates on a fresh hybrid server each (same cache state),
+    or (``policy`` None) all on the running --target: the highest rate that keeps up
+    (every request answered, p99 within the budget, < 1% errors), then a run at half
+    of it."""
     points: list[dict[str, Any]] = []
+    sent = 0  # on the target: each step sends texts the steps before did not
 
     def step(rate: float) -> dict[str, Any]:
-        with servers.tiergate(policy, None, args.model_priority) as address:
+        nonlocal sent
+        n = int(rate * args.sweep_seconds)
+        if policy is None:
+            server: Any = contextlib.nullcontext(args.target)
+            batch = [items[(sent + i) % len(items)] for i in range(n)]
+            sent += n
+        else:
+            server = servers.tiergate(policy, None, args.model_priority)
+            batch = items[:n]
+        with server as address:
             _warm_up(address, keys)
-            n = int(rate * args.sweep_seconds)
-            t = loadgen.drive(address, items[:n], keys, clients=args.clients, rate=rate,
+            t = loadgen.drive(address, batch, keys, clients=args.clients, rate=rate,
                               concurrency=1, seconds=args.sweep_seconds, timeout_s=args.timeout,
                               label=f"sweep {rate:,.0f} req/s", seed=args.seed)  # fmt: skip
         r = report.summarize(t)
@@ -409,7 +426,7 @@ def _sweep(args: argparse.Namespace, items: list[workload.Item], keys: dict[str,
     points.sort(key=lambda p: p["offered_rps"])
     return {
         "points": points, "max_sustained_rps": best, "half_rate": half,
-        "echo_at_half_rate_ms": echo_at_half,
+        "echo_at_half_rate_ms": echo_at_half, "target": args.target if policy is None else None,
     }  # fmt: skip
 
 
@@ -471,7 +488,13 @@ def _overload(args: argparse.Namespace, items: list[workload.Item], keys: dict[s
 
 
 def _sweep_markdown(sweep: dict[str, Any], budget_ms: float) -> str:
-    lines = ["", f"Rate sweep (hybrid, open loop; sustained: p99 <= {budget_ms:g} ms, "
+    what = (
+        f"{sweep['target']}, one server for every step: its caches keep what earlier "
+        "steps taught them"
+        if sweep.get("target")
+        else "hybrid, a fresh server per step"
+    )
+    lines = ["", f"Rate sweep ({what}; open loop; sustained: p99 <= {budget_ms:g} ms, "
              "< 1% errors):", "",
              "| offered req/s | answered req/s (incl. drain) | p50 ms | p99 ms | cheap-tier p99 ms "
              "| sustained |",

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import edited_bundle
+from tests.serving.conftest import serve_subprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "serve" / "tiergate" / "examples" / "intents.jsonl"
@@ -93,3 +94,33 @@ def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
     assert any(t["target"].startswith("at twice the sustained max") for t in doc["targets"])
     for png in ("latency_cdf.png", "tier_mix.png", "sweep.png"):
         assert (out / png).stat().st_size > 10_000
+
+
+def test_a_sweep_of_a_running_server(full_bundle: Path, tmp_path: Path) -> None:
+    """`--target --sweep`: every step on the one server a user runs (on Ray, say), each
+    step with texts the steps before did not send."""
+    server, banner = serve_subprocess("--bundle", str(full_bundle), "--address",
+                                      "127.0.0.1:0", "--state-dir", "none")  # fmt: skip
+    try:
+        address = banner.split(" on ", 1)[1].split()[0]
+        out = tmp_path / "report"
+        cmd = [
+            sys.executable, "-m", "tiergate", "bench", "--target", address,
+            "--data", str(EXAMPLES), "--out", str(out), "--requests", "20", "--rate", "20",
+            "--sweep", "--sweep-seconds", "1", "--sweep-max-rps", "40",
+        ]  # fmt: skip
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads((out / "report.json").read_text())
+    sweep = doc["sweep"]
+    assert sweep["target"] == address
+    rates = [p["offered_rps"] for p in sweep["points"]]
+    assert rates[0] == 10
+    assert rates == sorted(rates)
+    assert sweep["max_sustained_rps"] in rates
+    assert sweep["half_rate"]["offered_rps"] == sweep["max_sustained_rps"] / 2
+    assert any(t["target"].startswith("cheap-tier p99") for t in doc["targets"])
+    assert f"Rate sweep ({address}, one server for every step" in (out / "report.md").read_text()

@@ -138,6 +138,8 @@ def test_only_loopback_targets_by_default(capsys: pytest.CaptureFixture[str]) ->
     assert "no bundle at /nonexistent" in capsys.readouterr().err
     assert bench_main(["--bundle", str(Path(__file__)), "--configs", "fast"]) == 2
     assert "unknown configuration 'fast'" in capsys.readouterr().err
+    assert bench_main(["--target", "127.0.0.1:1", "--overload"]) == 2
+    assert "cannot load a --target" in capsys.readouterr().err
 
 
 def test_no_cache_answer_does_not_pass_the_false_hit_target() -> None:
