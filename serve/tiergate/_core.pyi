@@ -229,6 +229,9 @@ class SemanticCache:
         """get() for each row of vectors."""
     def clear(self, namespace: str) -> None:
         """Drops every entry of namespace."""
+    def drop_namespace(self, namespace: str) -> bool:
+        """Removes namespace whole (entries, index, its own counters; the totals keep
+        them); whether there was one."""
     def save(self, path: str | os.PathLike[str]) -> int:
         """Writes every live entry to path (atomically); returns how many."""
     def restore(self, path: str | os.PathLike[str]) -> int:

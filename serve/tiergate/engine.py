@@ -674,18 +674,19 @@ class Engine:
         return (current,) if previous in (None, current) else (current, previous)
 
     def drop_unservable_entries(self, versions: Sequence[str] = ()) -> int:
-        """Clears the semantic-cache entries of policy versions other than ``versions``
+        """Drops the semantic-cache namespaces of policy versions other than ``versions``
         (default: ``servable_versions()``), and those a snapshot kept under older rules for
-        what the caches keep: no request reads them, and they would hold memory, and go
-        into every snapshot, until their TTL. Returns how many entries went."""
+        what the caches keep: no request reads them, and they would hold memory (entries
+        and index, one namespace per tenant, task and version: every reload adds some),
+        and go into every snapshot. Their counters stay in the totals. Returns how many
+        entries went."""
         cache = self.semantic
         if cache is None:
             return 0
         tails = tuple(_namespace_tail(v) for v in versions or self.servable_versions())
         dropped = 0
         for namespace, counts in cache.stats()["namespaces"].items():
-            if counts["entries"] and not namespace.endswith(tails):
-                cache.clear(namespace)
+            if not namespace.endswith(tails) and cache.drop_namespace(namespace):
                 dropped += counts["entries"]
         return dropped
 

@@ -105,6 +105,13 @@ impl PySemanticCache {
         py.detach(|| self.inner.clear(namespace)).py()
     }
 
+    /// Removes ``namespace`` whole: entries, index and its own counters (they stay in
+    /// the totals). For a namespace no request will read again (``clear`` leaves its
+    /// index in memory). Returns whether there was one.
+    fn drop_namespace(&self, py: Python<'_>, namespace: &str) -> bool {
+        py.detach(|| self.inner.drop_namespace(namespace))
+    }
+
     /// Writes every live entry to ``path`` (atomically); returns how many.
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<usize> {
         py.detach(|| self.inner.save(&path)).py()

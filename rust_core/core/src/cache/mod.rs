@@ -68,6 +68,8 @@ pub struct SemanticCache {
     namespaces: RwLock<HashMap<String, Arc<Namespace>>>,
     /// Misses on namespaces that hold nothing yet.
     unknown_misses: AtomicU64,
+    /// The counters of dropped namespaces: the totals never go backwards.
+    retired: Mutex<CacheStats>,
     next_id: AtomicU64,
     clock: Clock,
 }
@@ -110,6 +112,7 @@ impl SemanticCache {
             config,
             namespaces: RwLock::new(HashMap::new()),
             unknown_misses: AtomicU64::new(0),
+            retired: Mutex::new(CacheStats::default()),
             next_id: AtomicU64::new(0),
             clock,
         })
@@ -253,6 +256,23 @@ impl SemanticCache {
         Ok(())
     }
 
+    /// Removes `namespace` whole: its entries, its index and its own counters (which
+    /// stay in the totals). For a namespace no request will read again, an old policy
+    /// version's say, which `clear` would leave holding its index. Returns whether
+    /// there was one.
+    pub fn drop_namespace(&self, namespace: &str) -> bool {
+        let Some(ns) = self.namespaces.write().remove(namespace) else {
+            return false;
+        };
+        let dropped = ns.state.lock().stats;
+        let mut retired = self.retired.lock();
+        retired.hits += dropped.hits;
+        retired.misses += dropped.misses;
+        retired.evictions += dropped.evictions;
+        retired.expirations += dropped.expirations;
+        true
+    }
+
     pub fn namespaces(&self) -> Vec<String> {
         let mut names: Vec<String> = self.namespaces.read().keys().cloned().collect();
         names.sort();
@@ -281,9 +301,10 @@ impl SemanticCache {
             .map(|(name, ns)| (name.clone(), ns.state.lock().stats))
             .collect();
         per.sort_by(|a, b| a.0.cmp(&b.0));
+        let retired = *self.retired.lock();
         let mut total = CacheStats {
-            misses: self.unknown_misses.load(Ordering::Relaxed),
-            ..CacheStats::default()
+            misses: retired.misses + self.unknown_misses.load(Ordering::Relaxed),
+            ..retired
         };
         for (_, s) in &per {
             total.hits += s.hits;
@@ -345,6 +366,42 @@ pub(crate) mod tests {
         assert_eq!(
             &*c.get("tenant-a", &[1.0, 0.0, 0.0]).unwrap().unwrap().value,
             b"a"
+        );
+    }
+
+    #[test]
+    fn a_dropped_namespace_is_gone_and_its_counters_stay_in_the_totals() {
+        let (c, _) = cache(2, None);
+        c.put("old", &[1.0, 0.0, 0.0], b"x").unwrap();
+        c.put("old", &[0.0, 1.0, 0.0], b"y").unwrap();
+        c.put("old", &[0.0, 0.0, 1.0], b"z").unwrap(); // one eviction
+        c.get("old", &[1.0, 0.0, 0.0]).unwrap(); // evicted: a miss
+        c.get("old", &[0.0, 0.0, 1.0]).unwrap().unwrap(); // a hit
+        c.put("new", &[1.0, 0.0, 0.0], b"n").unwrap();
+        let (_, before) = c.stats();
+        assert!(c.drop_namespace("old"));
+        assert!(!c.drop_namespace("old"));
+        assert_eq!(c.namespaces(), vec!["new".to_string()]);
+        assert_eq!(c.len(), 1);
+        let (per, after) = c.stats();
+        assert_eq!(per.len(), 1);
+        assert_eq!(
+            after,
+            CacheStats {
+                entries: 1,
+                ..before
+            }
+        );
+        assert_eq!((after.hits, after.misses, after.evictions), (1, 1, 1));
+        // Written to again, it starts empty, with counters of its own from zero.
+        assert!(c.get("old", &[0.0, 0.0, 1.0]).unwrap().is_none());
+        c.put("old", &[0.0, 0.0, 1.0], b"z").unwrap();
+        assert_eq!(
+            c.stats().0[0].1,
+            CacheStats {
+                entries: 1,
+                ..CacheStats::default()
+            }
         );
     }
 
