@@ -413,7 +413,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "bundle": str(args.bundle) if args.bundle else None,
                 "address": args.address,
                 "engine": args.engine,
-                "model_priority": args.model_priority or "idle",
+                "model_priority": args.model_priority,  # None: build_app's default
                 "embedder": None if args.embedder == "none" else args.embedder,
                 "frontier": frontier,
                 "metrics_port": args.metrics_port or None,

@@ -550,13 +550,9 @@ def idle_descendants() -> int | None:
         return None
     moved = 0
     for pid in descendants(os.getpid()):
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
+        for tid in _threads(pid):
             try:
-                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
             except PermissionError:
                 return None
             except OSError:  # the thread has just ended
@@ -565,16 +561,24 @@ def idle_descendants() -> int | None:
     return moved
 
 
+def _threads(pid: int | str) -> list[int]:
+    """The thread ids of process ``pid`` ("self": this one); none if it has ended."""
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
 def renice_process(niceness: int) -> int:
     """Sets every thread of this process to ``niceness``; threads started later inherit
     their creator's (Linux: a nice value belongs to a thread). Returns the calling
     thread's niceness after: unchanged where the system refuses (a lower value needs
     CAP_SYS_NICE, or root)."""
     if sys.platform == "linux":
-        for tid in os.listdir("/proc/self/task"):
+        for tid in _threads("self"):
             # Refused, or the thread has just ended: it keeps what it had.
             with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 

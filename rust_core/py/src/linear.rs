@@ -185,8 +185,12 @@ impl PyLinearModel {
         min_known: u32,
     ) -> PyResult<(i32, f32)> {
         let texts = [input::text(text, "text")?];
-        self.inner.check_text(&texts[0]).py()?;
-        let (idx, val) = py.detach(|| self.best(&texts, 1, min_known)).py()?;
+        let (idx, val) = py
+            .detach(|| self.best(&texts, 1, min_known))
+            // A refused text is checked again, off the hot path, for an error that
+            // names it as the one text rather than a batch's first.
+            .or_else(|e| self.inner.check_text(&texts[0]).and(Err(e)))
+            .py()?;
         Ok((idx[0], val[0]))
     }
 
