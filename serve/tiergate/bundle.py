@@ -265,6 +265,9 @@ def _check_shapes(manifest_path: Path, m: dict[str, Any]) -> None:
         isinstance(t, dict) and all(is_number(v) for v in t.values()) for t in thresholds.values()
     ):
         raise bad("thresholds must map tier -> domain -> number")
+    for tier, t in thresholds.items():
+        if GENERAL not in t:  # the threshold of every label of no domain of its own
+            raise bad(f"thresholds.{tier} has no {GENERAL!r} entry")
     domains = m.get("label_domains", {})
     if not isinstance(domains, dict) or not all(isinstance(v, str) for v in domains.values()):
         raise bad("label_domains must map labels to domain names")

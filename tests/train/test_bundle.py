@@ -81,6 +81,19 @@ def test_unknown_version_and_broken_manifest(linear_bundle: Path, tmp_path: Path
         load_bundle(b)
 
 
+def test_a_tier_without_a_general_threshold_is_refused_at_load(
+    linear_bundle: Path, tmp_path: Path
+) -> None:
+    # Labels of no domain of their own are gated by "general": without it a request
+    # would fail inside the gate (found by the mutated-manifest fuzz test).
+    b = copy(linear_bundle, tmp_path)
+    thresholds = json.loads((b / "manifest.json").read_text())["thresholds"]
+    del thresholds["linear"]["general"]
+    rewrite_manifest(b, thresholds=thresholds)
+    with pytest.raises(FormatError, match=r"thresholds\.linear has no 'general' entry"):
+        load_bundle(b)
+
+
 def test_label_set_mismatch_is_caught_when_the_tier_loads(
     linear_bundle: Path, tmp_path: Path
 ) -> None:
