@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import itertools
 import logging
 import os
 import sys
@@ -52,6 +53,28 @@ class RequestError(Exception):
         self.retry_after_s = retry_after_s
 
 
+class _RequestIds:
+    """Request ids: 32 hex digits, a random per-process prefix and a counter.
+
+    Unique across front ends and restarts like 16 random bytes, without a getrandom
+    system call on every request (a measurable share of the cheap tiers' work).
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)  # a forked child must not repeat ids
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+new_request_id = _RequestIds()
+
+
 @dataclass(slots=True)
 class Request:
     text: str
@@ -63,7 +86,7 @@ class Request:
     idempotency_key: str = ""
     client_id: str = ""
     deadline: float | None = None  # time.monotonic() by which the answer must leave
-    request_id: str = field(default_factory=lambda: os.urandom(16).hex())
+    request_id: str = field(default_factory=new_request_id)
 
     def remaining_ms(self) -> float:
         if self.deadline is None:
@@ -390,9 +413,10 @@ class TaskRuntime:
         self.linear: LinearModel | None = (
             bundle.linear_model(calibrated=True) if bundle.has("linear") else None
         )
+        self.linear_confidence = self._confidence_map(self.calibrators.get("linear"))
         self.label_domains = bundle.label_domains
         self._check_mode(task, bundle)
-        self.gates = self._gates(task, bundle)
+        self.gates, self.label_thresholds = self._gates(task, bundle)
         self.backend = backend if bundle.has("intent") else None
         self.batcher: MicroBatcher | None = None
         self.embedder: MicroBatcher | None = None  # embeddings on demand (remote models)
@@ -441,8 +465,16 @@ class TaskRuntime:
         self._check_mode(task, self.bundle)
         clone = copy.copy(self)
         clone.task = task
-        clone.gates = self._gates(task, self.bundle)
+        clone.gates, clone.label_thresholds = self._gates(task, self.bundle)
         return clone
+
+    @staticmethod
+    def _confidence_map(calibrator: Calibrator | None) -> Callable[[float], float]:
+        """The linear tier's calibrated confidence from its top-1 probability: the
+        identity when the calibration is a temperature (the Rust model applied it)."""
+        if calibrator is None or calibrator.method == "temperature":
+            return float
+        return lambda p: float(calibrator.map_confidence(p))
 
     @staticmethod
     def _check_mode(task: Task, bundle: Bundle) -> None:
@@ -453,16 +485,21 @@ class TaskRuntime:
             )
 
     @staticmethod
-    def _gates(task: Task, bundle: Bundle) -> dict[str, DomainGate]:
+    def _gates(task: Task, bundle: Bundle) -> tuple[dict[str, DomainGate], dict[str, list[float]]]:
+        """Each local tier's gate, and its threshold for each label (by index, through
+        the label's domain): the hot path reads a list instead of two dicts."""
         gates: dict[str, DomainGate] = {}
+        by_label: dict[str, list[float]] = {}
         for tier in LOCAL_TIERS:
             thresholds = dict(bundle.thresholds.get(tier, {GENERAL: 1.01}))
             thresholds.update(task.thresholds.get(tier, {}))
             # An override of "general" must not leave a stricter domain below it.
             general = thresholds.get(GENERAL, 1.01)
             thresholds = {d: max(t, general) for d, t in thresholds.items()}
-            gates[tier] = DomainGate(thresholds, {}, {})
-        return gates
+            gate = gates[tier] = DomainGate(thresholds, {}, {})
+            domains = bundle.label_domains
+            by_label[tier] = [gate.threshold(domains.get(x, GENERAL)) for x in bundle.labels]
+        return gates, by_label
 
 
 RuntimeFactory = Callable[[Task], TaskRuntime]
@@ -746,7 +783,13 @@ class Engine:
                 self.idempotent.popitem(last=False)
         runtime.holders.count += 1  # (no await since the state was read: a reload waits)
         try:
-            decision = await self._admitted(req, runtime, policy)
+            self._admit(req, runtime)
+            try:
+                decision = await self._decide(req, runtime, policy)
+            except BaseException as e:  # admitted: this request leaves a record all the same
+                if self.on_failure is not None:
+                    self.on_failure(req, *_failure(e), time.perf_counter() - started)
+                raise
         except BaseException as e:
             if mine is not None:  # a failed first attempt may be retried under the same key
                 entry = self.idempotent.get(key)
@@ -770,7 +813,9 @@ class Engine:
             self.on_decision(req, decision, time.perf_counter() - started)
         return decision
 
-    async def _admitted(self, req: Request, runtime: TaskRuntime, policy: Policy) -> Decision:
+    def _admit(self, req: Request, runtime: TaskRuntime) -> None:
+        """Counts the request against its tenant's quota (or refuses it) and bounds its
+        deadline by the task's p99 target."""
         try:
             self.ledger.admit(req.tenant)
         except QuotaExceeded as e:
@@ -781,13 +826,6 @@ class Engine:
         if runtime.task.p99_ms is not None:
             target = time.monotonic() + runtime.task.p99_ms / 1000
             req.deadline = target if req.deadline is None else min(req.deadline, target)
-        started = time.perf_counter()
-        try:
-            return await self._decide(req, runtime, policy)
-        except BaseException as e:
-            if self.on_failure is not None:
-                self.on_failure(req, *_failure(e), time.perf_counter() - started)
-            raise
 
     async def _decide(self, req: Request, rt: TaskRuntime, policy: Policy) -> Decision:
         path: list[Step] = []
@@ -810,32 +848,6 @@ class Engine:
                 rule_pred = rt.rules.label_index[m.label]
                 rule_conf = rt.rules.precision.get(m.rule_id, m.confidence or 0.0)
 
-        # The exact cache holds plain answers only. A risk tag (the client's, or one the
-        # rules raise on this wording: "sue  you" and "sue you" share a key) can change
-        # the route, to review say; a forced tier skips the tiers before it. Such
-        # requests neither read the cache nor write to it.
-        cache_key: tuple[str, ...] | None = None
-        if not req.force_tier and not tags:
-            cache_key = (req.tenant.name, rt.task.name, policy.version, normalise(req.text))
-        hit = self.exact.get(cache_key) if cache_key is not None else None
-        if hit is not None:
-            return Decision(
-                hit.label,
-                hit.confidence,
-                hit.tier,
-                [Step("exact_cache", hit.label, hit.confidence, 0.0, True, 0, "exact match")],
-                req.request_id,
-                policy.version,
-                True,
-                "exact",
-                0.0,
-                False,
-                "",
-                [],
-                hit.pending_review,
-                req.client_id,
-            )
-
         d.risk_tags = tags
         action, why = policy.risk_action(tags)
         if action == "review":
@@ -843,15 +855,17 @@ class Engine:
 
         strict = next((t for t in STRICT_DOMAINS if t in tags), None) if tags else None
 
-        def domain_of(pred: int) -> str:
-            return strict or rt.label_domains.get(labels[pred], GENERAL)
-
         def consider(tier: str, pred: int, conf: float, micros: int, router: bool = False) -> bool:
             """Whether ``tier`` answers (gate passed). A router only says where the
             request goes: it never answers, not even as a degraded fallback."""
             nonlocal best
             label = labels[pred] if pred >= 0 else ""
-            threshold = rt.gates[tier].threshold(domain_of(pred)) if pred >= 0 else 0.0
+            if pred < 0:
+                threshold = 0.0
+            elif strict is not None:  # a strict domain's tag gates every label
+                threshold = rt.gates[tier].threshold(strict)
+            else:
+                threshold = rt.label_thresholds[tier][pred]
             ok = pred >= 0 and conf >= threshold and action != "escalate"
             note = "risk policy escalates" if action == "escalate" and pred >= 0 else ""
             if router:
@@ -873,7 +887,7 @@ class Engine:
             and start_at <= 0
             and consider("rules", rule_pred, rule_conf, _us(t0))
         ):
-            return self._finish(d, cache_key, rt, policy)
+            return d
         # Routing: the linear tier does not answer; its confidence picks the one tier
         # that will, the intent model (confident) or the frontier (not).
         routed_to_model = False
@@ -888,13 +902,30 @@ class Engine:
             # scores the intercepts alone, the same for all such texts: the tier
             # abstains (-1) rather than answer them all with one confident label.
             lin_pred, prob = linear.top1(req.text, min_known=1)
-            lin_conf = float(rt.calibrators["linear"].map_confidence(prob))
+            lin_conf = rt.linear_confidence(prob)
             if lin_pred < 0 and not route:
                 path.append(Step("linear", micros=_us(t0), note="no feature it knows"))
             elif route:
                 routed_to_model = consider("linear", lin_pred, lin_conf, _us(t0), True)
             elif consider("linear", lin_pred, lin_conf, _us(t0)):
-                return self._finish(d, cache_key, rt, policy)
+                return d
+
+        # The exact cache holds the answers of the tiers after this point (see _finish),
+        # so it sits here: the rules and linear tiers' answers never pay for its key.
+        # It holds plain answers only. A risk tag (the client's, or one the rules raise
+        # on this wording: "sue  you" and "sue you" share a key) can change the route,
+        # to review say; a forced tier skips the tiers before it. Such requests neither
+        # read the cache nor write to it.
+        cache_key: tuple[str, ...] | None = None
+        if not req.force_tier and not tags:
+            cache_key = (req.tenant.name, rt.task.name, policy.version, normalise(req.text))
+            hit = self.exact.get(cache_key)
+            if hit is not None:
+                step = Step("exact_cache", hit.label, hit.confidence, 0.0, True, 0, "exact match")
+                path.append(step)
+                d.label, d.confidence, d.tier = hit.label, hit.confidence, hit.tier
+                d.cached, d.cache, d.pending_review = True, "exact", hit.pending_review
+                return d
 
         vector = None
         # (force_tier=intent skips the router and goes to the model, as in a cascade.)

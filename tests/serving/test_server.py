@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -142,6 +144,11 @@ def test_caches_are_per_tenant(start: Any, linear_bundle: Path, tmp_path: Path) 
             other = b.classify("what time is it", timeout=5)
     assert (first.tier, first.cached) == ("frontier", False)
     assert (again.cached, again.cache, again.label) == (True, "exact", "greeting")
+    # The exact cache sits behind the cheap tiers (it keeps none of their answers):
+    # they ran and declined before it answered.
+    assert [(s.tier, s.accepted) for s in again.path] == [
+        ("rules", False), ("linear", False), ("exact_cache", True)
+    ]  # fmt: skip
     assert again.cost_usd == 0
     assert not other.cached  # tenant b never sees tenant a's entry
     assert script.calls == 2
@@ -562,3 +569,29 @@ def test_a_stream_nobody_reads_does_not_shut_out_other_calls(
             assert c.classify("hello", timeout=5).label
         finally:
             stream.cancel()
+
+
+def test_each_label_is_gated_at_its_domain_threshold(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    bundle = Path(shutil.copytree(linear_bundle, tmp_path / "b"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["label_domains"] = {"reset_password": "finance"}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    never, open_ = 1.01, 0.0
+    thresholds = {"linear": {"general": open_, "finance": never}}
+    tasks = {"intents": {"bundle": str(bundle), "tiers": ["linear"], "thresholds": thresholds}}
+    r = start(write_policy(tmp_path / "p.yaml", bundle, tasks=tasks, risk={"finance": "gate"}))
+    with r.client() as c:
+        general = c.classify("where is my package", timeout=5)
+        finance_label = c.classify("I forgot my password, please reset it", timeout=5)
+        finance_tag = c.classify("where is my package", risk_tags=["finance"], timeout=5)
+    assert (general.label, general.tier, general.degraded) == ("track_order", "linear", False)
+    assert general.path[-1].threshold == open_
+    # A label of the finance domain meets the finance threshold; so does any label of a
+    # request tagged finance (a strict domain). Neither passes: the answers are degraded.
+    for a, label in ((finance_label, "reset_password"), (finance_tag, "track_order")):
+        (step,) = [s for s in a.path if s.tier == "linear"]
+        assert (step.label, step.accepted) == (label, False)
+        assert step.threshold == pytest.approx(never)
+        assert a.degraded
