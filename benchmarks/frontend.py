@@ -33,9 +33,10 @@ TEXTS = [
 ]  # fmt: skip
 
 
-def _echo_server(port_q: Any, full_size: bool = False) -> None:
+def _echo_server(port_q: Any, full_size: bool = False, loop: str = "asyncio") -> None:
     import grpc
 
+    from tiergate.server import run_event_loop
     from tiergate.v1 import classifier_pb2 as pb
     from tiergate.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -64,16 +65,17 @@ def _echo_server(port_q: Any, full_size: bool = False) -> None:
         port_q.put(port)
         await server.wait_for_termination()
 
-    asyncio.run(main())
+    run_event_loop(main(), loop)
 
 
 def _tiergate_server(
-    bundle: str, port_q: Any, stats_q: Any, cmd_q: Any, model_in_process: bool
-) -> None:
+    bundle: str, port_q: Any, stats_q: Any, cmd_q: Any, model_in_process: bool,
+    loop: str = "uvloop",
+) -> None:  # fmt: skip
     from tiergate.bundle import load_bundle
     from tiergate.engine import TaskRuntime, in_process_runtime
     from tiergate.policy import Task, default_policy
-    from tiergate.server import build_server
+    from tiergate.server import build_server, run_event_loop
 
     def remote_model(task: Task) -> TaskRuntime:
         # The front end as it runs on Ray: the model lives in another process.
@@ -93,7 +95,7 @@ def _tiergate_server(
                 break
             stats_q.put(_histogram(metrics))
 
-    asyncio.run(main())
+    run_event_loop(main(), loop)
 
 
 def _histogram(metrics: Any) -> dict[str, float]:
@@ -230,6 +232,19 @@ def main() -> int:
         help="repeated (default): 8 texts over and over; unique: every text new. Either way "
         "the rules or linear tier decides each (their answers are not cached)",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="tiergate's event loop (uvloop, the default of tiergate serve, or asyncio's own)",
+    )
+    parser.add_argument(
+        "--echo-loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="the echo's event loop: asyncio (the bare grpc.aio server, the target's "
+        "baseline) or uvloop (the same loop as tiergate's, for reference)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     unique = args.texts == "unique"
@@ -240,20 +255,22 @@ def main() -> int:
         return 2
     ctx = mp.get_context("spawn")
     port_q, stats_q, cmd_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
-    echo = ctx.Process(target=_echo_server, args=(port_q, args.echo_size == "full"), daemon=True)
+    echo = ctx.Process(
+        target=_echo_server, args=(port_q, args.echo_size == "full", args.echo_loop), daemon=True
+    )
     echo.start()
     echo_port = port_q.get(timeout=60)
     tg = ctx.Process(
         target=_tiergate_server,
-        args=(args.bundle, port_q, stats_q, cmd_q, args.model == "in-process"),
+        args=(args.bundle, port_q, stats_q, cmd_q, args.model == "in-process", args.event_loop),
         daemon=True,
     )
     tg.start()
     tg_port = port_q.get(timeout=120)
 
     print(f"closed loop: {args.clients} client processes x {args.concurrency} calls in flight, "
-          f"{args.seconds:.0f} s per run, {args.rounds} rounds, {args.texts} texts",
-          file=sys.stderr)  # fmt: skip
+          f"{args.seconds:.0f} s per run, {args.rounds} rounds, {args.texts} texts; event loops: "
+          f"tiergate {args.event_loop}, echo {args.echo_loop}", file=sys.stderr)  # fmt: skip
     # Alternate the two servers round by round and compare medians: this
     # machine is shared, and a single pair of runs swings by +/-15%.
     echo_runs, tg_runs = [], []
@@ -282,6 +299,8 @@ def main() -> int:
         "tiergate_rps": tg_rps,
         "ratio": tg_rps / echo_rps,
         "model": args.model,
+        "event_loop": args.event_loop,
+        "echo_loop": args.echo_loop,
         "texts": args.texts,
         "target_ratio": 0.8,
         "half_load_rps": achieved,
@@ -290,7 +309,8 @@ def main() -> int:
         "target_p99_s": 0.001,
         "cpus": os.cpu_count(),
     }
-    print("| case | tiergate | bare grpc.aio echo | ratio | target | met |")
+    echo_name = "bare grpc.aio echo" + (" (uvloop)" if args.echo_loop == "uvloop" else "")
+    print(f"| case | tiergate ({args.event_loop}) | {echo_name} | ratio | target | met |")
     print("|---|---:|---:|---:|---|---|")
     rps_met = "yes" if tg_rps >= 0.8 * echo_rps else "NO"
     p99_met = "yes" if p99 <= 0.001 else "NO"

@@ -197,6 +197,13 @@ def _parser() -> argparse.ArgumentParser:
         "starves the model, and the requests that need it fail). Default: low for the "
         "in-process model (--runtime local), idle for the vLLM engines' processes on Ray",
     )
+    s.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),  # server.EVENT_LOOPS (not imported to parse arguments)
+        default="uvloop",
+        help="the front end's event loop (--runtime local). uvloop (default) takes about a "
+        "tenth less CPU per request than asyncio's own; asyncio where uvloop is missing",
+    )
     s.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
     s.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0: off)")
     s.add_argument("--frontier-url", help="OpenAI-compatible base URL for escalations")
@@ -368,11 +375,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
 
     from tiergate.policy import default_policy, load_policy
-    from tiergate.server import Tls, build_server, serve_forever
+    from tiergate.server import Tls, build_server, run_event_loop, serve_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not args.log_decisions:
@@ -433,7 +439,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             in_process_runtime, model_priority=args.model_priority or "low"
         ),
     )  # fmt: skip
-    asyncio.run(serve_forever(server, args.address, args.metrics_port or None, tls))
+    run_event_loop(
+        serve_forever(server, args.address, args.metrics_port or None, tls), args.event_loop
+    )
     return 0
 
 

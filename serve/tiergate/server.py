@@ -11,10 +11,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import orjson
@@ -38,6 +38,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 ANONYMOUS = Tenant("anonymous")
 log = logging.getLogger("tiergate.server")
 decisions_log = logging.getLogger("tiergate.decisions")
+T = TypeVar("T")
 
 
 def api_key(metadata: Any) -> str | None:
@@ -246,8 +247,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         except RequestError as e:
             await self._abort(context, e)
             raise  # unreachable: abort raises
-        try:
-            return await self._classify(request, tenant, context)
+        try:  # (not through _classify: a coroutine less on the path of every request)
+            return to_proto(await self.engine.classify(self._request(request, tenant, context)))
         except RequestError as e:
             await self._abort(context, e)
             raise
@@ -694,6 +695,31 @@ def decision_logger(policy_of: Any, metrics: Metrics) -> Any:
     return record
 
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def run_event_loop(main: Coroutine[Any, Any, T], loop: str = "uvloop") -> T:
+    """Runs ``main`` to completion on the chosen event loop.
+
+    uvloop (libuv under asyncio's API; grpc.aio runs on any asyncio loop) takes
+    about a tenth less CPU per cheap-tier request than asyncio's own loop: the front
+    end is one loop, so that is a tenth more requests per second. Where it is not
+    installed (Windows), asyncio's loop serves, with a warning.
+    """
+    if loop not in EVENT_LOOPS:
+        raise ConfigError(f"event loop {loop!r} is not one of {EVENT_LOOPS}")
+    factory = None
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed: serving on asyncio's event loop")
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
 async def serve_forever(
     server: Server, address: str, metrics_port: int | None, tls: Tls | None = None
 ) -> None:
@@ -706,12 +732,13 @@ async def serve_forever(
     scheme, ca = ("gRPC+TLS", " --tls-ca CA.pem") if tls else ("gRPC", "")
     if tls is not None and tls.client_ca is not None:
         ca += " --tls-cert CLIENT.pem --tls-key CLIENT.key"
+    loop = asyncio.get_running_loop()
     print(
-        f"tiergate serving {scheme} on {host}:{port} (policy {server.engine.policy.version}); "
+        f"tiergate serving {scheme} on {host}:{port} (policy {server.engine.policy.version}, "
+        f"{type(loop).__module__.split('.')[0]} event loop); "
         f'try: {cli} classify --address {host}:{port}{ca} "where is my order"',
         flush=True,
     )
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -14,9 +15,11 @@ import pytest
 import yaml
 
 from tests.serving.conftest import sched_idle_allowed, serve_subprocess, thread_priorities
+from tiergate import ConfigError
 from tiergate.accounting import DAY_S
 from tiergate.client import Client
 from tiergate.engine import MODEL_NICE
+from tiergate.server import run_event_loop
 from tiergate.state import LEDGER, replay
 
 
@@ -39,6 +42,7 @@ def test_serve_reloads_on_sighup_serves_metrics_and_stops_cleanly(
     )  # fmt: skip
     try:
         assert f"127.0.0.1:{port}" in banner
+        assert "uvloop event loop" in banner  # the default
         with Client(f"127.0.0.1:{port}") as c:
             assert c.classify("hello there", timeout=10).policy_version == "v1"
             # Rewrite the file but keep its mtime: only SIGHUP can trigger the reload.
@@ -68,6 +72,18 @@ def test_serve_reloads_on_sighup_serves_metrics_and_stops_cleanly(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_the_event_loop_is_the_one_asked() -> None:
+    async def which() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run_event_loop(which(), "uvloop").startswith("uvloop")
+    assert run_event_loop(which(), "asyncio").startswith("asyncio")
+    main = which()
+    with pytest.raises(ConfigError, match="event loop 'tokio' is not one of"):
+        run_event_loop(main, "tokio")
+    main.close()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling is Linux's")
