@@ -849,7 +849,7 @@ class Engine:
                 rule_conf = rt.rules.precision.get(m.rule_id, m.confidence or 0.0)
 
         d.risk_tags = tags
-        action, why = policy.risk_action(tags)
+        action, why = policy.risk_action(tags) if tags else ("gate", None)
         if action == "review":
             return self._review(req, d, why or "", t0)
 

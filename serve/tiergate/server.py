@@ -54,28 +54,32 @@ def api_key(metadata: Any) -> str | None:
 
 
 def to_proto(d: Decision) -> pb.ClassifyResponse:
-    # On the hot path of every request: path steps go in with add() (a third of the
-    # cost of building TierStep messages first), optional fields only when set.
-    r = pb.ClassifyResponse(
-        label=d.label,
-        confidence=d.confidence,
-        tier=d.tier,
-        cached=d.cached,
-        cache=d.cache,
-        policy_version=d.policy_version,
-        request_id=d.request_id,
-    )
+    # On the hot path of every request. Fields are set one by one, and only those not
+    # at their default: upb's keyword constructors cost half as much again, and
+    # building TierStep messages before adding them three times as much.
+    r = pb.ClassifyResponse()
+    r.label = d.label
+    r.confidence = d.confidence
+    r.tier = d.tier
+    r.policy_version = d.policy_version
+    r.request_id = d.request_id
     add = r.path.add
     for s in d.path:
-        add(
-            tier=s.tier,
-            label=s.label,
-            confidence=s.confidence,
-            threshold=s.threshold,
-            accepted=s.accepted,
-            micros=s.micros,
-            note=s.note,
-        )
+        step = add()
+        step.tier = s.tier
+        step.confidence = s.confidence
+        step.threshold = s.threshold
+        step.micros = s.micros
+        if s.label:
+            step.label = s.label
+        if s.accepted:
+            step.accepted = True
+        if s.note:
+            step.note = s.note
+    if d.cached:
+        r.cached = True
+    if d.cache:
+        r.cache = d.cache
     if d.cost_usd:
         r.cost_usd = d.cost_usd
     if d.degraded:
