@@ -56,7 +56,7 @@ def api_key(metadata: Any) -> str | None:
 def to_proto(d: Decision) -> pb.ClassifyResponse:
     # On the hot path of every request. Fields are set one by one, and only those not
     # at their default: upb's keyword constructors cost half as much again, and
-    # building TierStep messages before adding them three times as much.
+    # building TierStep messages before adding them twice as much.
     r = pb.ClassifyResponse()
     r.label = d.label
     r.confidence = d.confidence
