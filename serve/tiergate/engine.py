@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import unicodedata
+import urllib.parse
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -512,8 +513,12 @@ CACHE_RULES = 2
 
 
 def _namespace_tail(policy_version: str) -> str:
-    """How every semantic-cache namespace a request under this policy reads ends."""
-    return f"/{policy_version}/rules{CACHE_RULES}"
+    """How every semantic-cache namespace a request under this policy reads ends.
+
+    The version is percent-encoded, so that it holds no "/": otherwise version "x/2"
+    would end like version "2", and a reload to "2" would keep x/2's entries forever.
+    (Most versions, "2026-11-23.1" say, read the same encoded.)"""
+    return f"/{urllib.parse.quote(policy_version, safe='')}/rules{CACHE_RULES}"
 
 
 # How the in-process model's thread (and the compute threads it starts, which inherit
