@@ -93,6 +93,11 @@ def parser() -> argparse.ArgumentParser:
         help="the CPU priority of tiergate's in-process model (as `tiergate serve "
         "--model-priority`): low (nice +10, the default) or idle (SCHED_IDLE)",
     )  # fmt: skip
+    g.add_argument(
+        "--event-loop", choices=("uvloop", "asyncio"), default="uvloop",  # server.EVENT_LOOPS
+        help="tiergate's event loop (as `tiergate serve --event-loop`): uvloop (the "
+        "default) or asyncio's own; the echo baseline stays on asyncio's (bare grpc.aio)",
+    )  # fmt: skip
     w = p.add_argument_group("workload mix")
     w.add_argument("--repeats", type=float, default=0.2, help="share of exact repeats")
     w.add_argument("--paraphrases", type=float, default=0.1, help="share of rewordings")
@@ -264,7 +269,8 @@ def _main(args: argparse.Namespace) -> int:
         f"- load: {load}, {args.clients} client processes, at most {args.seconds:g} s per "
         f"configuration; latency from the intended send time",
         f"- frontier: {frontier_note}",
-        f"- bundle: {args.bundle}, model priority {args.model_priority}; machine: "
+        f"- bundle: {args.bundle}, model priority {args.model_priority}, event loop "
+        f"{args.event_loop}; machine: "
         f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M:%S')}",
     ]
     for line in header[2:]:
@@ -298,7 +304,10 @@ def _main(args: argparse.Namespace) -> int:
             for name in names:
                 _log(f"{name}: starting tiergate")
                 try:
-                    with servers.tiergate(policy_of(name), None, args.model_priority) as address:
+                    server = servers.tiergate(
+                        policy_of(name), None, args.model_priority, args.event_loop
+                    )
+                    with server as address:
                         _warm_up(address, keys)
                         tallies[name] = run_config(name, address)
                 except (TimeoutError, RuntimeError) as e:  # lose this one, not the run
@@ -383,7 +392,7 @@ def _sweep(args: argparse.Namespace, items: list[workload.Item], keys: dict[str,
             batch = [items[(sent + i) % len(items)] for i in range(n)]
             sent += n
         else:
-            server = servers.tiergate(policy, None, args.model_priority)
+            server = servers.tiergate(policy, None, args.model_priority, args.event_loop)
             batch = items[:n]
         with server as address:
             _warm_up(address, keys)
@@ -469,7 +478,7 @@ def _overload(args: argparse.Namespace, items: list[workload.Item], keys: dict[s
     """The hybrid offered ``rate`` (twice the sustained maximum) for --overload-seconds."""
     stats: dict[str, Any] = {}
     n = int(rate * args.overload_seconds)
-    with servers.tiergate(policy, stats, args.model_priority) as address:
+    with servers.tiergate(policy, stats, args.model_priority, args.event_loop) as address:
         _warm_up(address, keys)
         t = loadgen.drive(address, items[:n], keys, clients=args.clients, rate=rate,
                           concurrency=1, seconds=args.overload_seconds, timeout_s=args.timeout,

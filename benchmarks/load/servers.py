@@ -14,14 +14,15 @@ from typing import Any
 from tiergate.frontier import SimulatorParams
 
 
-def _tiergate(policy_path: str, model_priority: str, port_q: Any) -> None:
+def _tiergate(policy_path: str, model_priority: str, event_loop: str, port_q: Any) -> None:
     # The front end as `tiergate serve --runtime local` runs it: every tier in
-    # this process, the intent model on PyTorch. (On Ray, point --target at it.)
+    # this process, the intent model on PyTorch, on the same event loop. (On Ray,
+    # point --target at it.)
     import functools
 
     from tiergate.engine import in_process_runtime
     from tiergate.policy import load_policy
-    from tiergate.server import build_server
+    from tiergate.server import build_server, run_event_loop
 
     async def main() -> None:
         path = Path(policy_path)
@@ -36,7 +37,7 @@ def _tiergate(policy_path: str, model_priority: str, port_q: Any) -> None:
         await server.stop(0.5)
 
     try:
-        asyncio.run(main())
+        run_event_loop(main(), event_loop)
     except Exception as e:  # the parent waits on the port: tell it why there is none
         port_q.put(f"{type(e).__name__}: {e}")
         raise
@@ -82,10 +83,10 @@ def _process(target: Any, args: tuple[Any, ...], what: str, timeout_s: float,
 
 @contextmanager
 def tiergate(policy_path: Path, stats: dict[str, Any] | None = None,
-             model_priority: str = "low") -> Iterator[str]:  # fmt: skip
+             model_priority: str = "low", event_loop: str = "uvloop") -> Iterator[str]:  # fmt: skip
     """A tiergate front end on ``policy_path``; yields its address. ``stats`` gets
     the server's peak memory when it stops."""
-    args = (str(policy_path), model_priority)
+    args = (str(policy_path), model_priority, event_loop)
     with _process(_tiergate, args, "tiergate", 300, stats) as port:
         yield f"127.0.0.1:{port}"
 
