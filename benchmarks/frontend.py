@@ -281,6 +281,10 @@ def main() -> int:
         print(f"  round {round_}: echo {echo_runs[-1]:,.0f} req/s, tiergate {tg_runs[-1]:,.0f} "
               f"req/s ({tg_runs[-1] / echo_runs[-1]:.2f})", file=sys.stderr)  # fmt: skip
     echo_rps, tg_rps = statistics.median(echo_runs), statistics.median(tg_runs)
+    # Each round's own ratio shows the noise the medians smooth out.
+    ratios = [t / e for t, e in zip(tg_runs, echo_runs, strict=True)]
+    print(f"  ratio per round: median {statistics.median(ratios):.2f}, range "
+          f"{min(ratios):.2f}-{max(ratios):.2f}", file=sys.stderr)  # fmt: skip
     cmd_q.put("stats")
     before = stats_q.get(timeout=30)  # the open-loop run is measured as a difference
     half = tg_rps / 2
@@ -298,6 +302,7 @@ def main() -> int:
         "tiergate_runs": tg_runs,
         "tiergate_rps": tg_rps,
         "ratio": tg_rps / echo_rps,
+        "round_ratios": ratios,
         "model": args.model,
         "event_loop": args.event_loop,
         "echo_loop": args.echo_loop,
