@@ -671,9 +671,11 @@ class Engine:
         self.idempotent: OrderedDict[
             tuple[str, str], tuple[tuple[Any, ...], asyncio.Future[Decision]]
         ] = OrderedDict()
-        # Requests routed to human review: the newest 10,000, for a consumer to
-        # drain into the review system; raw text only when the policy allows it.
+        # Requests routed to human review: the newest 10,000 in memory; each also
+        # goes to ``on_review``, which the server points at a log line and, with a
+        # state directory, a file a review system reads (see tiergate.state).
         self.review_queue: deque[dict[str, Any]] = deque(maxlen=10_000)
+        self.on_review: Callable[[dict[str, Any]], None] | None = None
         self.on_decision = on_decision
         # An admitted request that ends without a decision (an error, a cancelled
         # call) is recorded too: every admitted request leaves exactly one record.
@@ -1145,15 +1147,23 @@ class Engine:
         return d
 
     def _review(self, req: Request, d: Decision, tag: str, t0: float) -> Decision:
+        policy = self.policy
         record: dict[str, Any] = {
             "request_id": req.request_id,
+            "time": round(time.time(), 3),
             "tenant": req.tenant.name,
-            "task": req.task or self.policy.default_task,
+            "task": req.task or policy.default_task,
             "risk_tags": d.risk_tags,
+            "routed_by": tag,
+            "policy_version": policy.version,
         }
-        if self.policy.log_raw_text:
+        if req.client_id:
+            record["client_id"] = req.client_id
+        if policy.log_raw_text:
             record["text"] = req.text
         self.review_queue.append(record)
+        if self.on_review is not None:
+            self.on_review(record)
         d.path.append(
             Step("review", "pending_review", 0.0, 0.0, True, _us(t0), f"risk tag {tag!r}")
         )

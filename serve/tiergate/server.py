@@ -29,7 +29,7 @@ from tiergate.escalation import Attempt, Escalator, FrontierConfig
 from tiergate.frontier import ProviderConfig
 from tiergate.metrics import Metrics
 from tiergate.policy import Policy, Tenant, load_policy
-from tiergate.state import StateDirBusy, StateStore
+from tiergate.state import Journal, StateDirBusy, StateStore
 from tiergate.v1 import classifier_pb2 as pb
 from tiergate.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -38,6 +38,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 ANONYMOUS = Tenant("anonymous")
 log = logging.getLogger("tiergate.server")
 decisions_log = logging.getLogger("tiergate.decisions")
+# One line per request routed to human review, whatever --log-decisions says.
+reviews_log = logging.getLogger("tiergate.review")
 T = TypeVar("T")
 
 
@@ -369,6 +371,8 @@ class Server:
         self.state_dir = state_dir
         self.snapshot_interval_s = snapshot_interval_s
         self.state: StateStore | None = None
+        self.reviews: Journal | None = None  # the state directory's review file
+        engine.on_review = self._record_review
         self._keep: asyncio.Task[None] | None = None
         self.default_bundle = default_bundle  # for tasks the policy file leaves without one
         # Providers given on the command line win over the policy's, across reloads.
@@ -411,6 +415,7 @@ class Server:
             log.warning("%s: this front end keeps its spend counters and cache in memory", e)
             return
         books = self.state.restore_ledger(self.engine.ledger)
+        self.reviews = self.state.open_reviews()
         cached = self.state.restore_cache(self.engine.semantic)
         unservable = self.engine.drop_unservable_entries()
         log.info(
@@ -418,6 +423,13 @@ class Server:
             "(%d more dropped: kept under another policy version or older cache rules)",
             self.state_dir, len(books.usage), cached - unservable, unservable,
         )  # fmt: skip
+
+    def _record_review(self, record: dict[str, Any]) -> None:
+        """A request the risk policy routed to human review: a log line, and a line in
+        the state directory's review file, which a review system reads."""
+        reviews_log.info("%s", orjson.dumps(record).decode())
+        if self.reviews is not None:
+            self.reviews.record(record)
 
     async def _keep_state(self) -> None:
         """Request counts reach the journal each second; the cache each interval."""
@@ -547,6 +559,7 @@ class Server:
             await self.server.stop(grace)
         if self.state is not None:  # after the last request: nothing is left unwritten
             await self._save_cache()
+            self.reviews = None
             self.state.close()
             self.state = None
         for frontier in (*self._retired, self.engine.frontier):

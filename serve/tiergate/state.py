@@ -1,6 +1,7 @@
-"""State that outlives the front end: spend counters and the semantic cache.
+"""State that outlives the front end: spend counters, the semantic cache, and the
+requests routed to human review.
 
-A front end given a state directory keeps two files there:
+A front end given a state directory keeps three files there:
 
 - ``ledger.jsonl``: the ledger's journal (see ``tiergate.accounting``). At
   start it is replayed and compacted to one usage line per tenant. A
@@ -13,6 +14,11 @@ A front end given a state directory keeps two files there:
   the rules for what the caches keep (``engine.CACHE_RULES``), so a restart under
   a new policy, or a newer tiergate, serves nothing stale: the server drops such
   entries as the snapshot loads.
+- ``reviews.jsonl``: one line per request the risk policy routed to human review
+  (request id, time, tenant, task, risk tags, policy version; the text only when
+  the policy's ``log.raw_text`` is on), written as the request is answered
+  ``pending_review``. It only grows: a review system reads it (``tail -F``), and
+  rotating it with copy-and-truncate loses nothing (every write appends).
 
 A file that cannot be read is moved aside (``*.corrupt-<time>``), never
 deleted, and the front end starts without it: a warning, not a crash. One
@@ -40,6 +46,7 @@ log = logging.getLogger("tiergate.state")
 
 LEDGER = "ledger.jsonl"
 CACHE = "semantic.tgcache"
+REVIEWS = "reviews.jsonl"
 
 
 class StateDirBusy(Exception):
@@ -97,25 +104,26 @@ def replay(path: Path, today: int) -> Replay:
     return out
 
 
-class LedgerJournal:
-    """The append-only file behind a ledger. One ``write`` per event on an
-    O_APPEND descriptor: a line reaches the kernel whole, so a killed process
-    loses none that were written."""
+class Journal:
+    """An append-only file of JSON lines (the ledger's journal, the review records).
+    One ``write`` per event on an O_APPEND descriptor: a line reaches the kernel
+    whole, so a killed process loses none that were written."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, what: str = "the spend journal"):
         self.path = path
+        self.what = what
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self.failed = False
 
     def record(self, event: dict[str, Any]) -> None:
-        # A full disk must not fail the request: the books in memory stay right,
-        # only what survives a restart suffers, and the log says so (once).
+        # A full disk must not fail the request: what is in memory stays right, only
+        # what survives a restart suffers, and the log says so (once).
         try:
             os.write(self.fd, orjson.dumps(event) + b"\n")
         except OSError as e:
             if not self.failed:
-                log.error("%s: cannot write the spend journal (%s); a restart will lose "
-                          "what follows", self.path, e)  # fmt: skip
+                log.error("%s: cannot write %s (%s); a restart will lose what follows",
+                          self.path, self.what, e)  # fmt: skip
             self.failed = True
 
     def close(self) -> None:
@@ -163,8 +171,9 @@ class StateStore:
         except BlockingIOError:
             self._lock.close()
             raise StateDirBusy(f"{self.dir} is in use by another tiergate front end") from None
-        self.journal: LedgerJournal | None = None
+        self.journal: Journal | None = None
         self.ledger: Ledger | None = None
+        self.reviews: Journal | None = None
 
     def restore_ledger(self, ledger: Ledger) -> Replay:
         """Loads today's books into ``ledger`` and starts journaling its changes."""
@@ -183,10 +192,16 @@ class StateStore:
         with ledger.lock:
             ledger.usage.update(found.usage)
         compact(path, found.usage)
-        self.journal = LedgerJournal(path)
+        self.journal = Journal(path)
         ledger.journal = self.journal
         self.ledger = ledger
         return found
+
+    def open_reviews(self) -> Journal:
+        """The file the requests routed to human review are appended to."""
+        if self.reviews is None:
+            self.reviews = Journal(self.dir / REVIEWS, "the review records")
+        return self.reviews
 
     def restore_cache(self, cache: SemanticCache | None) -> int:
         """Adds the saved semantic-cache entries to ``cache``; how many were still live."""
@@ -208,6 +223,7 @@ class StateStore:
         if self.ledger is not None:
             self.ledger.flush()
             self.ledger.journal = None
-        if self.journal is not None:
-            self.journal.close()
+        for journal in (self.journal, self.reviews):
+            if journal is not None:
+                journal.close()
         self._lock.close()  # releases the lock

@@ -30,7 +30,7 @@ from tiergate._core import ConfigError
 from tiergate.accounting import DAY_S, Ledger
 from tiergate.client import Client
 from tiergate.policy import Tenant
-from tiergate.state import CACHE, LEDGER, StateDirBusy, StateStore, replay
+from tiergate.state import CACHE, LEDGER, REVIEWS, StateDirBusy, StateStore, replay
 
 NOW = 200 * DAY_S + 3600.0  # a fixed wall clock: the books are per day
 TENANT = Tenant("a")
@@ -250,3 +250,43 @@ def test_an_unusable_state_directory_is_a_clear_config_error(tmp_path: Path) -> 
     in_the_way.write_text("a file where the directory should be")
     with pytest.raises(ConfigError, match=r"state directory .*state.*--state-dir none"):
         StateStore(in_the_way)
+
+
+@pytest.mark.parametrize("raw_text", [False, True])
+def test_requests_routed_to_review_are_kept_in_the_state_directory_and_logged(
+    start: Any,
+    linear_bundle: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    raw_text: bool,
+) -> None:
+    """A review system reads reviews.jsonl: it outlives the process, a restart appends
+    to it, and it holds the text only where the policy lets texts be kept."""
+    policy = write_policy(tmp_path / "p.yaml", linear_bundle, log={"raw_text": raw_text})
+    state = tmp_path / "state"
+    with caplog.at_level(logging.INFO, logger="tiergate.review"):
+        r = start(policy, state_dir=state)
+        with r.client(KEY_A) as c:
+            first = c.classify("see you in court", risk_tags=["legal"], timeout=5)
+            plain = c.classify("hello", timeout=5)  # not routed to review: no line
+        r.stop()
+        r2 = start(policy, state_dir=state)
+        with r2.client(KEY_A) as c:
+            second = c.classify("my lawyer will call", risk_tags=["legal"], timeout=5)
+        r2.stop()
+    assert (first.tier, second.tier, plain.pending_review) == ("review", "review", False)
+    path = state / REVIEWS
+    assert path.stat().st_mode & 0o077 == 0  # owner only, like the books
+    lines = [orjson.loads(x) for x in path.read_bytes().splitlines()]
+    assert [x["request_id"] for x in lines] == [first.request_id, second.request_id]
+    one = lines[0]
+    assert (one["tenant"], one["task"], one["risk_tags"], one["routed_by"]) == (
+        "a", "intents", ["legal"], "legal"
+    )  # fmt: skip
+    assert one["policy_version"] == "v1"
+    assert abs(one["time"] - time.time()) < 120
+    assert ("text" in one) is raw_text
+    if raw_text:
+        assert [x["text"] for x in lines] == ["see you in court", "my lawyer will call"]
+    logged = [orjson.loads(x.getMessage()) for x in caplog.records if x.name == "tiergate.review"]
+    assert logged == lines  # the same record, for whoever reads the logs
