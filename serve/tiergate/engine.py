@@ -508,8 +508,9 @@ RuntimeFactory = Callable[[Task], TaskRuntime]
 # What the caches keep, as a version. It is part of every semantic-cache namespace, so
 # the entries of a snapshot kept under other rules (by an older tiergate) are never
 # served. 2: frontier answers a local tier agrees with (offered in the task's order),
-# or of tasks no local tier answers.
-CACHE_RULES = 2
+# or of tasks no local tier answers. 3: the same, under percent-encoded policy versions
+# (a snapshot's "x/v3" namespaces would otherwise end like v3's and be kept for good).
+CACHE_RULES = 3
 
 
 def _namespace_tail(policy_version: str) -> str:
@@ -858,7 +859,7 @@ class Engine:
         d.risk_tags = tags
         action, why = policy.risk_action(tags) if tags else ("gate", None)
         if action == "review":
-            return self._review(req, d, why or "", t0)
+            return self._review(req, d, why or "", t0, policy, rt.task.name)
 
         strict = next((t for t in STRICT_DOMAINS if t in tags), None) if tags else None
 
@@ -1146,13 +1147,14 @@ class Engine:
         d.confidence, d.label, d.tier = best
         return d
 
-    def _review(self, req: Request, d: Decision, tag: str, t0: float) -> Decision:
-        policy = self.policy
+    def _review(self, req: Request, d: Decision, tag: str, t0: float, policy: Policy,
+                task: str) -> Decision:  # fmt: skip
+        # The request's own policy and task: a reload may have installed another since.
         record: dict[str, Any] = {
             "request_id": req.request_id,
             "time": round(time.time(), 3),
             "tenant": req.tenant.name,
-            "task": req.task or policy.default_task,
+            "task": task,
             "risk_tags": d.risk_tags,
             "routed_by": tag,
             "policy_version": policy.version,

@@ -38,7 +38,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 ANONYMOUS = Tenant("anonymous")
 log = logging.getLogger("tiergate.server")
 decisions_log = logging.getLogger("tiergate.decisions")
-# One line per request routed to human review, whatever --log-decisions says.
+# One line per request routed to human review, whatever --log-decisions says; at
+# WARNING, as a person must act on it (and Ray Serve's replicas log at WARNING).
 reviews_log = logging.getLogger("tiergate.review")
 T = TypeVar("T")
 
@@ -412,10 +413,15 @@ class Server:
         try:
             self.state = StateStore(self.state_dir)
         except StateDirBusy as e:
-            log.warning("%s: this front end keeps its spend counters and cache in memory", e)
+            log.warning("%s: this front end keeps its spend counters and cache in memory, "
+                        "and its review records in the log only", e)  # fmt: skip
             return
         books = self.state.restore_ledger(self.engine.ledger)
-        self.reviews = self.state.open_reviews()
+        try:
+            self.reviews = self.state.open_reviews()
+        except OSError as e:  # a side file must not keep the server from starting
+            log.error("%s: cannot open the review records file (%s); review records go "
+                      "to the log only", self.state_dir, e)  # fmt: skip
         cached = self.state.restore_cache(self.engine.semantic)
         unservable = self.engine.drop_unservable_entries()
         log.info(
@@ -427,7 +433,7 @@ class Server:
     def _record_review(self, record: dict[str, Any]) -> None:
         """A request the risk policy routed to human review: a log line, and a line in
         the state directory's review file, which a review system reads."""
-        reviews_log.info("%s", orjson.dumps(record).decode())
+        reviews_log.warning("%s", orjson.dumps(record).decode())
         if self.reviews is not None:
             self.reviews.record(record)
 

@@ -15,10 +15,10 @@ A front end given a state directory keeps three files there:
   a new policy, or a newer tiergate, serves nothing stale: the server drops such
   entries as the snapshot loads.
 - ``reviews.jsonl``: one line per request the risk policy routed to human review
-  (request id, time, tenant, task, risk tags, policy version; the text only when
-  the policy's ``log.raw_text`` is on), written as the request is answered
-  ``pending_review``. It only grows: a review system reads it (``tail -F``), and
-  rotating it with copy-and-truncate loses nothing (every write appends).
+  (request id, time, tenant, task, risk tags, the tag that routed it, policy
+  version, client id; the text only when the policy's ``log.raw_text`` is on),
+  written as the request is answered ``pending_review``. It only grows: a review
+  system reads it (``tail -F``); archive it while the server is stopped.
 
 A file that cannot be read is moved aside (``*.corrupt-<time>``), never
 deleted, and the front end starts without it: a warning, not a crash. One

@@ -40,7 +40,7 @@ def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
     doc = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
     assert "SIMULATED frontier" in md
-    assert "event loop uvloop" in md  # tiergate runs as `tiergate serve` runs it
+    assert "event loop uvloop" in md  # the loop asked for, `tiergate serve`'s default
     assert "| answered req/s (incl. drain) |" in md  # not to be read as the offered rate
     assert doc["simulated_frontier"] is True
     r = doc["results"]

@@ -264,7 +264,7 @@ def test_requests_routed_to_review_are_kept_in_the_state_directory_and_logged(
     to it, and it holds the text only where the policy lets texts be kept."""
     policy = write_policy(tmp_path / "p.yaml", linear_bundle, log={"raw_text": raw_text})
     state = tmp_path / "state"
-    with caplog.at_level(logging.INFO, logger="tiergate.review"):
+    with caplog.at_level(logging.WARNING, logger="tiergate.review"):
         r = start(policy, state_dir=state)
         with r.client(KEY_A) as c:
             first = c.classify("see you in court", risk_tags=["legal"], timeout=5)
@@ -276,7 +276,7 @@ def test_requests_routed_to_review_are_kept_in_the_state_directory_and_logged(
         r2.stop()
     assert (first.tier, second.tier, plain.pending_review) == ("review", "review", False)
     path = state / REVIEWS
-    assert path.stat().st_mode & 0o077 == 0  # owner only, like the books
+    assert path.stat().st_mode & 0o077 == 0  # owner only (its directory is, too)
     lines = [orjson.loads(x) for x in path.read_bytes().splitlines()]
     assert [x["request_id"] for x in lines] == [first.request_id, second.request_id]
     one = lines[0]
@@ -285,8 +285,26 @@ def test_requests_routed_to_review_are_kept_in_the_state_directory_and_logged(
     )  # fmt: skip
     assert one["policy_version"] == "v1"
     assert abs(one["time"] - time.time()) < 120
-    assert ("text" in one) is raw_text
+    assert [("text" in x) for x in lines] == [raw_text, raw_text]
     if raw_text:
         assert [x["text"] for x in lines] == ["see you in court", "my lawyer will call"]
     logged = [orjson.loads(x.getMessage()) for x in caplog.records if x.name == "tiergate.review"]
     assert logged == lines  # the same record, for whoever reads the logs
+
+
+def test_a_review_file_that_cannot_be_opened_leaves_the_log_as_the_record(
+    start: Any, linear_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server starts, and says where its review records go."""
+    policy = write_policy(tmp_path / "p.yaml", linear_bundle)
+    state = tmp_path / "state"
+    (state / REVIEWS).mkdir(parents=True)  # in the way: cannot be opened as a file
+    with caplog.at_level(logging.WARNING, logger="tiergate"):
+        r = start(policy, state_dir=state)
+        with r.client(KEY_A) as c:
+            routed = c.classify("see you in court", risk_tags=["legal"], timeout=5)
+        r.stop()
+    assert routed.pending_review
+    assert "review records go to the log only" in caplog.text
+    logged = [orjson.loads(x.getMessage()) for x in caplog.records if x.name == "tiergate.review"]
+    assert [x["request_id"] for x in logged] == [routed.request_id]
