@@ -18,7 +18,8 @@ Example::
                                      # tier up front (intent model or frontier), no cascade
     risk:                            # what a risk tag does to a request
       finance: gate                  # the stricter gate of the bundle (default)
-      legal: review                  # human review: answers pending_review
+      legal: review                  # human review: answers pending_review, and records
+                                     # it (log tiergate.review; <state dir>/reviews.jsonl)
     auth: {required: true}
     tenants:
       acme:
