@@ -78,6 +78,7 @@ new_request_id = _RequestIds()
 
 @dataclass(slots=True)
 class Request:
+    # (ClassifierService._request passes the fields by position: keep their order.)
     text: str
     tenant: Tenant
     task: str = ""
@@ -122,6 +123,52 @@ class Decision:
     risk_tags: list[str] = field(default_factory=list)
     pending_review: bool = False
     client_id: str = ""
+
+
+@dataclass(slots=True)
+class _Walk:
+    """One request on its way down the cascade: what a tier needs of the ones before."""
+
+    d: Decision  # the answer so far (its path grows with each tier visited)
+    rt: TaskRuntime
+    action: str  # the risk route: "gate" (thresholds decide) or "escalate"
+    strict: str | None  # a strict domain's tag: its threshold gates every label
+    start_at: int  # ORDER's indexes of the first and last tier the hints allow
+    stop_at: int
+    best: tuple[float, str, str] = (-1.0, "", "")  # (confidence, label, tier) below threshold
+    # The distribution of the last local tier that ran: the escalation offers the
+    # frontier its likeliest labels. None: no local tier ran (offer them all).
+    probs: Callable[[], npt.NDArray[Any]] | None = None
+    routed_to_model: bool = False  # (route mode) the router picked the intent model
+    cache_key: tuple[str, ...] | None = None  # None: this answer is not for the exact cache
+
+    def consider(
+        self, tier: str, pred: int, conf: float, micros: int, router: bool = False
+    ) -> bool:
+        """Whether ``tier`` answers (gate passed). A router only says where the
+        request goes: it never answers, not even as a degraded fallback."""
+        rt = self.rt
+        if pred < 0:
+            label, threshold = "", 0.0
+        else:
+            label = rt.labels[pred]
+            if self.strict is not None:  # a strict domain's tag gates every label
+                threshold = rt.gates[tier].threshold(self.strict)
+            else:
+                threshold = rt.label_thresholds[tier][pred]
+        ok = pred >= 0 and conf >= threshold and self.action != "escalate"
+        note = "risk policy escalates" if self.action == "escalate" and pred >= 0 else ""
+        d = self.d
+        if router:
+            note = "router: to the intent model" if ok else "router: to the frontier"
+            d.path.append(Step(tier, label, conf, threshold, False, micros, note))
+            return ok
+        d.path.append(Step(tier, label, conf, threshold, ok, micros, note))
+        if pred >= 0 and conf > self.best[0]:
+            self.best = (conf, label, tier)
+        if ok:
+            d.label, d.confidence, d.tier = label, conf, tier
+        return ok
 
 
 class ModelBackend(Protocol):
@@ -418,6 +465,10 @@ class TaskRuntime:
         self.label_domains = bundle.label_domains
         self._check_mode(task, bundle)
         self.gates, self.label_thresholds = self._gates(task, bundle)
+        # Read on every request: worked out once.
+        self.route = task.mode == "route"
+        self.rules_answer = self.rules is not None and task.uses("rules")
+        self.linear_runs = self.linear is not None and (task.uses("linear") or self.route)
         self.backend = backend if bundle.has("intent") else None
         self.batcher: MicroBatcher | None = None
         self.embedder: MicroBatcher | None = None  # embeddings on demand (remote models)
@@ -644,6 +695,9 @@ def in_process_runtime(task: Task, model_priority: str = "low") -> TaskRuntime:
     return TaskRuntime(task, bundle, backend, model_priority)
 
 
+LAST_TIER = len(ORDER) - 1
+
+
 class Engine:
     IDEMPOTENCY_KEYS = 100_000  # the newest keys kept (with their decisions)
 
@@ -793,7 +847,11 @@ class Engine:
         try:
             self._admit(req, runtime)
             try:
-                decision = await self._decide(req, runtime, policy)
+                walk = self._cheap_tiers(req, runtime, policy)
+                if isinstance(walk, _Walk):
+                    decision = await self._costly_tiers(req, walk, policy)
+                else:
+                    decision = walk
             except BaseException as e:  # admitted: this request leaves a record all the same
                 if self.on_failure is not None:
                     self.on_failure(req, *_failure(e), time.perf_counter() - started)
@@ -835,87 +893,62 @@ class Engine:
             target = time.monotonic() + runtime.task.p99_ms / 1000
             req.deadline = target if req.deadline is None else min(req.deadline, target)
 
-    async def _decide(self, req: Request, rt: TaskRuntime, policy: Policy) -> Decision:
-        path: list[Step] = []
-        labels = rt.labels
-        d = Decision("", 0.0, "", path, req.request_id, policy.version, client_id=req.client_id)
+    def _cheap_tiers(self, req: Request, rt: TaskRuntime, policy: Policy) -> Decision | _Walk:
+        """The rules tier (and the risk route its tags set), the linear tier and the
+        exact cache: the decision if one of them gives it, else the walk so far for
+        the model tiers. Synchronous: most requests end here, and nothing on their way
+        waits."""
+        d = Decision("", 0.0, "", [], req.request_id, policy.version, client_id=req.client_id)
         start_at = ORDER.index(req.force_tier) if req.force_tier else 0
-        stop_at = ORDER.index(req.max_tier) if req.max_tier else len(ORDER) - 1
-
-        best: tuple[float, str, str] = (-1.0, "", "")  # (confidence, label, tier) below threshold
-        tags = list(req.risk_tags)
+        stop_at = ORDER.index(req.max_tier) if req.max_tier else LAST_TIER
+        tags = req.risk_tags
         # Rules run first, even when skipped as a tier: their risk tags route the request,
         # and they read the text as sent, which the exact cache's key does not keep.
         t0 = time.perf_counter()
         rule_pred, rule_conf = -1, 0.0
-        if rt.rules is not None:
-            m = rt.rules.rules.match(req.text)
-            if m.risk_tags:
-                tags = sorted(set(tags) | set(m.risk_tags))
-            if m.rule_id is not None and m.label is not None:
-                rule_pred = rt.rules.label_index[m.label]
-                rule_conf = rt.rules.precision.get(m.rule_id, m.confidence or 0.0)
+        rules = rt.rules
+        if rules is not None:
+            m = rules.rules.match(req.text)
+            raised = m.risk_tags
+            if raised:
+                tags = sorted(set(tags) | set(raised))
+            rule_id = m.rule_id
+            if rule_id is not None:
+                label = m.label
+                if label is not None:
+                    rule_pred = rules.label_index[label]
+                    rule_conf = rules.precision.get(rule_id, m.confidence or 0.0)
+        action, strict = "gate", None
+        if tags:
+            d.risk_tags = tags = list(tags)
+            action, why = policy.risk_action(tags)
+            if action == "review":
+                return self._review(req, d, why or "", t0, policy, rt.task.name)
+            strict = next((t for t in STRICT_DOMAINS if t in tags), None)
+        walk = _Walk(d, rt, action, strict, start_at, stop_at)
 
-        d.risk_tags = tags
-        action, why = policy.risk_action(tags) if tags else ("gate", None)
-        if action == "review":
-            return self._review(req, d, why or "", t0, policy, rt.task.name)
-
-        strict = next((t for t in STRICT_DOMAINS if t in tags), None) if tags else None
-
-        def consider(tier: str, pred: int, conf: float, micros: int, router: bool = False) -> bool:
-            """Whether ``tier`` answers (gate passed). A router only says where the
-            request goes: it never answers, not even as a degraded fallback."""
-            nonlocal best
-            label = labels[pred] if pred >= 0 else ""
-            if pred < 0:
-                threshold = 0.0
-            elif strict is not None:  # a strict domain's tag gates every label
-                threshold = rt.gates[tier].threshold(strict)
-            else:
-                threshold = rt.label_thresholds[tier][pred]
-            ok = pred >= 0 and conf >= threshold and action != "escalate"
-            note = "risk policy escalates" if action == "escalate" and pred >= 0 else ""
-            if router:
-                note = "router: to the intent model" if ok else "router: to the frontier"
-            path.append(Step(tier, label, conf, threshold, ok and not router, micros, note))
-            if router:
-                return ok
-            if pred >= 0 and conf > best[0]:
-                best = (conf, label, tier)
-            if ok:
-                d.label, d.confidence, d.tier = label, conf, tier
-            return ok
-
-        task = rt.task
-        route = task.mode == "route"
         if (
-            rt.rules is not None
-            and task.uses("rules")
-            and start_at <= 0
-            and consider("rules", rule_pred, rule_conf, _us(t0))
+            rt.rules_answer
+            and start_at == 0
+            and walk.consider("rules", rule_pred, rule_conf, _us(t0))
         ):
             return d
         # Routing: the linear tier does not answer; its confidence picks the one tier
         # that will, the intent model (confident) or the frontier (not).
-        routed_to_model = False
-        # The distribution of the last local tier that ran: the escalation offers the
-        # frontier its likeliest labels. None: no local tier ran (offer them all).
-        probs: Callable[[], npt.NDArray[Any]] | None = None
-        if rt.linear is not None and (task.uses("linear") or route) and start_at <= 1 <= stop_at:
-            linear = rt.linear
-            probs = lambda: linear.predict_proba([req.text])[0]  # noqa: E731 (only if needed)
+        linear = rt.linear
+        if linear is not None and rt.linear_runs and start_at <= 1 <= stop_at:
+            walk.probs = lambda: linear.predict_proba([req.text])[0]  # (only if needed)
             t0 = time.perf_counter()
             # A text of which training saw no feature (emoji, symbols, unseen words)
             # scores the intercepts alone, the same for all such texts: the tier
             # abstains (-1) rather than answer them all with one confident label.
             lin_pred, prob = linear.top1(req.text, min_known=1)
             lin_conf = rt.linear_confidence(prob)
-            if lin_pred < 0 and not route:
-                path.append(Step("linear", micros=_us(t0), note="no feature it knows"))
-            elif route:
-                routed_to_model = consider("linear", lin_pred, lin_conf, _us(t0), True)
-            elif consider("linear", lin_pred, lin_conf, _us(t0)):
+            if rt.route:
+                walk.routed_to_model = walk.consider("linear", lin_pred, lin_conf, _us(t0), True)
+            elif lin_pred < 0:
+                d.path.append(Step("linear", micros=_us(t0), note="no feature it knows"))
+            elif walk.consider("linear", lin_pred, lin_conf, _us(t0)):
                 return d
 
         # The exact cache holds the answers of the tiers after this point (see _finish),
@@ -924,27 +957,33 @@ class Engine:
         # on this wording: "sue  you" and "sue you" share a key) can change the route,
         # to review say; a forced tier skips the tiers before it. Such requests neither
         # read the cache nor write to it.
-        cache_key: tuple[str, ...] | None = None
         if not req.force_tier and not tags:
-            cache_key = (req.tenant.name, rt.task.name, policy.version, normalise(req.text))
-            hit = self.exact.get(cache_key)
+            walk.cache_key = (req.tenant.name, rt.task.name, policy.version, normalise(req.text))
+            hit = self.exact.get(walk.cache_key)
             if hit is not None:
                 step = Step("exact_cache", hit.label, hit.confidence, 0.0, True, 0, "exact match")
-                path.append(step)
+                d.path.append(step)
                 d.label, d.confidence, d.tier = hit.label, hit.confidence, hit.tier
                 d.cached, d.cache, d.pending_review = True, "exact", hit.pending_review
                 return d
+        return walk
 
+    async def _costly_tiers(self, req: Request, walk: _Walk, policy: Policy) -> Decision:
+        """The intent model, the semantic cache and the frontier, after the cheap tiers
+        passed the request on."""
+        d, rt, path = walk.d, walk.rt, walk.d.path
+        start_at, stop_at, action = walk.start_at, walk.stop_at, walk.action
         vector = None
         # (force_tier=intent skips the router and goes to the model, as in a cascade.)
-        use_model = task.uses("intent") and (routed_to_model or not route or start_at >= 2)
+        routed = walk.routed_to_model or not rt.route or start_at >= 2
+        use_model = rt.task.uses("intent") and routed
         if rt.batcher is not None and use_model and start_at <= 2 and stop_at >= 2:
             left = req.remaining_ms()
             why = self._too_slow("intent", left, rt)
             if why:
                 path.append(Step("intent", note=f"skipped: {why}"))
                 if rt.task.on_skip == "degrade" or stop_at < 3:
-                    return self._degrade(d, best, f"latency budget: {why}")
+                    return self._degrade(d, walk.best, f"latency budget: {why}")
             else:
                 t0 = time.perf_counter()
                 try:
@@ -962,29 +1001,29 @@ class Engine:
                     ) from None
                 except TimeoutError:
                     path.append(Step("intent", note="no answer within the request's deadline"))
-                    return self._degrade(d, best, "intent model did not answer in time")
+                    return self._degrade(d, walk.best, "intent model did not answer in time")
                 except Stalled as e:
                     path.append(Step("intent", note=f"not answering: {e}"))
-                    return self._degrade(d, best, "intent model not answering")
+                    return self._degrade(d, walk.best, "intent model not answering")
                 except Exception as e:  # the tier is down: answer from what we have
                     path.append(Step("intent", note=f"failed: {type(e).__name__}: {e}"))
-                    return self._degrade(d, best, "intent model unavailable")
+                    return self._degrade(d, walk.best, "intent model unavailable")
                 self.latency.record(f"{rt.task.name}/intent", (time.perf_counter() - t0) * 1000)
                 mix = None
                 if rt.calibrators["intent"].mix > 0 and rt.linear is not None:
                     mix = rt.linear.predict_proba([req.text])
                 calibrated = rt.calibrators["intent"].probabilities(logits[None, :], mix)
-                probs = lambda: calibrated[0]  # noqa: E731
+                walk.probs = lambda: calibrated[0]
                 pred, conf = rt.calibrators["intent"].apply_probabilities(calibrated)
-                accepted = consider("intent", int(pred[0]), float(conf[0]), _us(t0))
-                if route and not accepted and pred[0] >= 0:
+                accepted = walk.consider("intent", int(pred[0]), float(conf[0]), _us(t0))
+                if rt.route and not accepted and pred[0] >= 0:
                     # Routed here: the model's answer stands whatever its confidence.
                     step = path[-1]
                     step.accepted, step.note = True, "routed: answers below its threshold too"
                     d.label, d.confidence, d.tier = step.label, step.confidence, "intent"
                     accepted = True
                 if accepted:
-                    return self._finish(d, cache_key, rt, policy)
+                    return self._finish(d, walk.cache_key, rt, policy)
 
         namespace = f"{req.tenant.name}/{rt.task.name}{_namespace_tail(policy.version)}"
         if (
@@ -1026,14 +1065,16 @@ class Engine:
 
         if stop_at < 3:
             return self._degrade(
-                d, best, f"hints.max_tier={req.max_tier} stops before the frontier"
+                d, walk.best, f"hints.max_tier={req.max_tier} stops before the frontier"
             )
         offered = rt.labels
-        if probs is not None:
+        if walk.probs is not None:
             # (A provider pinned on the command line comes without the policy's section.)
             k = policy.frontier.candidates if policy.frontier is not None else DEFAULT_CANDIDATES
-            offered = shortlist(probs(), rt.labels, k)
-        return await self._escalate(req, d, rt, policy, best, cache_key, namespace, vector, offered)
+            offered = shortlist(walk.probs(), rt.labels, k)
+        return await self._escalate(
+            req, d, rt, policy, walk.best, walk.cache_key, namespace, vector, offered
+        )
 
     async def _escalate(self, req: Request, d: Decision, rt: TaskRuntime, policy: Policy,
                         best: tuple[float, str, str], cache_key: tuple[str, ...] | None,

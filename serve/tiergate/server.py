@@ -200,17 +200,12 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             risk_tags, force_tier, max_tier = list(h.risk_tags), h.force_tier, h.max_tier
         else:
             risk_tags, force_tier, max_tier = [], "", ""
+        # Positional: keywords cost a third more, on every request (0.69 against 1.0 us).
         return Request(
-            text=msg.text,
-            tenant=tenant,
-            task=msg.task,
-            risk_tags=risk_tags,
-            force_tier=force_tier,
-            max_tier=max_tier,
-            idempotency_key=msg.idempotency_key,
-            client_id=msg.client_id,
-            deadline=None if remaining is None else time.monotonic() + remaining,
-        )
+            msg.text, tenant, msg.task, risk_tags, force_tier, max_tier,
+            msg.idempotency_key, msg.client_id,
+            None if remaining is None else time.monotonic() + remaining,
+        )  # fmt: skip
 
     async def _classify(
         self, msg: pb.ClassifyRequest, tenant: Tenant, context: Any
