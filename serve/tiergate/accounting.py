@@ -9,10 +9,15 @@ between check and update), and a lock makes it safe from threads too.
 With a journal (``tiergate.state``) the books outlive the process: each
 reservation is written before the frontier call it pays for and each
 settlement as it happens, request counts once a second.
+
+Several front ends (on Ray, one per node) share their escalation and spend books
+through ``SharedBooks`` (on Ray, in the Bank deployment): the engine reserves and
+settles through a ``Books``, its own ledger's (``LocalBooks``) or the shared ones.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -48,6 +53,8 @@ class Reservation:
     amount: float
     settled: bool = field(default=False)
     id: int = 0
+    # Which shared books hold it (SharedBooks.epoch); "" for the front end's own ledger.
+    books: str = ""
 
 
 class Journal(Protocol):
@@ -164,3 +171,63 @@ class Ledger:
             return Usage(
                 u.day, u.requests, u.escalations, u.spent_usd, u.reserved_usd, u.open_reservations
             )
+
+
+class BooksUnavailable(Exception):
+    """The shared books did not answer: no escalation can be paid for."""
+
+
+class Books(Protocol):
+    """Where the engine reserves and settles escalations: the front end's own ledger
+    (LocalBooks), or books shared by every front end of a cluster (on Ray,
+    tiergate.ray_app.RemoteBooks). Reserving raises QuotaExceeded or BooksUnavailable;
+    settling a reservation twice is a no-op."""
+
+    async def reserve_escalation(self, tenant: Tenant, estimate_usd: float) -> Reservation: ...
+
+    async def settle(self, reservation: Reservation, actual_usd: float) -> None: ...
+
+
+class LocalBooks:
+    """A front end's own ledger as its books: caps hold per front end."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+
+    async def reserve_escalation(self, tenant: Tenant, estimate_usd: float) -> Reservation:
+        return self.ledger.reserve_escalation(tenant, estimate_usd)
+
+    async def settle(self, reservation: Reservation, actual_usd: float) -> None:
+        self.ledger.settle(reservation, actual_usd)
+
+
+class SharedBooks:
+    """Escalation and spend books that several front ends reserve and settle against
+    (on Ray: the Bank deployment's one replica), so that a tenant's caps hold across
+    them. A reservation goes back and forth as its id; ``epoch`` names this run of the
+    books, so that a settlement meant for the run before a restart (whose open
+    reservations the journal counted as spent) cannot settle another of this run."""
+
+    def __init__(self, ledger: Ledger | None = None):
+        self.ledger = ledger or Ledger()
+        self.epoch = os.urandom(8).hex()
+        self.open: dict[int, Reservation] = {}
+
+    def reserve(self, tenant: Tenant, estimate_usd: float) -> dict[str, Any]:
+        """{"ok": True, "id", "day", "epoch"} or {"ok": False, "message", "retry_after_s"}
+        (plain values: an exception would have to survive pickling across processes)."""
+        try:
+            r = self.ledger.reserve_escalation(tenant, estimate_usd)
+        except QuotaExceeded as e:
+            return {"ok": False, "message": str(e), "retry_after_s": e.retry_after_s}
+        self.open[r.id] = r
+        return {"ok": True, "id": r.id, "day": r.day, "epoch": self.epoch}
+
+    def settle(self, epoch: str, reservation_id: int, actual_usd: float) -> bool:
+        """Settles an open reservation of this run; False for one it does not hold
+        (settled already, or of a run before a restart)."""
+        r = self.open.pop(reservation_id, None) if epoch == self.epoch else None
+        if r is None:
+            return False
+        self.ledger.settle(r, actual_usd)
+        return True

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tiergate._core import ConfigError, LinearModel, SemanticCache
-from tiergate.accounting import Ledger, QuotaExceeded
+from tiergate.accounting import Books, BooksUnavailable, Ledger, LocalBooks, QuotaExceeded
 from tiergate.bundle import Bundle, load_bundle
 from tiergate.calibration import Calibrator
 from tiergate.escalation import MIN_ATTEMPT_S, Escalation
@@ -708,6 +708,7 @@ class Engine:
         *,
         frontier: FrontierClient | None = None,
         ledger: Ledger | None = None,
+        books: Books | None = None,
         semantic_dim: int | None = None,
         on_decision: Callable[[Request, Decision, float], None] | None = None,
     ):
@@ -715,7 +716,9 @@ class Engine:
         # pairs one policy version with another's thresholds (reloads run on a thread).
         self.state: tuple[Policy, dict[str, TaskRuntime]] = (policy, runtimes)
         self.frontier = frontier
-        self.ledger = ledger or Ledger()
+        self.ledger = ledger or Ledger()  # requests; escalations and spend too, unless
+        # ``books`` are shared with other front ends (a cluster's caps hold across them)
+        self.books: Books = books or LocalBooks(self.ledger)
         self.exact = ExactCache()
         self.latency = LatencyTracker()
         self.semantic_dim = semantic_dim
@@ -1089,7 +1092,7 @@ class Engine:
             return self._degrade(d, best, f"latency budget: {why}")
         estimate = self.frontier.estimate_cost(req.text, offered)
         try:
-            reservation = self.ledger.reserve_escalation(req.tenant, estimate)
+            reservation = await self.books.reserve_escalation(req.tenant, estimate)
         except QuotaExceeded as e:
             if req.tenant.on_quota == "reject":
                 raise RequestError(
@@ -1097,6 +1100,9 @@ class Engine:
                 ) from None
             d.path.append(Step("frontier", note=f"quota: {e}"))
             return self._degrade(d, best, f"quota reached: {e}")
+        except BooksUnavailable as e:  # nothing may be spent that the books cannot see
+            d.path.append(Step("frontier", note=f"skipped: {e}"))
+            return self._degrade(d, best, "spend books unavailable")
         t0 = time.perf_counter()
         tried = ""
         hints = ", ".join(f"{s.tier}: {s.label} ({s.confidence:.2f})" for s in d.path if s.label)
@@ -1115,14 +1121,14 @@ class Engine:
         except TimeoutError:
             label, error = None, "no answer within the request's deadline"
             if best[0] < 0:  # nothing else to answer with: the deadline is what failed
-                self.ledger.settle(reservation, cost)
+                await self.books.settle(reservation, cost)
                 raise RequestError(
                     "DEADLINE_EXCEEDED", "no tier answered within the deadline"
                 ) from None
         except Exception as e:  # a provider bug must not leak the reservation or crash
             label, cost, error = None, 0.0, f"{type(e).__name__}: {e}"
         finally:
-            self.ledger.settle(reservation, cost)
+            await self.books.settle(reservation, cost)
         self.latency.record(f"{rt.task.name}/frontier", (time.perf_counter() - t0) * 1000)
         d.cost_usd = cost
         if label is None:

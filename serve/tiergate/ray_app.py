@@ -16,6 +16,11 @@ deployments that Ray places, restarts and scales.
   Autoscaled on ongoing requests.
 - ``Escalation``: the frontier providers with retries and circuit breakers;
   one breaker state per replica, shared by every front end.
+- ``Bank``: one replica holding the escalation and spend books of the tenants
+  with such caps, for every front end: caps hold across the cluster, not once
+  per front end. A hop on escalations only (a few ms, next to the frontier's
+  second); request quotas stay with each front end (a hop on every request
+  would cost the cheap tiers their point).
 
 ``build_app`` is the entry point for both ``tiergate serve`` and
 ``serve deploy deploy/serve_config.yaml``.
@@ -38,6 +43,13 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
 from tiergate._core import ConfigError
+from tiergate.accounting import (
+    BooksUnavailable,
+    Ledger,
+    QuotaExceeded,
+    Reservation,
+    SharedBooks,
+)
 from tiergate.bundle import ZERO_SHOT, load_bundle
 from tiergate.engine import (
     TaskRuntime,
@@ -48,7 +60,7 @@ from tiergate.engine import (
 )
 from tiergate.escalation import Attempt, Escalation, Escalator, FrontierConfig, estimate_cost
 from tiergate.metrics import Metrics
-from tiergate.policy import Policy, Task, default_policy, load_policy
+from tiergate.policy import Policy, Task, Tenant, default_policy, load_policy
 
 log = logging.getLogger("tiergate.ray")
 
@@ -210,6 +222,100 @@ class EscalationTier:
         return self.escalator.states()
 
 
+@serve.deployment(
+    num_replicas=1,  # one set of books: what makes a cap hold across front ends
+    ray_actor_options={"num_cpus": 0},  # a dict update per escalation
+    max_ongoing_requests=1024,
+)
+class Bank:
+    """The escalation and spend books of every front end (see SharedBooks). With a
+    state directory they outlive a restart, journaled in its ``bank`` subdirectory
+    on the node the replica runs on."""
+
+    def __init__(self, state_dir: str | None = None):
+        self.books = SharedBooks()
+        self.state = None
+        if state_dir:
+            from tiergate.state import StateDirBusy, StateStore
+
+            try:
+                self.state = StateStore(Path(state_dir) / "bank")
+                self.state.restore_ledger(self.books.ledger)
+            except StateDirBusy as e:
+                log.warning("%s: the bank keeps its books in memory", e)
+
+    def reserve(self, tenant: Tenant, estimate_usd: float) -> dict[str, Any]:
+        return self.books.reserve(tenant, estimate_usd)
+
+    def settle(self, epoch: str, reservation_id: int, actual_usd: float) -> bool:
+        return self.books.settle(epoch, reservation_id, actual_usd)
+
+    def usage(self, tenant: str) -> dict[str, Any]:
+        """Today's books of ``tenant`` (escalations, spent and reserved USD)."""
+        u = self.books.ledger.snapshot(tenant)
+        return {"escalations": u.escalations, "spent_usd": u.spent_usd,
+                "reserved_usd": u.reserved_usd, "open": u.open_reservations}  # fmt: skip
+
+    def __del__(self) -> None:
+        state = getattr(self, "state", None)
+        if state is not None:
+            state.close()
+
+
+class RemoteBooks:
+    """The engine's Books on Ray: a tenant with an escalation or spend cap reserves and
+    settles at the Bank; one without keeps this front end's own ledger (no hop). The
+    Bank not answering in time refuses the escalation (BooksUnavailable): spending
+    what the books cannot see would break the cap."""
+
+    TIMEOUT_S = 5.0
+
+    def __init__(self, handle: Any, local: Ledger):
+        self.handle = handle
+        self.local = local
+
+    async def reserve_escalation(self, tenant: Tenant, estimate_usd: float) -> Reservation:
+        q = tenant.quota
+        if q.escalations_per_day is None and q.spend_per_day_usd is None:
+            return self.local.reserve_escalation(tenant, estimate_usd)
+        try:
+            answer = await asyncio.wait_for(
+                self.handle.reserve.remote(tenant, estimate_usd), self.TIMEOUT_S
+            )
+        except Exception as e:  # the replica lost, restarting, or stuck
+            # (One that reserved but answered too late holds its estimate until the
+            # day ends: the cap errs on the side of spending less.)
+            raise BooksUnavailable(
+                f"the spend books (Bank deployment) did not answer: {type(e).__name__}: {e}"
+            ) from None
+        if not answer["ok"]:
+            raise QuotaExceeded(answer["message"], answer["retry_after_s"])
+        return Reservation(tenant.name, answer["day"], estimate_usd, id=answer["id"],
+                           books=answer["epoch"])  # fmt: skip
+
+    async def settle(self, reservation: Reservation, actual_usd: float) -> None:
+        if not reservation.books:
+            self.local.settle(reservation, actual_usd)
+            return
+        if reservation.settled:
+            return
+        reservation.settled = True
+        # Shielded: a request cancelled meanwhile must not leave its estimate reserved.
+        await asyncio.shield(asyncio.ensure_future(self._settle(reservation, actual_usd)))
+
+    async def _settle(self, r: Reservation, actual_usd: float) -> None:
+        try:
+            await asyncio.wait_for(
+                self.handle.settle.remote(r.books, r.id, actual_usd), self.TIMEOUT_S
+            )
+        except Exception as e:
+            log.error(
+                "could not settle escalation %d of tenant %r at the Bank (%s: %s): its "
+                "estimate, $%.6f, stays reserved until the day ends",
+                r.id, r.tenant, type(e).__name__, e, r.amount,
+            )  # fmt: skip
+
+
 class RemoteModel:
     """The engine's ModelBackend for an IntentModel deployment (async, several batches
     in flight so that every replica gets work)."""
@@ -290,6 +396,7 @@ class Frontend:
         metrics_port: int | None = None,
         tls: dict[str, str] | None = None,
         state_dir: str | None = None,
+        bank: Any | None = None,
     ):
         from tiergate.server import build_runtimes, embedding_dim
 
@@ -324,7 +431,10 @@ class Frontend:
         from tiergate.engine import Engine
         from tiergate.server import Server, decision_logger, failure_logger
 
-        engine = Engine(policy, runtimes, frontier=remote, semantic_dim=embedding_dim(first))
+        ledger = Ledger()
+        books = RemoteBooks(bank, ledger) if bank is not None else None
+        engine = Engine(policy, runtimes, frontier=remote, ledger=ledger, books=books,
+                        semantic_dim=embedding_dim(first))  # fmt: skip
         engine.on_decision = decision_logger(lambda: engine.policy, self.metrics)
         engine.on_failure = failure_logger(lambda: engine.policy)
         path = Path(source["policy"]) if "policy" in source else None
@@ -427,7 +537,8 @@ def build_app(args: dict[str, Any]) -> Any:
     ({cert, key, client_ca}: PEM files on every node, for TLS on the gRPC port);
     ``state_dir`` (where a front end keeps spend counters and the semantic-cache
     snapshot across restarts: one front end per directory and node, see
-    tiergate.state; null keeps them in memory);
+    tiergate.state; the Bank keeps the capped tenants' books in its ``bank``
+    subdirectory; null keeps them in memory);
     ``frontends`` (replicas at the start and at the least, one per node) and
     ``frontends_max`` (the most; the front end scales between them on its event-loop
     lag and requests in flight, see :func:`frontend_autoscaling_policy`); ``intent``
@@ -456,7 +567,10 @@ def build_app(args: dict[str, Any]) -> Any:
     frontier = policy.frontier
     if args.get("frontier"):
         frontier = parse_frontier("frontier", dict(args["frontier"]))
-    escalation = deployment(EscalationTier).bind(frontier) if frontier is not None else None
+    escalation = bank = None
+    if frontier is not None:
+        escalation = deployment(EscalationTier).bind(frontier)
+        bank = deployment(Bank).bind(args.get("state_dir"))
     low = int(args.get("frontends", 1))
     high = max(low, int(args.get("frontends_max", low)))
     autoscaling = {
@@ -476,6 +590,7 @@ def build_app(args: dict[str, Any]) -> Any:
             args.get("metrics_port"),
             args.get("tls"),
             args.get("state_dir"),
+            bank,
         )
     )
 

@@ -178,3 +178,58 @@ def test_concurrent_micro_batches_share_a_forward_pass(two_nodes: Any, full_bund
     assert all(r[0].shape == (2, len(handle.describe.remote().result()["labels"]))
                for r in together)  # fmt: skip
     serve.delete("batching")
+
+
+def test_an_escalation_cap_holds_across_the_front_ends_of_both_nodes(
+    two_nodes: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    """Two front ends (one per node), concurrent escalations of one capped tenant: the
+    Bank deployment keeps one set of books, so the cap holds for the cluster, not once
+    per front end."""
+    import concurrent.futures
+
+    import grpc
+
+    from tests.fake_openai import Script, fake_provider
+    from tests.serving.conftest import KEY_A, escalate_everything, tenant_a_with
+    from tiergate.v1 import classifier_pb2 as pb
+    from tiergate.v1 import classifier_pb2_grpc as pb_grpc
+
+    script = Script(default="refund", delay_s=0.3)  # slow: the escalations overlap
+    with fake_provider(script) as url:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(yaml.safe_dump({
+            "version": "bank-1",
+            "tasks": escalate_everything(linear_bundle),
+            "tenants": tenant_a_with({"escalations_per_day": 4, "spend_per_day_usd": 5.0}),
+            "frontier": {"providers": [{"name": "loopback", "base_url": url, "model": "m",
+                                        "price_in_per_mtok": 1.0}]},
+        }))  # fmt: skip
+        address = f"127.0.0.1:{free_port()}"
+        app = build_app({
+            "policy": str(policy), "address": address, "embedder": None, "frontends": 2,
+            "frontend": {"ray_actor_options": {"num_cpus": 0.3}},
+        })  # fmt: skip
+        serve.run(app, name=APP_NAME, route_prefix=None)
+
+        def call(i: int) -> str:
+            # A connection of its own (grpc shares one between channels to an address
+            # unless told not to): the kernel spreads connections over both front ends.
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            with grpc.insecure_channel(address, options=options) as channel:
+                a = pb_grpc.ClassifierStub(channel).Classify(  # type: ignore[no-untyped-call]
+                    pb.ClassifyRequest(text=f"request {i} about my money"),
+                    metadata=(("x-api-key", KEY_A),), timeout=30,
+                )  # fmt: skip
+            return "degraded" if a.degraded else str(a.tier)
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(call, range(16)))
+    frontends = replicas_seen(serve.get_deployment_handle("Frontend", APP_NAME), 2)
+    usage = serve.get_deployment_handle("Bank", APP_NAME).usage.remote("a").result()
+    serve.delete(APP_NAME)
+    assert len(frontends) == 2, frontends
+    assert all(f["answered"] > 0 for f in frontends.values()), frontends  # both took calls
+    assert script.calls == 4  # each front end alone would have let 4 through
+    assert sorted(outcomes) == ["degraded"] * 12 + ["frontier"] * 4
+    assert (usage["escalations"], usage["open"], usage["reserved_usd"]) == (4, 0, 0.0)
