@@ -17,10 +17,9 @@ settles through a ``Books``, its own ledger's (``LocalBooks``) or the shared one
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -53,8 +52,8 @@ class Reservation:
     amount: float
     settled: bool = field(default=False)
     id: int = 0
-    # Which shared books hold it (SharedBooks.epoch); "" for the front end's own ledger.
-    books: str = ""
+    # Its key at shared books (the request's id); "" when the front end's own ledger holds it.
+    key: str = ""
 
 
 class Journal(Protocol):
@@ -180,12 +179,15 @@ class BooksUnavailable(Exception):
 class Books(Protocol):
     """Where the engine reserves and settles escalations: the front end's own ledger
     (LocalBooks), or books shared by every front end of a cluster (on Ray,
-    tiergate.ray_app.RemoteBooks). Reserving raises QuotaExceeded or BooksUnavailable;
-    settling a reservation twice is a no-op."""
+    tiergate.ray_app.RemoteBooks). Reserving raises QuotaExceeded or BooksUnavailable,
+    within ``timeout_s``; settling returns at once (shared books settle in the
+    background) and a second settlement of a reservation is a no-op."""
 
-    async def reserve_escalation(self, tenant: Tenant, estimate_usd: float) -> Reservation: ...
+    async def reserve_escalation(
+        self, tenant: Tenant, estimate_usd: float, request_id: str, timeout_s: float | None
+    ) -> Reservation: ...
 
-    async def settle(self, reservation: Reservation, actual_usd: float) -> None: ...
+    def settle(self, reservation: Reservation, actual_usd: float) -> None: ...
 
 
 class LocalBooks:
@@ -194,40 +196,56 @@ class LocalBooks:
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
 
-    async def reserve_escalation(self, tenant: Tenant, estimate_usd: float) -> Reservation:
+    async def reserve_escalation(
+        self, tenant: Tenant, estimate_usd: float, request_id: str, timeout_s: float | None
+    ) -> Reservation:
         return self.ledger.reserve_escalation(tenant, estimate_usd)
 
-    async def settle(self, reservation: Reservation, actual_usd: float) -> None:
+    def settle(self, reservation: Reservation, actual_usd: float) -> None:
         self.ledger.settle(reservation, actual_usd)
 
 
 class SharedBooks:
     """Escalation and spend books that several front ends reserve and settle against
     (on Ray: the Bank deployment's one replica), so that a tenant's caps hold across
-    them. A reservation goes back and forth as its id; ``epoch`` names this run of the
-    books, so that a settlement meant for the run before a restart (whose open
-    reservations the journal counted as spent) cannot settle another of this run."""
+    them. A reservation is known by a key its front end chose, the request's id
+    (unique across front ends and restarts): the front end can release one whose
+    answer it never got."""
+
+    RELEASED_KEPT = 10_000
 
     def __init__(self, ledger: Ledger | None = None):
         self.ledger = ledger or Ledger()
-        self.epoch = os.urandom(8).hex()
-        self.open: dict[int, Reservation] = {}
+        self.open: dict[str, Reservation] = {}
+        # Keys settled before their reservation arrived (a front end that gave up on
+        # it releases it at once): that reservation, when it arrives, is refused.
+        self.released: OrderedDict[str, None] = OrderedDict()
+        self.day = -1
 
-    def reserve(self, tenant: Tenant, estimate_usd: float) -> dict[str, Any]:
-        """{"ok": True, "id", "day", "epoch"} or {"ok": False, "message", "retry_after_s"}
-        (plain values: an exception would have to survive pickling across processes)."""
+    def reserve(self, tenant: Tenant, estimate_usd: float, key: str) -> dict[str, Any]:
+        """{"ok": True, "day"} or {"ok": False, "message", "retry_after_s"} (plain
+        values: an exception would have to survive pickling across processes)."""
+        if key in self.released:
+            return {"ok": False, "message": "released before it arrived", "retry_after_s": 0.0}
+        day = int(self.ledger.clock() // DAY_S)
+        if day != self.day:  # a new day: yesterday's books are closed, and so is what
+            self.day = day  # was left open in them (a settlement that never came)
+            self.open = {k: r for k, r in self.open.items() if r.day >= day}
         try:
             r = self.ledger.reserve_escalation(tenant, estimate_usd)
         except QuotaExceeded as e:
             return {"ok": False, "message": str(e), "retry_after_s": e.retry_after_s}
-        self.open[r.id] = r
-        return {"ok": True, "id": r.id, "day": r.day, "epoch": self.epoch}
+        self.open[key] = r
+        return {"ok": True, "day": r.day}
 
-    def settle(self, epoch: str, reservation_id: int, actual_usd: float) -> bool:
-        """Settles an open reservation of this run; False for one it does not hold
-        (settled already, or of a run before a restart)."""
-        r = self.open.pop(reservation_id, None) if epoch == self.epoch else None
+    def settle(self, key: str, actual_usd: float) -> bool:
+        """Settles the reservation under ``key``; False when none is open (settled
+        already, made before a restart, or not arrived yet: then it never will be)."""
+        r = self.open.pop(key, None)
         if r is None:
+            self.released[key] = None
+            while len(self.released) > self.RELEASED_KEPT:
+                self.released.popitem(last=False)
             return False
         self.ledger.settle(r, actual_usd)
         return True

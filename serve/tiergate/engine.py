@@ -465,10 +465,7 @@ class TaskRuntime:
         self.label_domains = bundle.label_domains
         self._check_mode(task, bundle)
         self.gates, self.label_thresholds = self._gates(task, bundle)
-        # Read on every request: worked out once.
-        self.route = task.mode == "route"
-        self.rules_answer = self.rules is not None and task.uses("rules")
-        self.linear_runs = self.linear is not None and (task.uses("linear") or self.route)
+        self._settle_task(task)
         self.backend = backend if bundle.has("intent") else None
         self.batcher: MicroBatcher | None = None
         self.embedder: MicroBatcher | None = None  # embeddings on demand (remote models)
@@ -516,9 +513,16 @@ class TaskRuntime:
         reload does for a bundle it already has, without reading the bundle again."""
         self._check_mode(task, self.bundle)
         clone = copy.copy(self)
-        clone.task = task
         clone.gates, clone.label_thresholds = self._gates(task, self.bundle)
+        clone._settle_task(task)
         return clone
+
+    def _settle_task(self, task: Task) -> None:
+        """``task`` and what every request reads of it, worked out once."""
+        self.task = task
+        self.route = task.mode == "route"
+        self.rules_answer = self.rules is not None and task.uses("rules")
+        self.linear_runs = self.linear is not None and (task.uses("linear") or self.route)
 
     @staticmethod
     def _confidence_map(calibrator: Calibrator | None) -> Callable[[float], float]:
@@ -716,8 +720,9 @@ class Engine:
         # pairs one policy version with another's thresholds (reloads run on a thread).
         self.state: tuple[Policy, dict[str, TaskRuntime]] = (policy, runtimes)
         self.frontier = frontier
-        self.ledger = ledger or Ledger()  # requests; escalations and spend too, unless
-        # ``books`` are shared with other front ends (a cluster's caps hold across them)
+        # Requests are counted in the ledger; escalations and spend too, unless ``books``
+        # are shared with other front ends (then a cluster's caps hold across them).
+        self.ledger = ledger or Ledger()
         self.books: Books = books or LocalBooks(self.ledger)
         self.exact = ExactCache()
         self.latency = LatencyTracker()
@@ -1092,7 +1097,10 @@ class Engine:
             return self._degrade(d, best, f"latency budget: {why}")
         estimate = self.frontier.estimate_cost(req.text, offered)
         try:
-            reservation = await self.books.reserve_escalation(req.tenant, estimate)
+            left = req.remaining_ms()
+            reservation = await self.books.reserve_escalation(
+                req.tenant, estimate, req.request_id, None if left == float("inf") else left / 1000
+            )
         except QuotaExceeded as e:
             if req.tenant.on_quota == "reject":
                 raise RequestError(
@@ -1121,14 +1129,14 @@ class Engine:
         except TimeoutError:
             label, error = None, "no answer within the request's deadline"
             if best[0] < 0:  # nothing else to answer with: the deadline is what failed
-                await self.books.settle(reservation, cost)
+                self.books.settle(reservation, cost)
                 raise RequestError(
                     "DEADLINE_EXCEEDED", "no tier answered within the deadline"
                 ) from None
         except Exception as e:  # a provider bug must not leak the reservation or crash
             label, cost, error = None, 0.0, f"{type(e).__name__}: {e}"
         finally:
-            await self.books.settle(reservation, cost)
+            self.books.settle(reservation, cost)
         self.latency.record(f"{rt.task.name}/frontier", (time.perf_counter() - t0) * 1000)
         d.cost_usd = cost
         if label is None:
@@ -1174,7 +1182,7 @@ class Engine:
     def _finish(
         self, d: Decision, key: tuple[str, ...] | None, rt: TaskRuntime, policy: Policy
     ) -> Decision:
-        if key is None:  # a request whose answer is not for everyone (see _decide)
+        if key is None:  # a request whose answer is not for everyone (see _cheap_tiers)
             return d
         # Only the model's answers are kept. Recomputing a rules or linear answer costs
         # what a lookup does, and the room goes to answers that cost model time. And

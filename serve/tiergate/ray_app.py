@@ -29,6 +29,7 @@ deployments that Ray places, restarts and scales.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -43,13 +44,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
 from tiergate._core import ConfigError
-from tiergate.accounting import (
-    BooksUnavailable,
-    Ledger,
-    QuotaExceeded,
-    Reservation,
-    SharedBooks,
-)
+from tiergate.accounting import BooksUnavailable, Ledger, QuotaExceeded, Reservation, SharedBooks
 from tiergate.bundle import ZERO_SHOT, load_bundle
 from tiergate.engine import (
     TaskRuntime,
@@ -232,23 +227,33 @@ class Bank:
     state directory they outlive a restart, journaled in its ``bank`` subdirectory
     on the node the replica runs on."""
 
-    def __init__(self, state_dir: str | None = None):
+    LOCK_WAIT_S = 30.0
+
+    async def __init__(self, state_dir: str | None = None):  # type: ignore[misc]
         self.books = SharedBooks()
         self.state = None
         if state_dir:
             from tiergate.state import StateDirBusy, StateStore
 
-            try:
-                self.state = StateStore(Path(state_dir) / "bank")
-                self.state.restore_ledger(self.books.ledger)
-            except StateDirBusy as e:
-                log.warning("%s: the bank keeps its books in memory", e)
+            # A replica being replaced (a redeploy) may hold the directory a while yet:
+            # books started empty instead would reset every cap for the rest of the day.
+            waited = 0.0
+            while True:
+                try:
+                    self.state = StateStore(Path(state_dir) / "bank")
+                    break
+                except StateDirBusy:
+                    if waited >= self.LOCK_WAIT_S:
+                        raise  # Serve retries the replica
+                    await asyncio.sleep(0.5)
+                    waited += 0.5
+            self.state.restore_ledger(self.books.ledger)
 
-    def reserve(self, tenant: Tenant, estimate_usd: float) -> dict[str, Any]:
-        return self.books.reserve(tenant, estimate_usd)
+    def reserve(self, tenant: Tenant, estimate_usd: float, key: str) -> dict[str, Any]:
+        return self.books.reserve(tenant, estimate_usd, key)
 
-    def settle(self, epoch: str, reservation_id: int, actual_usd: float) -> bool:
-        return self.books.settle(epoch, reservation_id, actual_usd)
+    def settle(self, key: str, actual_usd: float) -> bool:
+        return self.books.settle(key, actual_usd)
 
     def usage(self, tenant: str) -> dict[str, Any]:
         """Today's books of ``tenant`` (escalations, spent and reserved USD)."""
@@ -264,56 +269,75 @@ class Bank:
 
 class RemoteBooks:
     """The engine's Books on Ray: a tenant with an escalation or spend cap reserves and
-    settles at the Bank; one without keeps this front end's own ledger (no hop). The
-    Bank not answering in time refuses the escalation (BooksUnavailable): spending
-    what the books cannot see would break the cap."""
+    settles at the Bank (two hops of a few ms per escalation: the reservation, which
+    the escalation waits for, and the settlement, which it does not); one without keeps
+    this front end's own ledger (no hop). The Bank not answering in time refuses the
+    escalation (BooksUnavailable): spending what the books cannot see would break the
+    cap. A settlement the Bank never gets leaves the estimate reserved until the day
+    ends: the cap errs on the side of spending less."""
 
     TIMEOUT_S = 5.0
 
     def __init__(self, handle: Any, local: Ledger):
         self.handle = handle
         self.local = local
+        self.pending: set[asyncio.Task[None]] = set()  # settlements on their way
 
-    async def reserve_escalation(self, tenant: Tenant, estimate_usd: float) -> Reservation:
+    async def reserve_escalation(
+        self, tenant: Tenant, estimate_usd: float, request_id: str, timeout_s: float | None
+    ) -> Reservation:
         q = tenant.quota
         if q.escalations_per_day is None and q.spend_per_day_usd is None:
             return self.local.reserve_escalation(tenant, estimate_usd)
+        wait = self.TIMEOUT_S if timeout_s is None else max(0.0, min(self.TIMEOUT_S, timeout_s))
+        slim = dataclasses.replace(tenant, key_sha256=())  # the Bank needs no key hashes
         try:
             answer = await asyncio.wait_for(
-                self.handle.reserve.remote(tenant, estimate_usd), self.TIMEOUT_S
+                self.handle.reserve.remote(slim, estimate_usd, request_id), wait
             )
-        except Exception as e:  # the replica lost, restarting, or stuck
-            # (One that reserved but answered too late holds its estimate until the
-            # day ends: the cap errs on the side of spending less.)
+        except BaseException as e:  # too late, the replica lost, or the request cancelled
+            # It may have reserved all the same: release it (a release that arrives
+            # first refuses the reservation when it comes).
+            self._in_background(request_id, 0.0, tenant.name)
+            if not isinstance(e, Exception):
+                raise
             raise BooksUnavailable(
                 f"the spend books (Bank deployment) did not answer: {type(e).__name__}: {e}"
             ) from None
         if not answer["ok"]:
             raise QuotaExceeded(answer["message"], answer["retry_after_s"])
-        return Reservation(tenant.name, answer["day"], estimate_usd, id=answer["id"],
-                           books=answer["epoch"])  # fmt: skip
+        return Reservation(tenant.name, answer["day"], estimate_usd, key=request_id)
 
-    async def settle(self, reservation: Reservation, actual_usd: float) -> None:
-        if not reservation.books:
+    def settle(self, reservation: Reservation, actual_usd: float) -> None:
+        if not reservation.key:
             self.local.settle(reservation, actual_usd)
             return
         if reservation.settled:
             return
         reservation.settled = True
-        # Shielded: a request cancelled meanwhile must not leave its estimate reserved.
-        await asyncio.shield(asyncio.ensure_future(self._settle(reservation, actual_usd)))
+        self._in_background(reservation.key, actual_usd, reservation.tenant)
 
-    async def _settle(self, r: Reservation, actual_usd: float) -> None:
+    def _in_background(self, key: str, actual_usd: float, tenant: str) -> None:
+        # Kept here until done: the answer does not wait for it, and a task nobody
+        # holds may be collected before it ends.
+        task = asyncio.ensure_future(self._settle(key, actual_usd, tenant))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def _settle(self, key: str, actual_usd: float, tenant: str) -> None:
         try:
-            await asyncio.wait_for(
-                self.handle.settle.remote(r.books, r.id, actual_usd), self.TIMEOUT_S
-            )
+            await asyncio.wait_for(self.handle.settle.remote(key, actual_usd), self.TIMEOUT_S)
         except Exception as e:
             log.error(
-                "could not settle escalation %d of tenant %r at the Bank (%s: %s): its "
-                "estimate, $%.6f, stays reserved until the day ends",
-                r.id, r.tenant, type(e).__name__, e, r.amount,
+                "could not settle the escalation of request %s (tenant %r) at the Bank "
+                "(%s: %s): its estimate stays reserved until the day ends",
+                key, tenant, type(e).__name__, e,
             )  # fmt: skip
+
+    async def drain(self, timeout_s: float) -> None:
+        """Waits (up to ``timeout_s``) for the settlements on their way."""
+        if self.pending:
+            await asyncio.wait(set(self.pending), timeout=timeout_s)
 
 
 class RemoteModel:
@@ -432,8 +456,8 @@ class Frontend:
         from tiergate.server import Server, decision_logger, failure_logger
 
         ledger = Ledger()
-        books = RemoteBooks(bank, ledger) if bank is not None else None
-        engine = Engine(policy, runtimes, frontier=remote, ledger=ledger, books=books,
+        self.books = RemoteBooks(bank, ledger) if bank is not None else None
+        engine = Engine(policy, runtimes, frontier=remote, ledger=ledger, books=self.books,
                         semantic_dim=embedding_dim(first))  # fmt: skip
         engine.on_decision = decision_logger(lambda: engine.policy, self.metrics)
         engine.on_failure = failure_logger(lambda: engine.policy)
@@ -473,6 +497,9 @@ class Frontend:
         server = getattr(self, "server", None)  # a constructor that failed leaves none
         if server is not None:
             await server.stop(0.5)
+        books = getattr(self, "books", None)
+        if books is not None:  # the last requests' settlements reach the Bank
+            await books.drain(2.0)
 
 
 # The front end scales on its own signals: one more replica while the replicas run

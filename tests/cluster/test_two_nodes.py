@@ -6,6 +6,7 @@ covers that)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import yaml
 from tests.cluster.conftest import one_ray_session
 from tests.cluster.test_ray_stack import NEVER, free_port
 from tiergate.client import Client
+from tiergate.state import LEDGER
 
 ray = pytest.importorskip("ray", reason="needs ray[serve] (make test installs it)")
 serve = pytest.importorskip("ray.serve")
@@ -206,9 +208,12 @@ def test_an_escalation_cap_holds_across_the_front_ends_of_both_nodes(
                                         "price_in_per_mtok": 1.0}]},
         }))  # fmt: skip
         address = f"127.0.0.1:{free_port()}"
+        # (Both "nodes" are this machine: one front end holds the state directory, the
+        # other keeps its state in memory; the Bank journals in its own subdirectory.)
+        state = tmp_path / "state"
         app = build_app({
             "policy": str(policy), "address": address, "embedder": None, "frontends": 2,
-            "frontend": {"ray_actor_options": {"num_cpus": 0.3}},
+            "frontend": {"ray_actor_options": {"num_cpus": 0.3}}, "state_dir": str(state),
         })  # fmt: skip
         serve.run(app, name=APP_NAME, route_prefix=None)
 
@@ -233,3 +238,5 @@ def test_an_escalation_cap_holds_across_the_front_ends_of_both_nodes(
     assert script.calls == 4  # each front end alone would have let 4 through
     assert sorted(outcomes) == ["degraded"] * 12 + ["frontier"] * 4
     assert (usage["escalations"], usage["open"], usage["reserved_usd"]) == (4, 0, 0.0)
+    journal = [json.loads(line) for line in (state / "bank" / LEDGER).read_text().splitlines()]
+    assert [e["e"] for e in journal].count("reserve") == 4  # the Bank's books, on disk

@@ -89,13 +89,13 @@ def test_every_admitted_request_leaves_one_record_and_settles_its_spend(
 
 class InProcessHandle:
     """A Serve handle's shape (``handle.reserve.remote(...)`` awaitable) over books in
-    this process, each call after a short hop: RemoteBooks' own code runs unchanged,
-    without a Ray cluster (tests/cluster/test_two_nodes.py runs it on one)."""
+    this process, each call after a hop of ``delay_s``: RemoteBooks' own code runs
+    unchanged, without a Ray cluster (tests/cluster/test_two_nodes.py runs it on one)."""
 
-    def __init__(self, books: SharedBooks | None, failing: bool = False):
-        self.books = books
-        self.failing = failing
-        self.calls = 0
+    def __init__(self, books: SharedBooks | None, delay_s: float = 0.002):
+        self.books = books  # None: a Bank that is gone (every call fails)
+        self.delay_s = delay_s
+        self.calls: list[str] = []
 
     def __getattr__(self, method: str) -> Any:
         handle = self
@@ -104,9 +104,9 @@ class InProcessHandle:
             @staticmethod
             def remote(*args: Any) -> Any:
                 async def call() -> Any:
-                    handle.calls += 1
-                    await asyncio.sleep(0.002)
-                    if handle.failing or handle.books is None:
+                    handle.calls.append(method)
+                    await asyncio.sleep(handle.delay_s)
+                    if handle.books is None:
                         raise ConnectionError("replica lost")
                     return getattr(handle.books, method)(*args)
 
@@ -115,58 +115,97 @@ class InProcessHandle:
         return Method
 
 
+def settled(books: SharedBooks, tenant: str = "a") -> Any:
+    """The tenant's usage at ``books`` once every settlement on its way has arrived."""
+    for _ in range(200):
+        if not books.open:
+            break
+        threading.Event().wait(0.05)
+    return books.ledger.snapshot(tenant)
+
+
+def run_all(calls: list[threading.Thread]) -> None:
+    for t in calls:
+        t.start()
+    for t in calls:
+        t.join(60)
+        assert not t.is_alive(), "a call hung"
+
+
+def capped_front_ends(
+    start: Any, bundle: Path, tmp_path: Path, url: str, handle: InProcessHandle, n: int
+) -> list[Any]:
+    tasks = escalate_everything(bundle)
+    tenants = {
+        **tenant_a_with({"escalations_per_day": 5, "spend_per_day_usd": 10.0}),
+        "b": {"key_sha256": [sha(KEY_B)]},  # no cap: its books stay with the front end
+    }
+    policy = write_policy(tmp_path / "p.yaml", bundle, tasks=tasks, tenants=tenants)
+    ray_app = pytest.importorskip("tiergate.ray_app", reason="needs ray[serve]")
+    fronts = [start(policy, url, price=1.0) for _ in range(n)]
+    for r in fronts:
+        r.engine.books = ray_app.RemoteBooks(handle, r.engine.ledger)
+    return fronts
+
+
 def test_front_ends_sharing_books_hold_an_escalation_cap_across_them(
     start: Any, linear_bundle: Path, tmp_path: Path
 ) -> None:
-    ray_app = pytest.importorskip("tiergate.ray_app", reason="needs ray[serve]")
-    tasks = escalate_everything(linear_bundle)
-    tenants = tenant_a_with({"escalations_per_day": 5, "spend_per_day_usd": 10.0})
-    policy = write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks, tenants=tenants)
     shared = SharedBooks()
-    handle = InProcessHandle(shared)
     script = Script(default="refund", delay_s=0.2)  # slow: the calls overlap
     outcomes: list[str] = []
     with fake_provider(script) as url:
-        fronts = [start(policy, url, price=1.0) for _ in range(2)]
-        for r in fronts:
-            r.engine.books = ray_app.RemoteBooks(handle, r.engine.ledger)
+        fronts = capped_front_ends(start, linear_bundle, tmp_path, url, InProcessHandle(shared), 2)
 
         def call(i: int) -> None:
             with fronts[i % 2].client(KEY_A) as c:
                 a = c.classify(f"request {i} about money", timeout=10.0)
             outcomes.append("degraded" if a.degraded else a.tier)
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        run_all([threading.Thread(target=call, args=(i,)) for i in range(16)])
     # Each front end alone would have let 5 through: 10 in all.
     assert script.calls == 5
     assert sorted(outcomes) == ["degraded"] * 11 + ["frontier"] * 5
-    usage = shared.ledger.snapshot("a")
+    usage = settled(shared)
     assert (usage.escalations, usage.open_reservations, usage.reserved_usd) == (5, 0, 0.0)
     assert usage.spent_usd > 0
-    assert shared.open == {}  # every reservation settled at the shared books
     for r in fronts:  # a capped tenant's escalations are not in a front end's own books
         assert r.engine.ledger.snapshot("a").escalations == 0
+
+
+def test_escalations_cut_short_still_settle_at_the_shared_books(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    shared = SharedBooks()
+    script = Script(default="refund", delay_s=1.0)
+    codes: list[str] = []
+    with fake_provider(script) as url:
+        (r,) = capped_front_ends(start, linear_bundle, tmp_path, url, InProcessHandle(shared), 1)
+
+        def call(i: int) -> None:
+            # Straight to the frontier, with a deadline shorter than its answer: the
+            # engine gives up on it (or the call is cancelled) mid-escalation.
+            with r.client(KEY_A) as c:
+                try:
+                    c.classify(f"request {i}", force_tier="frontier", timeout=0.3)
+                    codes.append("OK")
+                except grpc.RpcError as e:
+                    codes.append(e.code().name)
+
+        run_all([threading.Thread(target=call, args=(i,)) for i in range(3)])
+    assert codes == ["DEADLINE_EXCEEDED"] * 3
+    usage = settled(shared)
+    assert shared.open == {}
+    assert (usage.escalations, usage.open_reservations, usage.reserved_usd) == (3, 0, 0.0)
 
 
 def test_shared_books_that_do_not_answer_refuse_capped_escalations_only(
     start: Any, linear_bundle: Path, tmp_path: Path
 ) -> None:
-    ray_app = pytest.importorskip("tiergate.ray_app", reason="needs ray[serve]")
-    tasks = escalate_everything(linear_bundle)
-    tenants = {
-        **tenant_a_with({"spend_per_day_usd": 10.0}),
-        "b": {"key_sha256": [sha(KEY_B)]},  # no cap: its books stay with the front end
-    }
-    policy = write_policy(tmp_path / "p.yaml", linear_bundle, tasks=tasks, tenants=tenants)
-    handle = InProcessHandle(None, failing=True)
+    handle = InProcessHandle(None)  # the Bank is gone
     script = Script(default="refund")
     with fake_provider(script) as url:
-        r = start(policy, url, price=1.0)
-        r.engine.books = ray_app.RemoteBooks(handle, r.engine.ledger)
+        (r,) = capped_front_ends(start, linear_bundle, tmp_path, url, handle, 1)
         with r.client(KEY_A) as c:
             capped = c.classify("I want my money back")
         with r.client(KEY_B) as c:
@@ -178,25 +217,56 @@ def test_shared_books_that_do_not_answer_refuse_capped_escalations_only(
     assert uncapped.tier == "frontier"
     assert not uncapped.degraded
     assert script.calls == 1  # only tenant b's request was paid for
-    assert handle.calls == 1  # and only tenant a's went to the books
+    assert handle.calls[0] == "reserve"  # tenant a's went to the books (and then a release)
+    assert "reserve" not in handle.calls[1:]  # tenant b's did not
     assert r.engine.ledger.snapshot("b").escalations == 1
 
 
-def test_shared_books_settle_by_id_within_their_own_run(linear_bundle: Path) -> None:
-    from tiergate.policy import Quota, Tenant
+def test_a_reservation_that_answers_too_late_is_released(
+    start: Any, linear_bundle: Path, tmp_path: Path
+) -> None:
+    shared = SharedBooks()
+    handle = InProcessHandle(shared, delay_s=0.4)
+    script = Script(default="refund")
+    with fake_provider(script) as url:
+        (r,) = capped_front_ends(start, linear_bundle, tmp_path, url, handle, 1)
+        r.engine.books.TIMEOUT_S = 0.1
+        with r.client(KEY_A) as c:
+            late = c.classify("I want my money back")
+    assert late.degraded_reason == "spend books unavailable"
+    assert script.calls == 0
+    usage = settled(shared)  # reserved after the front end gave up, then released
+    assert handle.calls == ["reserve", "settle"]
+    assert (usage.open_reservations, usage.reserved_usd, usage.spent_usd) == (0, 0.0, 0.0)
 
-    t = Tenant("a", (), Quota(escalations_per_day=2, spend_per_day_usd=1.0))
+
+def test_shared_books_settle_by_key_and_survive_a_restart(tmp_path: Path) -> None:
+    from tiergate.policy import Quota, Tenant
+    from tiergate.state import StateStore
+
+    t = Tenant("a", (), Quota(escalations_per_day=3, spend_per_day_usd=1.0))
+    store = StateStore(tmp_path / "bank")
     books = SharedBooks()
-    first, second = books.reserve(t, 0.4), books.reserve(t, 0.4)
-    assert first["ok"]
-    assert second["ok"]
-    assert first["id"] != second["id"]
-    refused = books.reserve(t, 0.1)  # the escalation quota
+    store.restore_ledger(books.ledger)
+    assert books.reserve(t, 0.4, "r1")["ok"]
+    assert books.reserve(t, 0.4, "r2")["ok"]
+    refused = books.reserve(t, 0.4, "r3")  # 0.8 reserved + 0.4 > the spend cap
     assert not refused["ok"]
-    assert "2 escalations per day" in refused["message"]
+    assert "spend cap" in refused["message"]
     assert refused["retry_after_s"] > 0
-    assert not books.settle("another run", first["id"], 0.3)  # a restart's stale id
-    assert books.settle(books.epoch, first["id"], 0.3)
-    assert not books.settle(books.epoch, first["id"], 0.3)  # settled once only
+    assert books.settle("r1", 0.3)
+    assert not books.settle("r1", 0.3)  # settled once only
+    assert not books.settle("r4", 0.0)  # released before it arrived ...
+    assert not books.reserve(t, 0.1, "r4")["ok"]  # ... so it is refused when it does
     usage = books.ledger.snapshot("a")
     assert (usage.spent_usd, usage.reserved_usd, usage.open_reservations) == (0.3, 0.4, 1)
+    store.close()  # the Bank stops with r2 open
+    again = SharedBooks()
+    store = StateStore(tmp_path / "bank")
+    store.restore_ledger(again.ledger)
+    usage = again.ledger.snapshot("a")
+    assert usage.escalations == 2  # r2 counts at its estimate: the cap stays reached
+    assert usage.spent_usd == pytest.approx(0.7)
+    assert not again.settle("r2", 0.1)  # a settlement from before the restart
+    assert not again.reserve(t, 0.4, "r5")["ok"]
+    store.close()

@@ -111,3 +111,30 @@ def test_the_router_never_answers_even_degraded(
     with r.client() as c:
         code = code_of(lambda: c.classify("where is my package", timeout=30))
     assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_reload_that_changes_a_tasks_tiers_or_mode_takes_effect(
+    start: Any, full_bundle: Path, tmp_path: Path
+) -> None:
+    """The runtime of a bundle the new policy still uses is reused (not loaded again):
+    what the task says of tiers and mode must come from the new policy all the same,
+    and so for a second task on the same bundle."""
+    script = Script(default="greeting")
+    path = tmp_path / "p.yaml"
+    both = {"cascade": {"bundle": str(full_bundle)},
+            "frontier_only": {"bundle": str(full_bundle), "tiers": []}}  # fmt: skip
+    with fake_provider(script) as url:
+        r = start(write_policy(path, full_bundle, tasks=both, cache=NO_CACHE), url)
+        with r.client() as c:
+            # The rules alone would answer "reset my password" (see tests/conftest.py).
+            before = c.classify("reset my password", task="cascade", timeout=30)
+            other = c.classify("reset my password", task="frontier_only", timeout=30)
+            tasks = {"cascade": {"bundle": str(full_bundle), "tiers": []},
+                     "frontier_only": {"bundle": str(full_bundle)}}  # fmt: skip
+            write_policy(path, full_bundle, tasks=tasks, cache=NO_CACHE, version="v2")
+            assert r.server.reload()
+            after = c.classify("reset my password", task="cascade", timeout=30)
+            other_after = c.classify("reset my password", task="frontier_only", timeout=30)
+    assert (before.tier, other.tier) == ("rules", "frontier")
+    assert after.policy_version == "v2"
+    assert (after.tier, other_after.tier) == ("frontier", "rules")
