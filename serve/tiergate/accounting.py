@@ -221,31 +221,35 @@ class SharedBooks:
         # it releases it at once): that reservation, when it arrives, is refused.
         self.released: OrderedDict[str, None] = OrderedDict()
         self.day = -1
+        self.lock = threading.Lock()  # each call whole: a release may race its reservation
 
     def reserve(self, tenant: Tenant, estimate_usd: float, key: str) -> dict[str, Any]:
         """{"ok": True, "day"} or {"ok": False, "message", "retry_after_s"} (plain
         values: an exception would have to survive pickling across processes)."""
-        if key in self.released:
-            return {"ok": False, "message": "released before it arrived", "retry_after_s": 0.0}
-        day = int(self.ledger.clock() // DAY_S)
-        if day != self.day:  # a new day: yesterday's books are closed, and so is what
-            self.day = day  # was left open in them (a settlement that never came)
-            self.open = {k: r for k, r in self.open.items() if r.day >= day}
-        try:
-            r = self.ledger.reserve_escalation(tenant, estimate_usd)
-        except QuotaExceeded as e:
-            return {"ok": False, "message": str(e), "retry_after_s": e.retry_after_s}
-        self.open[key] = r
-        return {"ok": True, "day": r.day}
+        with self.lock:
+            if key in self.released or key in self.open:
+                return {"ok": False, "message": f"reservation {key!r} was released or exists",
+                        "retry_after_s": 0.0}  # fmt: skip
+            day = int(self.ledger.clock() // DAY_S)
+            if day != self.day:  # a new day: yesterday's books are closed, and so is what
+                self.day = day  # was left open in them (a settlement that never came)
+                self.open = {k: r for k, r in self.open.items() if r.day >= day}
+            try:
+                r = self.ledger.reserve_escalation(tenant, estimate_usd)
+            except QuotaExceeded as e:
+                return {"ok": False, "message": str(e), "retry_after_s": e.retry_after_s}
+            self.open[key] = r
+            return {"ok": True, "day": r.day}
 
     def settle(self, key: str, actual_usd: float) -> bool:
         """Settles the reservation under ``key``; False when none is open (settled
         already, made before a restart, or not arrived yet: then it never will be)."""
-        r = self.open.pop(key, None)
-        if r is None:
-            self.released[key] = None
-            while len(self.released) > self.RELEASED_KEPT:
-                self.released.popitem(last=False)
-            return False
-        self.ledger.settle(r, actual_usd)
-        return True
+        with self.lock:
+            r = self.open.pop(key, None)
+            if r is None:
+                self.released[key] = None
+                while len(self.released) > self.RELEASED_KEPT:
+                    self.released.popitem(last=False)
+                return False
+            self.ledger.settle(r, actual_usd)
+            return True

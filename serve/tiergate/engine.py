@@ -1097,9 +1097,8 @@ class Engine:
             return self._degrade(d, best, f"latency budget: {why}")
         estimate = self.frontier.estimate_cost(req.text, offered)
         try:
-            left = req.remaining_ms()
             reservation = await self.books.reserve_escalation(
-                req.tenant, estimate, req.request_id, None if left == float("inf") else left / 1000
+                req.tenant, estimate, req.request_id, _until(req)
             )
         except QuotaExceeded as e:
             if req.tenant.on_quota == "reject":
@@ -1111,11 +1110,15 @@ class Engine:
         except BooksUnavailable as e:  # nothing may be spent that the books cannot see
             d.path.append(Step("frontier", note=f"skipped: {e}"))
             return self._degrade(d, best, "spend books unavailable")
+        limit = _until(req)
+        if limit is not None and limit < MIN_ATTEMPT_S:  # the reservation took the time left
+            self.books.settle(reservation, 0.0)
+            d.path.append(Step("frontier", note="skipped: no time left after the reservation"))
+            return self._degrade(d, best, "latency budget: no time left for the frontier")
         t0 = time.perf_counter()
         tried = ""
         hints = ", ".join(f"{s.tier}: {s.label} ({s.confidence:.2f})" for s in d.path if s.label)
         cost = estimate  # charged if the call is cancelled mid-way: it may have been paid
-        limit = _until(req)
         # The escalator plans its attempts within a slightly shorter limit, so that it
         # ends them itself and charges only what it tried; wait_for is the backstop
         # for an escalator that does not (charged at the whole reservation).

@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -249,20 +250,22 @@ class Bank:
                     waited += 0.5
             self.state.restore_ledger(self.books.ledger)
 
-    def reserve(self, tenant: Tenant, estimate_usd: float, key: str) -> dict[str, Any]:
+    # async: Serve runs them on the replica's event loop, one at a time (they never
+    # await), rather than on a thread pool.
+    async def reserve(self, tenant: Tenant, estimate_usd: float, key: str) -> dict[str, Any]:
         return self.books.reserve(tenant, estimate_usd, key)
 
-    def settle(self, key: str, actual_usd: float) -> bool:
+    async def settle(self, key: str, actual_usd: float) -> bool:
         return self.books.settle(key, actual_usd)
 
-    def usage(self, tenant: str) -> dict[str, Any]:
+    async def usage(self, tenant: str) -> dict[str, Any]:
         """Today's books of ``tenant`` (escalations, spent and reserved USD)."""
         u = self.books.ledger.snapshot(tenant)
         return {"escalations": u.escalations, "spent_usd": u.spent_usd,
                 "reserved_usd": u.reserved_usd, "open": u.open_reservations}  # fmt: skip
 
     def __del__(self) -> None:
-        state = getattr(self, "state", None)
+        state, self.state = getattr(self, "state", None), None  # (Serve and gc may both call)
         if state is not None:
             state.close()
 
@@ -298,7 +301,7 @@ class RemoteBooks:
         except BaseException as e:  # too late, the replica lost, or the request cancelled
             # It may have reserved all the same: release it (a release that arrives
             # first refuses the reservation when it comes).
-            self._in_background(request_id, 0.0, tenant.name)
+            self._in_background(request_id, 0.0, tenant.name, release=True)
             if not isinstance(e, Exception):
                 raise
             raise BooksUnavailable(
@@ -317,17 +320,23 @@ class RemoteBooks:
         reservation.settled = True
         self._in_background(reservation.key, actual_usd, reservation.tenant)
 
-    def _in_background(self, key: str, actual_usd: float, tenant: str) -> None:
+    def _in_background(self, key: str, actual_usd: float, tenant: str,
+                       release: bool = False) -> None:  # fmt: skip
         # Kept here until done: the answer does not wait for it, and a task nobody
         # holds may be collected before it ends.
-        task = asyncio.ensure_future(self._settle(key, actual_usd, tenant))
+        task = asyncio.ensure_future(self._settle(key, actual_usd, tenant, release))
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
 
-    async def _settle(self, key: str, actual_usd: float, tenant: str) -> None:
+    async def _settle(self, key: str, actual_usd: float, tenant: str, release: bool) -> None:
         try:
             await asyncio.wait_for(self.handle.settle.remote(key, actual_usd), self.TIMEOUT_S)
         except Exception as e:
+            if release:  # of a reservation that most likely never happened
+                log.warning("could not release the unanswered reservation of request %s "
+                            "(tenant %r) at the Bank: %s: %s", key, tenant,
+                            type(e).__name__, e)  # fmt: skip
+                return
             log.error(
                 "could not settle the escalation of request %s (tenant %r) at the Bank "
                 "(%s: %s): its estimate stays reserved until the day ends",
@@ -335,9 +344,11 @@ class RemoteBooks:
             )  # fmt: skip
 
     async def drain(self, timeout_s: float) -> None:
-        """Waits (up to ``timeout_s``) for the settlements on their way."""
-        if self.pending:
-            await asyncio.wait(set(self.pending), timeout=timeout_s)
+        """Waits (up to ``timeout_s``) for the settlements on their way, those that
+        start meanwhile included."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self.pending), timeout=left)
 
 
 class RemoteModel:
@@ -499,7 +510,7 @@ class Frontend:
             await server.stop(0.5)
         books = getattr(self, "books", None)
         if books is not None:  # the last requests' settlements reach the Bank
-            await books.drain(2.0)
+            await books.drain(RemoteBooks.TIMEOUT_S + 1)
 
 
 # The front end scales on its own signals: one more replica while the replicas run
@@ -628,7 +639,6 @@ def run(app_args: dict[str, Any], ray_address: str | None) -> None:
     import signal
     import sys
     import threading
-    import time
 
     import ray
 

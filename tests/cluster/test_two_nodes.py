@@ -231,7 +231,12 @@ def test_an_escalation_cap_holds_across_the_front_ends_of_both_nodes(
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             outcomes = list(pool.map(call, range(16)))
     frontends = replicas_seen(serve.get_deployment_handle("Frontend", APP_NAME), 2)
-    usage = serve.get_deployment_handle("Bank", APP_NAME).usage.remote("a").result()
+    bank = serve.get_deployment_handle("Bank", APP_NAME)
+    for _ in range(100):  # settlements reach the Bank after the answers
+        usage = bank.usage.remote("a").result()
+        if usage["open"] == 0:
+            break
+        time.sleep(0.1)
     serve.delete(APP_NAME)
     assert len(frontends) == 2, frontends
     assert all(f["answered"] > 0 for f in frontends.values()), frontends  # both took calls

@@ -89,30 +89,44 @@ def test_every_admitted_request_leaves_one_record_and_settles_its_spend(
 
 class InProcessHandle:
     """A Serve handle's shape (``handle.reserve.remote(...)`` awaitable) over books in
-    this process, each call after a hop of ``delay_s``: RemoteBooks' own code runs
-    unchanged, without a Ray cluster (tests/cluster/test_two_nodes.py runs it on one)."""
+    this process, each call after a hop (``delay_s``, per method if a dict): RemoteBooks'
+    own code runs unchanged, without a Ray cluster (tests/cluster/test_two_nodes.py runs
+    it on one). As with Ray, a call goes on when its caller stops waiting for it."""
 
-    def __init__(self, books: SharedBooks | None, delay_s: float = 0.002):
+    def __init__(self, books: SharedBooks | None, delay_s: float | dict[str, float] = 0.002):
         self.books = books  # None: a Bank that is gone (every call fails)
         self.delay_s = delay_s
         self.calls: list[str] = []
+        self.inflight: set[asyncio.Task[Any]] = set()
 
     def __getattr__(self, method: str) -> Any:
         handle = self
+        delay = self.delay_s if isinstance(self.delay_s, float) else self.delay_s[method]
+
+        async def call(args: tuple[Any, ...]) -> Any:
+            handle.calls.append(method)
+            await asyncio.sleep(delay)
+            if handle.books is None:
+                raise ConnectionError("replica lost")
+            return getattr(handle.books, method)(*args)
 
         class Method:
             @staticmethod
             def remote(*args: Any) -> Any:
-                async def call() -> Any:
-                    handle.calls.append(method)
-                    await asyncio.sleep(handle.delay_s)
-                    if handle.books is None:
-                        raise ConnectionError("replica lost")
-                    return getattr(handle.books, method)(*args)
-
-                return call()
+                task = asyncio.ensure_future(call(args))
+                handle.inflight.add(task)
+                task.add_done_callback(handle.inflight.discard)
+                return asyncio.shield(task)
 
         return Method
+
+    def wait_idle(self) -> None:
+        """Until no call is on its way (the engine's loops run on other threads)."""
+        for _ in range(200):
+            if not self.inflight:
+                return
+            threading.Event().wait(0.05)
+        raise AssertionError("calls to the books still on their way")
 
 
 def settled(books: SharedBooks, tenant: str = "a") -> Any:
@@ -177,7 +191,7 @@ def test_escalations_cut_short_still_settle_at_the_shared_books(
     start: Any, linear_bundle: Path, tmp_path: Path
 ) -> None:
     shared = SharedBooks()
-    script = Script(default="refund", delay_s=1.0)
+    script = Script(default="refund", delay_s=3.0)
     codes: list[str] = []
     with fake_provider(script) as url:
         (r,) = capped_front_ends(start, linear_bundle, tmp_path, url, InProcessHandle(shared), 1)
@@ -187,7 +201,7 @@ def test_escalations_cut_short_still_settle_at_the_shared_books(
             # engine gives up on it (or the call is cancelled) mid-escalation.
             with r.client(KEY_A) as c:
                 try:
-                    c.classify(f"request {i}", force_tier="frontier", timeout=0.3)
+                    c.classify(f"request {i}", force_tier="frontier", timeout=1.0)
                     codes.append("OK")
                 except grpc.RpcError as e:
                     codes.append(e.code().name)
@@ -222,21 +236,31 @@ def test_shared_books_that_do_not_answer_refuse_capped_escalations_only(
     assert r.engine.ledger.snapshot("b").escalations == 1
 
 
+@pytest.mark.parametrize(
+    ("delays", "reserved"),
+    [
+        ({"reserve": 0.4, "settle": 0.8}, 1),  # reserved after the front end gave up, released
+        ({"reserve": 0.4, "settle": 0.002}, 0),  # released first: refused when it arrives
+    ],
+)
 def test_a_reservation_that_answers_too_late_is_released(
-    start: Any, linear_bundle: Path, tmp_path: Path
+    start: Any, linear_bundle: Path, tmp_path: Path, delays: dict[str, float], reserved: int
 ) -> None:
     shared = SharedBooks()
-    handle = InProcessHandle(shared, delay_s=0.4)
+    handle = InProcessHandle(shared, delay_s=delays)
     script = Script(default="refund")
     with fake_provider(script) as url:
         (r,) = capped_front_ends(start, linear_bundle, tmp_path, url, handle, 1)
         r.engine.books.TIMEOUT_S = 0.1
         with r.client(KEY_A) as c:
             late = c.classify("I want my money back")
+        handle.wait_idle()
     assert late.degraded_reason == "spend books unavailable"
     assert script.calls == 0
-    usage = settled(shared)  # reserved after the front end gave up, then released
     assert handle.calls == ["reserve", "settle"]
+    usage = shared.ledger.snapshot("a")
+    assert shared.open == {}
+    assert usage.escalations == reserved
     assert (usage.open_reservations, usage.reserved_usd, usage.spent_usd) == (0, 0.0, 0.0)
 
 
