@@ -669,7 +669,8 @@ def run(app_args: dict[str, Any], ray_address: str | None) -> None:
         started = time.perf_counter()
         print(
             "tiergate: deploying the front end, the intent model "
-            f"({app_args.get('engine', 'vllm')}) and the escalation tier; the model "
+            f"({app_args.get('engine', 'vllm')}), the escalation tier and its spend books "
+            "(Bank); the model "
             "replicas start their engines (about a minute on CPU)...",
             file=sys.stderr,
             flush=True,
