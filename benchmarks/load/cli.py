@@ -98,6 +98,11 @@ def parser() -> argparse.ArgumentParser:
         help="tiergate's event loop (as `tiergate serve --event-loop`): uvloop (the "
         "default) or asyncio's own; the echo baseline stays on asyncio's (bare grpc.aio)",
     )  # fmt: skip
+    g.add_argument(
+        "--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
+        help="the client processes' event loop: uvloop (the default: a client's own time "
+        "is part of each latency, and on uvloop it is smaller) or asyncio's own",
+    )  # fmt: skip
     w = p.add_argument_group("workload mix")
     w.add_argument("--repeats", type=float, default=0.2, help="share of exact repeats")
     w.add_argument("--paraphrases", type=float, default=0.1, help="share of rewordings")
@@ -266,8 +271,8 @@ def _main(args: argparse.Namespace) -> int:
         "# tiergate bench",
         "",
         f"- workload: {len(items):,} requests from {source}; {mix.describe()}",
-        f"- load: {load}, {args.clients} client processes, at most {args.seconds:g} s per "
-        f"configuration; latency from the intended send time",
+        f"- load: {load}, {args.clients} client processes on {args.client_loop}, at most "
+        f"{args.seconds:g} s per configuration; latency from the intended send time",
         f"- frontier: {frontier_note}",
         f"- bundle: {args.bundle}, model priority {args.model_priority}, event loop "
         f"{args.event_loop}; machine: "
@@ -281,7 +286,8 @@ def _main(args: argparse.Namespace) -> int:
         _log(f"{name}: {len(items):,} requests")
         return loadgen.drive(address, items, keys, clients=args.clients, rate=rate,
                              concurrency=args.closed or 1, seconds=args.seconds,
-                             timeout_s=args.timeout, label=name, seed=args.seed)  # fmt: skip
+                             timeout_s=args.timeout, label=name, seed=args.seed,
+                             event_loop=args.client_loop)  # fmt: skip
 
     tallies: dict[str, Tally] = {}
     failed: dict[str, str] = {}  # configurations that did not finish, and why
@@ -398,7 +404,8 @@ def _sweep(args: argparse.Namespace, items: list[workload.Item], keys: dict[str,
             _warm_up(address, keys)
             t = loadgen.drive(address, batch, keys, clients=args.clients, rate=rate,
                               concurrency=1, seconds=args.sweep_seconds, timeout_s=args.timeout,
-                              label=f"sweep {rate:,.0f} req/s", seed=args.seed)  # fmt: skip
+                              label=f"sweep {rate:,.0f} req/s", seed=args.seed,
+                              event_loop=args.client_loop)  # fmt: skip
         r = report.summarize(t)
         errors = sum(r["errors"].values())
         point = {
@@ -430,7 +437,8 @@ def _sweep(args: argparse.Namespace, items: list[workload.Item], keys: dict[str,
             n = int(best / 2 * args.sweep_seconds)
             t = loadgen.drive(address, items[:n], {k: "" for k in keys}, clients=args.clients,
                               rate=best / 2, concurrency=1, seconds=args.sweep_seconds,
-                              label="echo at half rate", seed=args.seed)  # fmt: skip
+                              label="echo at half rate", seed=args.seed,
+                              event_loop=args.client_loop)  # fmt: skip
         echo_at_half = report.summarize(t)["latency_ms"]
     points.sort(key=lambda p: p["offered_rps"])
     return {
@@ -482,7 +490,8 @@ def _overload(args: argparse.Namespace, items: list[workload.Item], keys: dict[s
         _warm_up(address, keys)
         t = loadgen.drive(address, items[:n], keys, clients=args.clients, rate=rate,
                           concurrency=1, seconds=args.overload_seconds, timeout_s=args.timeout,
-                          label=f"overload {rate:,.0f} req/s", seed=args.seed)  # fmt: skip
+                          label=f"overload {rate:,.0f} req/s", seed=args.seed,
+                          event_loop=args.client_loop)  # fmt: skip
     r = report.summarize(t)
     refused = r["errors"].get("RESOURCE_EXHAUSTED", 0)
     _log(f"overload: {rate:,.0f} req/s offered for {args.overload_seconds:g} s -> "
@@ -536,7 +545,8 @@ def _ceilings(args: argparse.Namespace, items: list[workload.Item]) -> dict[str,
     with servers.echo() as address:
         t = loadgen.drive(address, items, {n: "" for n in {i.tenant for i in items}},
                           clients=args.clients, rate=None, concurrency=32,
-                          seconds=min(args.seconds, 10.0), label="echo")  # fmt: skip
+                          seconds=min(args.seconds, 10.0), label="echo",
+                          event_loop=args.client_loop)  # fmt: skip
     out["grpc.aio echo, closed loop"] = f"{t.ok / max(t.elapsed_s, 1e-9):,.0f} req/s"
     intent = args.bundle / "intent"
     if importlib.util.find_spec("vllm") is None:

@@ -9,6 +9,10 @@ measures from the actual send.
 
 Each process tallies its own requests and sends the tally back; histograms
 travel in HdrHistogram's compact encoding and are added up in the parent.
+
+The clients run on uvloop by default: a Python gRPC client's own time is part of
+every latency it records, and on uvloop it is smaller (bare echo server, 2 clients,
+150 req/s open loop: p99 1.7 ms against 2.4 ms with the clients on asyncio's loop).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Plan:
     seconds: float = 60.0  # stop sending after this long
     timeout_s: float = 30.0
     seed: int = 0
+    event_loop: str = "uvloop"  # the client process's (server.EVENT_LOOPS)
 
 
 @dataclass
@@ -80,6 +85,7 @@ class Tally:
     escalations: int = 0  # answered by the frontier, not from a cache
     degraded: int = 0
     cost_usd: float = 0.0
+    loops: Counter[str] = field(default_factory=Counter)  # client processes per event loop
     latency: str = ""  # encoded histograms (us)
     cheap_latency: str = ""
     # workload index -> (label answered, answered from a cache): lets a run compare
@@ -96,6 +102,7 @@ class Tally:
         self.hits_by_origin.update(other.hits_by_origin)
         self.false_by_origin.update(other.false_by_origin)
         self.kinds.update(other.kinds)
+        self.loops.update(other.loops)
         self.answers.update(other.answers)
         self.latency = _add_encoded(self.latency, other.latency)
         self.cheap_latency = _add_encoded(self.cheap_latency, other.cheap_latency)
@@ -128,8 +135,10 @@ def latency_origin(intended: float, now: float) -> float:
 
 def run(plan: Plan, out_q: Any, progress: Any, slot: int) -> None:
     """Process entry point: sends ``plan`` and puts a :class:`Tally` on ``out_q``."""
+    from tiergate.server import run_event_loop
+
     try:
-        tally = asyncio.run(_run(plan, progress, slot))
+        tally = run_event_loop(_run(plan, progress, slot), plan.event_loop)
     except Exception as e:  # the parent must hear about it, not wait forever
         print(f"[bench] client {slot} failed: {type(e).__name__}: {e}", file=sys.stderr)
         tally = Tally()
@@ -144,6 +153,8 @@ async def _run(plan: Plan, progress: Any, slot: int) -> Tally:
     from tiergate.v1 import classifier_pb2_grpc as pb_grpc
 
     tally = Tally()
+    # The loop that runs, not the one asked for (without uvloop, asyncio's serves).
+    tally.loops[type(asyncio.get_running_loop()).__module__.split(".")[0]] += 1
     all_h, cheap_h = histogram(), histogram()
     channel = grpc.aio.insecure_channel(plan.address)
     stub = pb_grpc.ClassifierStub(channel)
@@ -244,6 +255,7 @@ def drive(
     timeout_s: float = 30.0,
     label: str = "",
     seed: int = 0,
+    event_loop: str = "uvloop",
 ) -> Tally:
     """Spreads ``items`` over ``clients`` processes (round robin, order kept) and runs them."""
     ctx = mp.get_context("spawn")
@@ -252,7 +264,7 @@ def drive(
     indexed = list(enumerate(items))
     plans = [
         Plan(address, indexed[i::clients], keys, None if rate is None else rate / clients,
-             concurrency, seconds, timeout_s, seed + i)
+             concurrency, seconds, timeout_s, seed + i, event_loop)
         for i in range(clients)
     ]  # fmt: skip
     procs = [

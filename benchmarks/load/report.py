@@ -43,6 +43,7 @@ def summarize(t: Tally, baseline: Tally | None = None) -> dict[str, Any]:
         "errors": {code: n for code, n in sorted(t.codes.items()) if code != "OK"},
         "decided_by": {k: round(v / answered, 4) for k, v in sorted(t.decided_by.items())},
         "kinds_sent": dict(t.kinds),
+        "client_loops": dict(t.loops),  # client processes per event loop that ran them
         "accuracy": round(t.correct / sent, 4),
         "in_scope_accuracy": round(t.in_scope_correct / max(t.in_scope, 1), 4),
         "oos_recall": round(t.oos_caught / t.oos, 4) if t.oos else None,

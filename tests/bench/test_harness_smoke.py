@@ -41,6 +41,7 @@ def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "SIMULATED frontier" in md
     assert "event loop uvloop" in md  # the loop asked for, `tiergate serve`'s default
+    assert "2 client processes on uvloop" in md
     assert "| answered req/s (incl. drain) |" in md  # not to be read as the offered rate
     assert doc["simulated_frontier"] is True
     r = doc["results"]
@@ -49,6 +50,7 @@ def test_bench_smoke_run(full_bundle: Path, tmp_path: Path) -> None:
         assert res["requests"] == 120, name
         assert res["answered"] + sum(res["errors"].values()) == 120, name
         assert res["latency_ms"]["p50"] <= res["latency_ms"]["p99"] <= res["latency_ms"]["max"]
+        assert res["client_loops"] == {"uvloop": 2}, name  # the loop that ran, not the option
     # The trial tenant's tiny spend cap: with no local tier to degrade to, its
     # requests beyond the cap are refused (UNAVAILABLE), and only those.
     front = r["frontier"]

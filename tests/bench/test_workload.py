@@ -198,3 +198,16 @@ def test_a_configuration_that_fails_is_reported_and_the_run_goes_on(
     doc = json.loads((out / "report.json").read_text())
     assert "does not match the manifest's hash" in doc["failed"]["cascade"]
     assert "FAILED, not in the tables: cascade" in (out / "report.md").read_text()
+
+
+def test_client_processes_run_on_the_loop_asked() -> None:
+    """Against the real echo server on loopback: each client process reports the event
+    loop it ran on (uvloop, the default, or asyncio's own when asked)."""
+    from benchmarks.load import loadgen, servers
+
+    items = [workload.Item(f"text {i}", "a", "fresh", "t") for i in range(40)]
+    with servers.echo() as address:
+        for loop, clients in (("asyncio", 1), ("uvloop", 2)):
+            t = loadgen.drive(address, items, {"t": ""}, clients=clients, rate=None,
+                              concurrency=2, seconds=20, event_loop=loop)  # fmt: skip
+            assert (t.ok, t.loops) == (40, Counter({loop: clients})), loop
