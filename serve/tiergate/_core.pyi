@@ -41,7 +41,7 @@ class RuleSet:
     def from_json(text: str, *, max_text_bytes: int = 1048576) -> RuleSet:
         """Parses a JSON rule document."""
     def match(self, text: str) -> RuleMatch:
-        """Matches one text."""
+        """Matches one text (holding the GIL for a text under 4 KiB)."""
     def match_batch(self, texts: Sequence[str]) -> list[RuleMatch]:
         """Matches a batch of texts, one RuleMatch each."""
     def match_arrays(
@@ -148,7 +148,7 @@ class LinearModel:
         that training saw."""
     def top1(self, text: str, min_known: int = 0) -> tuple[int, float]:
         """(class index, probability) of one text's best class: ``top_k([text], 1,
-        min_known)`` as two numbers."""
+        min_known)`` as two numbers (holding the GIL for a text under 4 KiB)."""
     def with_temperature(self, temperature: float) -> LinearModel:
         """The same weights with another calibration temperature."""
     @property

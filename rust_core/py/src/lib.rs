@@ -1,9 +1,11 @@
 //! `tiergate._core`: PyO3 wrappers around `tiergate_core`.
 //!
 //! Each module here wraps one concept and only converts arguments, releases the
-//! GIL (`py.detach`) around the real work, and converts errors via `errors`.
+//! GIL (`py.detach`) around the real work (`gil` says when a one-text call keeps
+//! it), and converts errors via `errors`.
 
 mod errors;
+mod gil;
 mod input;
 
 // Rules tier.

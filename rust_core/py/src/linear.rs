@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use tiergate_core::linear::{self, top_k};
 
 use crate::errors::{InputError, IntoPyResult};
+use crate::gil;
 use crate::hashing::PyFeatureHasher;
 use crate::input;
 
@@ -185,8 +186,7 @@ impl PyLinearModel {
         min_known: u32,
     ) -> PyResult<(i32, f32)> {
         let texts = [input::text(text, "text")?];
-        let (idx, val) = py
-            .detach(|| self.best(&texts, 1, min_known))
+        let (idx, val) = gil::one_text(py, &texts[0], || self.best(&texts, 1, min_known))
             // A refused text is checked again, off the hot path, for an error that
             // names it as the one text rather than a batch's first.
             .or_else(|e| self.inner.check_text(&texts[0]).and(Err(e)))

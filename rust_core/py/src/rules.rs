@@ -10,6 +10,7 @@ use tiergate_core::rules::{self, spec, MatchScratch, RuleLimits};
 use tiergate_core::text::DEFAULT_MAX_TEXT_BYTES;
 
 use crate::errors::IntoPyResult;
+use crate::gil;
 use crate::input;
 
 /// ``(winner rule index or -1, confidence or 0)`` per text.
@@ -119,7 +120,9 @@ impl PyRuleSet {
     fn match_one(&self, py: Python<'_>, text: &Bound<'_, PyAny>) -> PyResult<PyRuleMatch> {
         let text = input::text(text, "text")?;
         self.inner.check(&text, None).py()?;
-        let m = py.detach(|| self.with_scratch(|s| self.inner.match_text(&text, s)));
+        let m = gil::one_text(py, &text, || {
+            self.with_scratch(|s| self.inner.match_text(&text, s))
+        });
         Ok(self.to_py_match(m))
     }
 
