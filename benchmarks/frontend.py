@@ -4,7 +4,9 @@
 
 Both servers run in their own process; load comes from separate client
 processes (closed loop, many calls in flight) so the client is not the
-bottleneck on its own. Reported: requests per second of each server at full
+bottleneck on its own; they run on uvloop, as `tiergate bench`'s clients do
+(4 runs each of `--rounds 5 --seconds 3`: ratios 0.83-0.88, round ratios 0.73-0.99,
+against 0.76-0.88 and 0.66-1.16 on asyncio's loop). Reported: requests per second of each server at full
 load (and the ratio), then the front end at half of its own maximum rate
 (open loop) with the server-side p99 from its latency histogram: the time
 from the servicer handing the request to the engine until the decision (gRPC
@@ -119,10 +121,12 @@ def _text(n: int, unique: bool) -> str:
 
 
 def _client(
-    port: int, seconds: float, concurrency: int, rate: float | None, unique: bool, out_q: Any
-) -> None:
+    port: int, seconds: float, concurrency: int, rate: float | None, unique: bool, loop: str,
+    out_q: Any,
+) -> None:  # fmt: skip
     import grpc
 
+    from tiergate.server import run_event_loop
     from tiergate.v1 import classifier_pb2 as pb
     from tiergate.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -171,10 +175,11 @@ def _client(
             await asyncio.gather(*(worker(i) for i in range(concurrency)))
         else:
             await paced()
-        out_q.put((done, errors, time.perf_counter() - started))
+        ran_on = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        out_q.put((done, errors, time.perf_counter() - started, ran_on))
         await channel.close()
 
-    asyncio.run(main())
+    run_event_loop(main(), loop)
 
 
 def drive(
@@ -184,12 +189,18 @@ def drive(
     concurrency: int,
     rate: float | None = None,
     unique: bool = False,
+    loop: str = "uvloop",
+    loops_seen: set[str] | None = None,
 ) -> float:
+    """Requests per second answered; ``loops_seen`` gets the event loops the clients
+    ran on."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     per_client_rate = None if rate is None else rate / clients
     procs = [
-        ctx.Process(target=_client, args=(port, seconds, concurrency, per_client_rate, unique, q))
+        ctx.Process(
+            target=_client, args=(port, seconds, concurrency, per_client_rate, unique, loop, q)
+        )
         for _ in range(clients)
     ]
     for p in procs:
@@ -197,7 +208,9 @@ def drive(
     results = [q.get(timeout=seconds + 60) for _ in procs]
     for p in procs:
         p.join()
-    return sum(done / elapsed for done, _, elapsed in results)
+    if loops_seen is not None:
+        loops_seen.update(r[3] for r in results)
+    return sum(done / elapsed for done, _, elapsed, _ in results)
 
 
 def main() -> int:
@@ -245,6 +258,13 @@ def main() -> int:
         help="the echo's event loop: asyncio (the bare grpc.aio server, the target's "
         "baseline) or uvloop (the same loop as tiergate's, for reference)",
     )
+    parser.add_argument(
+        "--client-loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="the client processes' event loop: uvloop (the default, as `tiergate bench`'s "
+        "clients: less of the 2 cores goes to the clients) or asyncio's own",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     unique = args.texts == "unique"
@@ -270,14 +290,16 @@ def main() -> int:
 
     print(f"closed loop: {args.clients} client processes x {args.concurrency} calls in flight, "
           f"{args.seconds:.0f} s per run, {args.rounds} rounds, {args.texts} texts; event loops: "
-          f"tiergate {args.event_loop}, echo {args.echo_loop}", file=sys.stderr)  # fmt: skip
+          f"tiergate {args.event_loop}, echo {args.echo_loop}, clients {args.client_loop}",
+          file=sys.stderr)  # fmt: skip
     # Alternate the two servers round by round and compare medians: this
     # machine is shared, and a single pair of runs swings by +/-15%.
     echo_runs, tg_runs = [], []
     load = (args.seconds, args.clients, args.concurrency)
+    loops: set[str] = set()
     for round_ in range(1, args.rounds + 1):
-        echo_runs.append(drive(echo_port, *load, None, unique))
-        tg_runs.append(drive(tg_port, *load, None, unique))
+        echo_runs.append(drive(echo_port, *load, None, unique, args.client_loop, loops))
+        tg_runs.append(drive(tg_port, *load, None, unique, args.client_loop, loops))
         print(f"  round {round_}: echo {echo_runs[-1]:,.0f} req/s, tiergate {tg_runs[-1]:,.0f} "
               f"req/s ({tg_runs[-1] / echo_runs[-1]:.2f})", file=sys.stderr)  # fmt: skip
     echo_rps, tg_rps = statistics.median(echo_runs), statistics.median(tg_runs)
@@ -289,7 +311,7 @@ def main() -> int:
     before = stats_q.get(timeout=30)  # the open-loop run is measured as a difference
     half = tg_rps / 2
     print(f"open loop at {half:,.0f} req/s (half of tiergate's maximum)", file=sys.stderr)
-    achieved = drive(tg_port, *load, half, unique)
+    achieved = drive(tg_port, *load, half, unique, args.client_loop, loops)
     cmd_q.put("stats")
     after = stats_q.get(timeout=30)
     buckets = {k: v - before.get(k, 0.0) for k, v in after.items()}
@@ -306,6 +328,7 @@ def main() -> int:
         "model": args.model,
         "event_loop": args.event_loop,
         "echo_loop": args.echo_loop,
+        "client_loops": sorted(loops),  # the loops the clients ran on
         "texts": args.texts,
         "target_ratio": 0.8,
         "half_load_rps": achieved,

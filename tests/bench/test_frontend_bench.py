@@ -31,6 +31,7 @@ def test_the_front_end_benchmark_runs_and_reports_each_rounds_ratio(
     assert "ratio per round: median" in run.stderr
     assert "| requests/s, cheap tiers, closed loop (median of 2) |" in run.stdout
     assert (doc["event_loop"], doc["echo_loop"]) == ("uvloop", "asyncio")
+    assert doc["client_loops"] == ["uvloop"]  # the loop the clients ran on
 
 
 def test_a_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:
