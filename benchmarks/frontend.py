@@ -5,12 +5,13 @@
 Both servers run in their own process; load comes from separate client
 processes (closed loop, many calls in flight) so the client is not the
 bottleneck on its own; they run on uvloop, as `tiergate bench`'s clients do
-(4 runs each of `--rounds 5 --seconds 3`: ratios 0.83-0.88, round ratios 0.73-0.99,
-against 0.76-0.88 and 0.66-1.16 on asyncio's loop). Reported: requests per second of each server at full
-load (and the ratio), then the front end at half of its own maximum rate
-(open loop) with the server-side p99 from its latency histogram: the time
-from the servicer handing the request to the engine until the decision (gRPC
-transport and (de)serialisation excluded), as the upper bound of its bucket.
+(4 runs each of `--rounds 5 --seconds 3`: ratios 0.83-0.88, round ratios
+0.73-0.99, against 0.76-0.88 and 0.66-1.16 on asyncio's loop). Reported:
+requests per second of each server at full load (and the ratio), then the
+front end at half of its own maximum rate (open loop) with the server-side p99
+from its latency histogram: the time from the servicer handing the request to
+the engine until the decision (gRPC transport and (de)serialisation excluded),
+as the upper bound of its bucket.
 Texts are ones the cheap tiers decide, so no model runs: by default 8 texts
 over and over; with --texts unique every text is new. The rules or linear tier
 decides each of them every time (the caches keep only model and frontier answers).

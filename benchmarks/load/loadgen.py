@@ -135,9 +135,9 @@ def latency_origin(intended: float, now: float) -> float:
 
 def run(plan: Plan, out_q: Any, progress: Any, slot: int) -> None:
     """Process entry point: sends ``plan`` and puts a :class:`Tally` on ``out_q``."""
-    from tiergate.server import run_event_loop
-
     try:
+        from tiergate.server import run_event_loop
+
         tally = run_event_loop(_run(plan, progress, slot), plan.event_loop)
     except Exception as e:  # the parent must hear about it, not wait forever
         print(f"[bench] client {slot} failed: {type(e).__name__}: {e}", file=sys.stderr)
