@@ -6,7 +6,8 @@ Both servers run in their own process; load comes from separate client
 processes (closed loop, many calls in flight) so the client is not the
 bottleneck on its own; they run on uvloop, as `tiergate bench`'s clients do
 (4 runs each of `--rounds 5 --seconds 3`: ratios 0.83-0.88, round ratios
-0.73-0.99, against 0.76-0.88 and 0.66-1.16 on asyncio's loop). Reported:
+0.73-0.99, against 0.76-0.88 and 0.66-1.16 on asyncio's loop: steadier rounds, the
+same ratio within the noise). Reported:
 requests per second of each server at full load (and the ratio), then the
 front end at half of its own maximum rate (open loop) with the server-side p99
 from its latency histogram: the time from the servicer handing the request to
@@ -39,7 +40,7 @@ TEXTS = [
 def _echo_server(port_q: Any, full_size: bool = False, loop: str = "asyncio") -> None:
     import grpc
 
-    from tiergate.server import run_event_loop
+    from tiergate.event_loop import run_event_loop
     from tiergate.v1 import classifier_pb2 as pb
     from tiergate.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -77,8 +78,9 @@ def _tiergate_server(
 ) -> None:  # fmt: skip
     from tiergate.bundle import load_bundle
     from tiergate.engine import TaskRuntime, in_process_runtime
+    from tiergate.event_loop import run_event_loop
     from tiergate.policy import Task, default_policy
-    from tiergate.server import build_server, run_event_loop
+    from tiergate.server import build_server
 
     def remote_model(task: Task) -> TaskRuntime:
         # The front end as it runs on Ray: the model lives in another process.
@@ -125,9 +127,21 @@ def _client(
     port: int, seconds: float, concurrency: int, rate: float | None, unique: bool, loop: str,
     out_q: Any,
 ) -> None:  # fmt: skip
+    """Process entry point: puts (answered, failed, seconds, loop) on ``out_q``, or the
+    error that stopped it: the parent must hear about it, not wait for a result."""
+    try:
+        _run_client(port, seconds, concurrency, rate, unique, loop, out_q)
+    except Exception as e:
+        out_q.put(f"client {os.getpid()} failed: {type(e).__name__}: {e}")
+
+
+def _run_client(
+    port: int, seconds: float, concurrency: int, rate: float | None, unique: bool, loop: str,
+    out_q: Any,
+) -> None:  # fmt: skip
     import grpc
 
-    from tiergate.server import run_event_loop
+    from tiergate.event_loop import run_event_loop
     from tiergate.v1 import classifier_pb2 as pb
     from tiergate.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -151,10 +165,18 @@ def _client(
 
         async def paced() -> None:
             # Open loop: sends on a fixed schedule whatever the answers do.
-            nonlocal done, errors
             interval = 1.0 / rate  # type: ignore[operator]
             next_at = time.perf_counter()
             pending: set[asyncio.Task[Any]] = set()
+
+            def settled(t: asyncio.Task[Any]) -> None:
+                nonlocal done, errors
+                pending.discard(t)
+                if t.cancelled() or t.exception() is not None:
+                    errors += 1
+                else:
+                    done += 1
+
             n = 0
             while time.perf_counter() < stop_at:
                 next_at += interval
@@ -162,13 +184,12 @@ def _client(
                     stub.Classify(pb.ClassifyRequest(text=_text(n, unique)), timeout=5)
                 )
                 pending.add(t)
-                t.add_done_callback(pending.discard)
+                t.add_done_callback(settled)
                 n += 1
                 delay = next_at - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            results = await asyncio.gather(*pending, return_exceptions=True)
-            done = n - sum(isinstance(r, Exception) for r in results)
+            await asyncio.gather(*pending, return_exceptions=True)
 
         await stub.Classify(pb.ClassifyRequest(text="warm up"), timeout=10)
         started = time.perf_counter()
@@ -208,7 +229,10 @@ def drive(
         p.start()
     results = [q.get(timeout=seconds + 60) for _ in procs]
     for p in procs:
-        p.join()
+        p.join(10)
+    failed = [r for r in results if isinstance(r, str)]
+    if failed:
+        raise RuntimeError("; ".join(failed))
     if loops_seen is not None:
         loops_seen.update(r[3] for r in results)
     return sum(done / elapsed for done, _, elapsed, _ in results)

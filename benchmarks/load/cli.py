@@ -94,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
         "--model-priority`): low (nice +10, the default) or idle (SCHED_IDLE)",
     )  # fmt: skip
     g.add_argument(
-        "--event-loop", choices=("uvloop", "asyncio"), default="uvloop",  # server.EVENT_LOOPS
+        "--event-loop", choices=("uvloop", "asyncio"), default="uvloop",  # event_loop.EVENT_LOOPS
         help="tiergate's event loop (as `tiergate serve --event-loop`): uvloop (the "
         "default) or asyncio's own; the echo baseline stays on asyncio's (bare grpc.aio)",
     )  # fmt: skip

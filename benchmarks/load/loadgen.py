@@ -56,7 +56,7 @@ class Plan:
     seconds: float = 60.0  # stop sending after this long
     timeout_s: float = 30.0
     seed: int = 0
-    event_loop: str = "uvloop"  # the client process's (server.EVENT_LOOPS)
+    event_loop: str = "uvloop"  # the client process's (event_loop.EVENT_LOOPS)
 
 
 @dataclass
@@ -136,7 +136,7 @@ def latency_origin(intended: float, now: float) -> float:
 def run(plan: Plan, out_q: Any, progress: Any, slot: int) -> None:
     """Process entry point: sends ``plan`` and puts a :class:`Tally` on ``out_q``."""
     try:
-        from tiergate.server import run_event_loop
+        from tiergate.event_loop import run_event_loop
 
         tally = run_event_loop(_run(plan, progress, slot), plan.event_loop)
     except Exception as e:  # the parent must hear about it, not wait forever

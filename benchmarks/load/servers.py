@@ -21,8 +21,9 @@ def _tiergate(policy_path: str, model_priority: str, event_loop: str, port_q: An
     import functools
 
     from tiergate.engine import in_process_runtime
+    from tiergate.event_loop import run_event_loop
     from tiergate.policy import load_policy
-    from tiergate.server import build_server, run_event_loop
+    from tiergate.server import build_server
 
     async def main() -> None:
         path = Path(policy_path)

@@ -9,6 +9,8 @@ import numpy.typing as npt
 
 __version__: str
 DEFAULT_MAX_TEXT_BYTES: int
+# One-text calls (RuleSet.match, LinearModel.top1) keep the GIL for shorter texts.
+KEEP_GIL_BELOW_BYTES: int
 
 class TiergateError(ValueError):
     """Base class of every error raised by tiergate's Rust tiers."""
@@ -41,7 +43,7 @@ class RuleSet:
     def from_json(text: str, *, max_text_bytes: int = 1048576) -> RuleSet:
         """Parses a JSON rule document."""
     def match(self, text: str) -> RuleMatch:
-        """Matches one text (holding the GIL for a text under 4 KiB)."""
+        """Matches one text (holding the GIL for a text under KEEP_GIL_BELOW_BYTES)."""
     def match_batch(self, texts: Sequence[str]) -> list[RuleMatch]:
         """Matches a batch of texts, one RuleMatch each."""
     def match_arrays(
@@ -148,7 +150,8 @@ class LinearModel:
         that training saw."""
     def top1(self, text: str, min_known: int = 0) -> tuple[int, float]:
         """(class index, probability) of one text's best class: ``top_k([text], 1,
-        min_known)`` as two numbers (holding the GIL for a text under 4 KiB)."""
+        min_known)`` as two numbers (holding the GIL for a text under
+        KEEP_GIL_BELOW_BYTES)."""
     def with_temperature(self, temperature: float) -> LinearModel:
         """The same weights with another calibration temperature."""
     @property

@@ -199,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--event-loop",
-        choices=("uvloop", "asyncio"),  # server.EVENT_LOOPS (not imported to parse arguments)
+        choices=("uvloop", "asyncio"),  # event_loop.EVENT_LOOPS (not imported to parse arguments)
         default="uvloop",
         help="the front end's event loop (--runtime local). uvloop (default) takes about a "
         "tenth less CPU per request than asyncio's own; asyncio where uvloop is missing",
@@ -377,8 +377,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
+    from tiergate.event_loop import run_event_loop
     from tiergate.policy import default_policy, load_policy
-    from tiergate.server import Tls, build_server, run_event_loop, serve_forever
+    from tiergate.server import Tls, build_server, serve_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not args.log_decisions:

@@ -11,10 +11,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import orjson
@@ -41,7 +41,6 @@ decisions_log = logging.getLogger("tiergate.decisions")
 # One line per request routed to human review, whatever --log-decisions says; at
 # WARNING, as a person must act on it (and Ray Serve's replicas log at WARNING).
 reviews_log = logging.getLogger("tiergate.review")
-T = TypeVar("T")
 
 
 def api_key(metadata: Any) -> str | None:
@@ -711,31 +710,6 @@ def decision_logger(policy_of: Any, metrics: Metrics) -> Any:
             decisions_log.info(orjson.dumps(line).decode())
 
     return record
-
-
-EVENT_LOOPS = ("uvloop", "asyncio")
-
-
-def run_event_loop(main: Coroutine[Any, Any, T], loop: str = "uvloop") -> T:
-    """Runs ``main`` to completion on the chosen event loop.
-
-    uvloop (libuv under asyncio's API; grpc.aio runs on any asyncio loop) takes
-    about a tenth less CPU per cheap-tier request than asyncio's own loop: the front
-    end is one loop, so that is a tenth more requests per second. Where it is not
-    installed (Windows), asyncio's loop serves, with a warning.
-    """
-    if loop not in EVENT_LOOPS:
-        raise ConfigError(f"event loop {loop!r} is not one of {EVENT_LOOPS}")
-    factory = None
-    if loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            log.warning("uvloop is not installed: serving on asyncio's event loop")
-        else:
-            factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
 
 
 async def serve_forever(

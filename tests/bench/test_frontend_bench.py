@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,3 +41,15 @@ def test_a_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert "no bundle at" in run.stderr
+
+
+def test_a_client_that_fails_says_why_rather_than_leave_the_run_waiting() -> None:
+    import socket
+
+    from benchmarks.frontend import drive
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RuntimeError, match=r"client \d+ failed: AioRpcError"):
+        drive(port, seconds=1, clients=1, concurrency=1)

@@ -19,7 +19,7 @@ from tiergate import ConfigError
 from tiergate.accounting import DAY_S
 from tiergate.client import Client
 from tiergate.engine import MODEL_NICE
-from tiergate.server import run_event_loop
+from tiergate.event_loop import run_event_loop
 from tiergate.state import LEDGER, replay
 
 

@@ -3,17 +3,18 @@ work is shorter than giving it up and getting it back) and give it up for a long
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 
 from tiergate import FeatureHasher, LinearModel, RuleSet
-
-KEEP_GIL_BELOW_BYTES = 4096  # rust_core/py/src/gil.rs
+from tiergate._core import KEEP_GIL_BELOW_BYTES
 
 
 def linear_top1() -> Callable[[str], object]:
@@ -29,18 +30,24 @@ def rules_match() -> Callable[[str], object]:
 
 
 @pytest.fixture
-def long_switch_interval() -> Iterator[None]:
-    # No forced switch while the test runs: another thread gets the GIL only when the
-    # main thread gives it up of its own accord.
+def no_forced_switch() -> Iterator[None]:
+    # Another thread gets the GIL only when the main thread gives it up of its own
+    # accord: no switch forced after an interval, no collection (whose finalisers
+    # could give it up) in the middle of a call.
     before = sys.getswitchinterval()
     sys.setswitchinterval(30.0)
-    yield
-    sys.setswitchinterval(before)
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        sys.setswitchinterval(before)
 
 
-def ran_meanwhile(call: Callable[[str], object], text: str, calls: int = 300) -> int:
-    """How often a thread waiting for the GIL ran during ``calls`` calls of ``call``
-    (stopping early once it has run)."""
+def ran_meanwhile(call: Callable[[str], object], text: str, *, calls: int = 0,
+                  seconds: float = 0.0) -> int:  # fmt: skip
+    """How often a thread waiting for the GIL ran while ``call`` was called: ``calls``
+    times, or (``seconds``) until that thread first ran or the time was up."""
     counter = [0]
     stop = threading.Event()
 
@@ -49,27 +56,37 @@ def ran_meanwhile(call: Callable[[str], object], text: str, calls: int = 300) ->
             counter[0] += 1
             os.sched_yield()  # gives the GIL up, then waits for it again
 
-    t = threading.Thread(target=other)
+    t = threading.Thread(target=other, daemon=True)
     t.start()
-    before = counter[0]
-    for _ in range(calls):
-        call(text)
-        if counter[0] != before:
-            break
-    during = counter[0] - before
-    stop.set()
-    t.join()
-    return during
+    try:
+        before = counter[0]
+        until = time.monotonic() + seconds
+        n = 0
+        while n < calls or (seconds and time.monotonic() < until and counter[0] == before):
+            call(text)
+            n += 1
+        return counter[0] - before
+    finally:
+        stop.set()
+        t.join()
 
 
-@pytest.mark.parametrize("make", [linear_top1, rules_match], ids=["top1", "match"])
-def test_short_texts_keep_the_gil_long_ones_give_it_up(
-    make: Callable[[], Callable[[str], object]], long_switch_interval: None
+def test_top1_keeps_the_gil_below_the_limit_and_gives_it_up_from_it(
+    no_forced_switch: None,
 ) -> None:
-    call = make()
-    short = "please refund my order " * 10
-    # Long enough that the waiting thread wakes while the work runs, on a busy machine.
-    long = "please refund my order " * 3000
-    assert len(short.encode()) < KEEP_GIL_BELOW_BYTES <= len(long.encode())
-    assert ran_meanwhile(call, short) == 0
-    assert ran_meanwhile(call, long, calls=3000) > 0
+    top1 = linear_top1()
+    below = "x" * (KEEP_GIL_BELOW_BYTES - 1)
+    at = "x" * KEEP_GIL_BELOW_BYTES
+    assert ran_meanwhile(top1, "please refund my order", calls=300) == 0
+    assert ran_meanwhile(top1, below, calls=300) == 0
+    assert ran_meanwhile(top1, at, seconds=10) > 0
+
+
+def test_match_keeps_the_gil_for_a_short_text_and_gives_it_up_for_a_long_one(
+    no_forced_switch: None,
+) -> None:
+    match = rules_match()
+    assert ran_meanwhile(match, "please refund my order " * 10, calls=300) == 0
+    # Long, and matched only at its end: the whole text is read each time.
+    long = "please send my order " * 3300 + "refund"
+    assert ran_meanwhile(match, long, seconds=10) > 0

@@ -30,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "DEFAULT_MAX_TEXT_BYTES",
         tiergate_core::text::DEFAULT_MAX_TEXT_BYTES,
     )?;
+    m.add("KEEP_GIL_BELOW_BYTES", gil::KEEP_GIL_BELOW_BYTES)?;
     errors::register(m)?;
 
     rules::register(m)?;

@@ -177,7 +177,8 @@ impl PyLinearModel {
 
     /// The most probable class of one text and its probability, ``(index,
     /// prob)``: ``top_k([text], 1, min_known)`` as two Python numbers, for the
-    /// front end's one-text path (no list to build, no arrays to index).
+    /// front end's one-text path (no list to build, no arrays to index). Holds
+    /// the GIL for a text under ``KEEP_GIL_BELOW_BYTES`` (see `gil`).
     #[pyo3(signature = (text, min_known = 0))]
     fn top1(
         &self,

@@ -115,7 +115,8 @@ impl PyRuleSet {
     }
 
     /// Matches one text. Empty or whitespace-only text, or text over
-    /// ``max_text_bytes``, raises ``InputError``.
+    /// ``max_text_bytes``, raises ``InputError``. Holds the GIL for a text under
+    /// ``KEEP_GIL_BELOW_BYTES`` (see `gil`).
     #[pyo3(name = "match")]
     fn match_one(&self, py: Python<'_>, text: &Bound<'_, PyAny>) -> PyResult<PyRuleMatch> {
         let text = input::text(text, "text")?;
