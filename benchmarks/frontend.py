@@ -141,7 +141,7 @@ def _run_client(
 ) -> None:  # fmt: skip
     import grpc
 
-    from tiergate.event_loop import run_event_loop
+    from tiergate.event_loop import run_event_loop, running_loop_name
     from tiergate.v1 import classifier_pb2 as pb
     from tiergate.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -197,8 +197,7 @@ def _run_client(
             await asyncio.gather(*(worker(i) for i in range(concurrency)))
         else:
             await paced()
-        ran_on = type(asyncio.get_running_loop()).__module__.split(".")[0]
-        out_q.put((done, errors, time.perf_counter() - started, ran_on))
+        out_q.put((done, errors, time.perf_counter() - started, running_loop_name()))
         await channel.close()
 
     run_event_loop(main(), loop)

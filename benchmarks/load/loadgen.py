@@ -149,12 +149,12 @@ def run(plan: Plan, out_q: Any, progress: Any, slot: int) -> None:
 async def _run(plan: Plan, progress: Any, slot: int) -> Tally:
     import grpc
 
+    from tiergate.event_loop import running_loop_name
     from tiergate.v1 import classifier_pb2 as pb
     from tiergate.v1 import classifier_pb2_grpc as pb_grpc
 
     tally = Tally()
-    # The loop that runs, not the one asked for (without uvloop, asyncio's serves).
-    tally.loops[type(asyncio.get_running_loop()).__module__.split(".")[0]] += 1
+    tally.loops[running_loop_name()] += 1
     all_h, cheap_h = histogram(), histogram()
     channel = grpc.aio.insecure_channel(plan.address)
     stub = pb_grpc.ClassifierStub(channel)

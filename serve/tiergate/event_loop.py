@@ -39,3 +39,9 @@ def run_event_loop(main: Coroutine[Any, Any, T], loop: str = "uvloop") -> T:
             factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
+
+
+def running_loop_name() -> str:
+    """The running loop's kind, "uvloop" or "asyncio": the one that runs, which is not
+    the one asked for where uvloop is missing."""
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
