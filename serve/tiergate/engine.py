@@ -1132,8 +1132,7 @@ class Engine:
         except TimeoutError:
             label, error = None, "no answer within the request's deadline"
             if best[0] < 0:  # nothing else to answer with: the deadline is what failed
-                self.books.settle(reservation, cost)
-                raise RequestError(
+                raise RequestError(  # (settled in `finally`)
                     "DEADLINE_EXCEEDED", "no tier answered within the deadline"
                 ) from None
         except Exception as e:  # a provider bug must not leak the reservation or crash
