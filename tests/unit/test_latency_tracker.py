@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -94,3 +97,16 @@ def test_a_reused_p95_is_computed_again_once_samples_expire() -> None:
     assert t.p95("k") == 900.0
     clock.now += 31.0  # the slow half expires; nothing new, and no refresh by time
     assert t.p95("k") == 10.0
+
+
+def test_the_first_p95_imports_nothing() -> None:
+    # np.percentile loads numpy.ma on its first call (40 ms, on the event loop, in a
+    # front end without torch, which loads it at start): the tracker must not.
+    code = (
+        "import sys; from tiergate.server import build_server; "
+        "from tiergate.engine import LatencyTracker; before = set(sys.modules); "
+        "t = LatencyTracker(); [t.record('k', float(i)) for i in range(50)]; "
+        "assert t.p95('k') > 0; print(sorted(set(sys.modules) - before))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
