@@ -89,9 +89,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
-        "--model-priority", choices=["low", "idle"], default="low",
-        help="the CPU priority of tiergate's in-process model (as `tiergate serve "
-        "--model-priority`): low (nice +10, the default) or idle (SCHED_IDLE)",
+        "--model-isolation", choices=["process", "thread"], default="process",
+        help="where tiergate's intent model runs (as `tiergate serve --model-isolation`): "
+        "process (a child process of its own, the default) or thread (in the front end's)",
+    )  # fmt: skip
+    g.add_argument(
+        "--model-priority", choices=["low", "idle"],
+        help="the CPU priority of tiergate's model (as `tiergate serve --model-priority`): "
+        "low (nice +10) or idle (SCHED_IDLE); default: idle for a model in its own "
+        "process, low for one on a thread",
     )  # fmt: skip
     g.add_argument(
         "--event-loop", choices=("uvloop", "asyncio"), default="uvloop",  # event_loop.EVENT_LOOPS
@@ -158,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after the sweep (implies --sweep), offer twice the highest sustained rate for "
         "--overload-seconds: what is refused (RESOURCE_EXHAUSTED), the p99 of what is "
-        "admitted, the server's peak memory",
+        "admitted, the server's peak memory (its model process's added)",
     )
     x.add_argument("--overload-seconds", type=float, default=60.0)
     x.add_argument(
@@ -207,6 +213,10 @@ def _log(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.model_priority is None:
+        from tiergate.engine import default_model_priority
+
+        args.model_priority = default_model_priority(args.model_isolation)
     try:
         return _main(args)
     except (ValueError, RuntimeError, FileNotFoundError, TimeoutError) as e:
@@ -267,6 +277,7 @@ def _main(args: argparse.Namespace) -> int:
     )  # fmt: skip
     load = (f"open loop, Poisson at {rate:g} req/s" if rate is not None
             else f"closed loop, {args.closed} in flight per client")  # fmt: skip
+    where = "its own process" if args.model_isolation == "process" else "the front end"
     header = [
         "# tiergate bench",
         "",
@@ -274,7 +285,8 @@ def _main(args: argparse.Namespace) -> int:
         f"- load: {load}, {args.clients} client processes on {args.client_loop}, at most "
         f"{args.seconds:g} s per configuration; latency from the intended send time",
         f"- frontier: {frontier_note}",
-        f"- bundle: {args.bundle}, model priority {args.model_priority}, event loop "
+        f"- bundle: {args.bundle}, model in {where} at priority {args.model_priority}, "
+        f"event loop "
         f"{args.event_loop}; machine: "
         f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M:%S')}",
     ]
@@ -311,8 +323,9 @@ def _main(args: argparse.Namespace) -> int:
                 _log(f"{name}: starting tiergate")
                 try:
                     server = servers.tiergate(
-                        policy_of(name), None, args.model_priority, args.event_loop
-                    )
+                        policy_of(name), None, args.model_priority, args.event_loop,
+                        args.model_isolation,
+                    )  # fmt: skip
                     with server as address:
                         _warm_up(address, keys)
                         tallies[name] = run_config(name, address)
@@ -398,7 +411,9 @@ def _sweep(args: argparse.Namespace, items: list[workload.Item], keys: dict[str,
             batch = [items[(sent + i) % len(items)] for i in range(n)]
             sent += n
         else:
-            server = servers.tiergate(policy, None, args.model_priority, args.event_loop)
+            server = servers.tiergate(
+                policy, None, args.model_priority, args.event_loop, args.model_isolation
+            )
             batch = items[:n]
         with server as address:
             _warm_up(address, keys)
@@ -486,7 +501,9 @@ def _overload(args: argparse.Namespace, items: list[workload.Item], keys: dict[s
     """The hybrid offered ``rate`` (twice the sustained maximum) for --overload-seconds."""
     stats: dict[str, Any] = {}
     n = int(rate * args.overload_seconds)
-    with servers.tiergate(policy, stats, args.model_priority, args.event_loop) as address:
+    with servers.tiergate(
+        policy, stats, args.model_priority, args.event_loop, args.model_isolation
+    ) as address:
         _warm_up(address, keys)
         t = loadgen.drive(address, items[:n], keys, clients=args.clients, rate=rate,
                           concurrency=1, seconds=args.overload_seconds, timeout_s=args.timeout,

@@ -14,10 +14,12 @@ from typing import Any
 from tiergate.frontier import SimulatorParams
 
 
-def _tiergate(policy_path: str, model_priority: str, event_loop: str, port_q: Any) -> None:
+def _tiergate(
+    policy_path: str, model_priority: str, model_isolation: str, event_loop: str, port_q: Any
+) -> None:
     # The front end as `tiergate serve --runtime local` runs it: every tier in
-    # this process, the intent model on PyTorch, on the same event loop. (On Ray,
-    # point --target at it.)
+    # this process, the intent model on PyTorch in a child process (or on a thread
+    # of this one). (On Ray, point --target at it.)
     import functools
 
     from tiergate.engine import in_process_runtime
@@ -27,7 +29,9 @@ def _tiergate(policy_path: str, model_priority: str, event_loop: str, port_q: An
 
     async def main() -> None:
         path = Path(policy_path)
-        factory = functools.partial(in_process_runtime, model_priority=model_priority)
+        factory = functools.partial(
+            in_process_runtime, model_priority=model_priority, model_isolation=model_isolation
+        )
         server = build_server(load_policy(path), path, runtime_factory=factory)
         port_q.put(await server.start("127.0.0.1:0"))
         # Stop cleanly on SIGTERM: the model's worker processes and semaphores are
@@ -73,7 +77,12 @@ def _process(target: Any, args: tuple[Any, ...], what: str, timeout_s: float,
         yield port
     finally:
         if stats is not None and proc.pid is not None:
-            stats["peak_rss_mb"] = peak_rss_mb(proc.pid)
+            # The front end's and its model process's (each its own peak: an upper bound)
+            from tiergate.engine import descendants
+
+            peaks = [peak_rss_mb(pid) for pid in (proc.pid, *descendants(proc.pid))]
+            known = [mb for mb in peaks if mb is not None]
+            stats["peak_rss_mb"] = sum(known) if known else None
         proc.terminate()
         proc.join(10)
         if proc.is_alive():
@@ -84,10 +93,11 @@ def _process(target: Any, args: tuple[Any, ...], what: str, timeout_s: float,
 
 @contextmanager
 def tiergate(policy_path: Path, stats: dict[str, Any] | None = None,
-             model_priority: str = "low", event_loop: str = "uvloop") -> Iterator[str]:  # fmt: skip
+             model_priority: str = "low", event_loop: str = "uvloop",
+             model_isolation: str = "process") -> Iterator[str]:  # fmt: skip
     """A tiergate front end on ``policy_path``; yields its address. ``stats`` gets
     the server's peak memory when it stops."""
-    args = (str(policy_path), model_priority, event_loop)
+    args = (str(policy_path), model_priority, model_isolation, event_loop)
     with _process(_tiergate, args, "tiergate", 300, stats) as port:
         yield f"127.0.0.1:{port}"
 

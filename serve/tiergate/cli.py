@@ -194,8 +194,18 @@ def _parser() -> argparse.ArgumentParser:
         help="Linux: the CPU priority of model compute, below the front end's. low: nice "
         "+10, a small share of a busy core. idle: only the cores the front end leaves free, "
         "for lower cheap-tier latency on a host that runs nothing else (any busy process "
-        "starves the model, and the requests that need it fail). Default: low for the "
-        "in-process model (--runtime local), idle for the vLLM engines' processes on Ray",
+        "starves the model, and the requests that need it fail). Default: idle for a model "
+        "in a process of its own (the vLLM engines on Ray; --runtime local's model), low "
+        "for one on a thread of the front end (--model-isolation thread)",
+    )
+    s.add_argument(
+        "--model-isolation",
+        choices=("process", "thread"),  # engine.MODEL_ISOLATIONS
+        default="process",
+        help="--runtime local: where the intent model runs. process (default): a child "
+        "process of its own, which shares no interpreter lock with the front end and may "
+        "crash or be restarted alone; thread: on a thread of the front end's process "
+        "(one process less, its memory shared)",
     )
     s.add_argument(
         "--event-loop",
@@ -432,12 +442,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     import functools
 
-    from tiergate.engine import in_process_runtime
+    from tiergate.engine import default_model_priority, in_process_runtime
 
     server = build_server(
         policy, args.policy, _provider(args), default_bundle=args.bundle, state_dir=state_dir,
         runtime_factory=functools.partial(
-            in_process_runtime, model_priority=args.model_priority or "low"
+            in_process_runtime,
+            model_priority=args.model_priority or default_model_priority(args.model_isolation),
+            model_isolation=args.model_isolation,
         ),
     )  # fmt: skip
     run_event_loop(

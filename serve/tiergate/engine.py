@@ -35,6 +35,7 @@ from tiergate.calibration import Calibrator
 from tiergate.escalation import MIN_ATTEMPT_S, Escalation
 from tiergate.frontier import DEFAULT_CANDIDATES, shortlist
 from tiergate.gate import GENERAL, STRICT_DOMAINS, DomainGate
+from tiergate.model_process import ModelProcess
 from tiergate.policy import Policy, Task, Tenant
 from tiergate.tiers import LOCAL_TIERS, ORDER, RulesTier
 
@@ -495,10 +496,16 @@ class TaskRuntime:
             # on the default pool can never delay a model batch. At a lower CPU
             # priority: when the cores are busy, the event loop answering from the
             # cheap tiers runs first, and model batches take what is left.
-            executor = self.executor = ThreadPoolExecutor(
-                1, thread_name_prefix=f"model-{task.name}", initializer=yield_cpu,
-                initargs=(model_priority,),
-            )  # fmt: skip
+            # A model in a process of its own (tiergate.model_process) lowers its own
+            # priority: this thread only pickles, and must not be starved holding the GIL.
+            name = f"model-{task.name}"
+            if isinstance(backend_, ModelProcess):
+                executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+            else:
+                executor = ThreadPoolExecutor(
+                    1, thread_name_prefix=name, initializer=yield_cpu, initargs=(model_priority,)
+                )
+            self.executor = executor
 
             async def run(texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
                 loop = asyncio.get_running_loop()
@@ -584,14 +591,22 @@ def _namespace_tail(policy_version: str) -> str:
     return f"/{urllib.parse.quote(policy_version, safe='')}/rules{CACHE_RULES}"
 
 
-# How the in-process model's thread (and the compute threads it starts, which inherit
-# it) gives way to the front end on Linux. "low" (default): nice +10, a small share
-# of a busy core. "idle": the SCHED_IDLE class, only the cores no normal thread wants
-# (CLINC bench, 2 cores, 200 req/s, three measurements each: cheap-tier p99 3.1-3.8
-# against 3.8-4.1 ms). Only for a host that runs nothing else: any busy process
-# starves it, and while starved it may hold the GIL the event loop needs.
+# How the local model's compute (its thread, or its process, and the compute threads
+# either starts, which inherit it) gives way to the front end on Linux. "low": nice
+# +10, a small share of a busy core. "idle": the SCHED_IDLE class, only the cores no
+# normal thread wants (CLINC bench, 2 cores, 200 req/s, three measurements each:
+# cheap-tier p99 3.1-3.8 against 3.8-4.1 ms), for a host that runs nothing else: any
+# busy process starves it. The default for a model in its own process; not for one
+# on a thread, which while starved may hold the GIL the event loop needs.
 MODEL_PRIORITIES = ("low", "idle")
 MODEL_NICE = 10
+# Where the local runtime's model runs: a child process of its own, or a thread of the
+# front end's (tiergate.model_process says why the first is `tiergate serve`'s default).
+MODEL_ISOLATIONS = ("process", "thread")
+
+
+def default_model_priority(model_isolation: str) -> str:
+    return "idle" if model_isolation == "process" else "low"
 
 
 def check_model_priority(priority: str) -> None:
@@ -687,14 +702,22 @@ def renice_process(niceness: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
-def in_process_runtime(task: Task, model_priority: str = "low") -> TaskRuntime:
-    """Loads a task's bundle with its intent model run in-process (PyTorch), on a thread
-    at ``model_priority`` (see MODEL_PRIORITIES)."""
+def in_process_runtime(
+    task: Task, model_priority: str = "low", model_isolation: str = "thread"
+) -> TaskRuntime:
+    """Loads a task's bundle for the local runtime: every tier in this process, the
+    intent model on a thread of it (``model_isolation`` "thread") or in a child process
+    of its own ("process", what `tiergate serve --runtime local` runs: see
+    tiergate.model_process), its compute at ``model_priority`` (see MODEL_PRIORITIES)."""
     check_model_priority(model_priority)  # before anything is loaded
+    if model_isolation not in MODEL_ISOLATIONS:
+        raise ConfigError(f"model isolation {model_isolation!r} is not one of {MODEL_ISOLATIONS}")
     bundle = load_bundle(task.bundle)
     TaskRuntime._check_mode(task, bundle)  # before a model is loaded for nothing
     backend: ModelBackend | None = None
-    if bundle.has("intent"):
+    if bundle.has("intent") and model_isolation == "process":
+        backend = ModelProcess(task.bundle, model_priority)
+    elif bundle.has("intent"):
         from tiergate.tiers import load_intent_backend
 
         # OpenMP's worker threads spin after each parallel region, waiting for more work.

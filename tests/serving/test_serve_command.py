@@ -18,7 +18,7 @@ from tests.serving.conftest import sched_idle_allowed, serve_subprocess, thread_
 from tiergate import ConfigError
 from tiergate.accounting import DAY_S
 from tiergate.client import Client
-from tiergate.engine import MODEL_NICE
+from tiergate.engine import MODEL_NICE, descendants
 from tiergate.event_loop import run_event_loop
 from tiergate.state import LEDGER, replay
 
@@ -87,31 +87,44 @@ def test_the_event_loop_is_the_one_asked() -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling is Linux's")
-@pytest.mark.parametrize("priority", ["idle", "low"])
+@pytest.mark.parametrize(
+    ("isolation", "priority"), [("process", None), ("process", "low"), ("thread", "low")]
+)
 def test_serve_runs_the_model_at_the_priority_asked(
-    full_bundle: Path, tmp_path: Path, priority: str
+    full_bundle: Path, tmp_path: Path, isolation: str, priority: str | None
 ) -> None:
-    if priority == "idle" and not sched_idle_allowed():
+    """The model's compute runs below the front end's priority: in a process of its own
+    (the default; idle unless asked otherwise), or on a thread of the front end's."""
+    if (priority or "idle") == "idle" and not sched_idle_allowed():
         pytest.skip("this system does not let a thread enter SCHED_IDLE")
     port = free_port()
+    asked = ["--model-priority", priority] if priority else []
     proc, _ = serve_subprocess(
         "--bundle", str(full_bundle), "--address", f"127.0.0.1:{port}", "--metrics-port", "0",
-        "--state-dir", "none", "--model-priority", priority,
+        "--state-dir", "none", "--model-isolation", isolation, *asked,
     )  # fmt: skip
     try:
         with Client(f"127.0.0.1:{port}") as c:
             assert c.classify("where is my parcel", force_tier="intent", timeout=30).tier
-        threads = thread_priorities(proc.pid)
+        front = thread_priorities(proc.pid)
+        children = descendants(proc.pid)
+        model = [t for pid in children for t in thread_priorities(pid)]
     finally:
         proc.kill()
         proc.communicate()
     base = os.getpriority(os.PRIO_PROCESS, 0)  # the server's, inherited from us
-    assert (os.SCHED_OTHER, base) in threads  # the front end's
-    idle = [t for t in threads if t[0] == os.SCHED_IDLE]
-    niced = [t for t in threads if t == (os.SCHED_OTHER, min(19, base + MODEL_NICE))]
-    if priority == "idle":
-        assert idle
-        assert not niced
+    wanted = (
+        (os.SCHED_IDLE, base)
+        if (priority or "idle") == "idle"
+        else (os.SCHED_OTHER, min(19, base + MODEL_NICE))
+    )
+    if isolation == "process":
+        assert len(children) == 1, "one model process"
+        assert set(front) == {(os.SCHED_OTHER, base)}  # the front end: every thread
+        assert len(model) > 1
+        assert set(model) == {wanted}
     else:
-        assert niced
-        assert not idle
+        assert children == []
+        assert (os.SCHED_OTHER, base) in front  # the front end's
+        assert wanted in front  # the model's thread and PyTorch's
+        assert os.SCHED_IDLE not in {t[0] for t in front}
