@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -211,10 +212,10 @@ def drive(
     rate: float | None = None,
     unique: bool = False,
     loop: str = "uvloop",
-    loops_seen: set[str] | None = None,
+    loops_seen: Counter[str] | None = None,
 ) -> float:
-    """Requests per second answered; ``loops_seen`` gets the event loops the clients
-    ran on."""
+    """Requests per second answered; ``loops_seen`` counts the client processes per
+    event loop they ran on."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     per_client_rate = None if rate is None else rate / clients
@@ -320,7 +321,7 @@ def main() -> int:
     # machine is shared, and a single pair of runs swings by +/-15%.
     echo_runs, tg_runs = [], []
     load = (args.seconds, args.clients, args.concurrency)
-    loops: set[str] = set()
+    loops: Counter[str] = Counter()
     for round_ in range(1, args.rounds + 1):
         echo_runs.append(drive(echo_port, *load, None, unique, args.client_loop, loops))
         tg_runs.append(drive(tg_port, *load, None, unique, args.client_loop, loops))
@@ -352,7 +353,7 @@ def main() -> int:
         "model": args.model,
         "event_loop": args.event_loop,
         "echo_loop": args.echo_loop,
-        "client_loops": sorted(loops),  # the loops the clients ran on
+        "client_loops": dict(loops),  # client processes per loop they ran on (as bench's)
         "texts": args.texts,
         "target_ratio": 0.8,
         "half_load_rps": achieved,

@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,16 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def client_loop_note(asked: str, tallies: Iterable[Tally]) -> list[str]:
+    """A header line when the client processes did not all run on the loop asked
+    (uvloop where it is not installed): the header names the loop asked."""
+    ran = sorted({loop for t in tallies for loop in t.loops})
+    if not ran or ran == [asked]:
+        return []
+    return [f"- the client processes ran on {' and '.join(ran)}, not {asked} as asked "
+            "(client_loops in report.json counts them per configuration)"]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.model_priority is None:
@@ -345,6 +356,7 @@ def _main(args: argparse.Namespace) -> int:
                for n, t in tallies.items()}  # fmt: skip
     verdicts = _targets(results, mix, sweep, args.p99_budget_ms)
     header += [f"- FAILED, not in the tables: {n} ({why})" for n, why in failed.items()]
+    header += client_loop_note(args.client_loop, tallies.values())
     md = report.markdown(results, header)
     if ceilings:
         md += (

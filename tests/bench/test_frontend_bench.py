@@ -33,7 +33,8 @@ def test_the_front_end_benchmark_runs_and_reports_each_rounds_ratio(
     assert "ratio per round: median" in run.stderr
     assert "| requests/s, cheap tiers, closed loop (median of 2) |" in run.stdout
     assert (doc["event_loop"], doc["echo_loop"]) == ("uvloop", "asyncio")
-    assert doc["client_loops"] == ["uvloop"]  # the loop the clients ran on
+    # the loop the clients ran on: 1 process per run, 2 rounds of two runs, 1 open loop
+    assert doc["client_loops"] == {"uvloop": 5}
 
 
 def test_a_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:

@@ -211,3 +211,20 @@ def test_client_processes_run_on_the_loop_asked() -> None:
             t = loadgen.drive(address, items, {"t": ""}, clients=clients, rate=None,
                               concurrency=2, seconds=20, event_loop=loop)  # fmt: skip
             assert (t.ok, t.loops) == (40, Counter({loop: clients})), loop
+
+
+def test_the_header_says_when_the_clients_ran_on_another_loop_than_asked() -> None:
+    from benchmarks.load.cli import client_loop_note
+    from benchmarks.load.loadgen import Tally
+
+    def ran(**loops: int) -> Tally:
+        t = Tally()
+        t.loops.update(loops)
+        return t
+
+    assert client_loop_note("uvloop", [ran(uvloop=2), ran(uvloop=2)]) == []
+    assert client_loop_note("uvloop", []) == []  # nothing ran: nothing to say
+    (note,) = client_loop_note("uvloop", [ran(uvloop=2), ran(asyncio=2)])
+    assert note.startswith("- the client processes ran on asyncio and uvloop, not uvloop")
+    (note,) = client_loop_note("uvloop", [ran(asyncio=2)])
+    assert "ran on asyncio, not uvloop as asked" in note
