@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 __version__: str
 DEFAULT_MAX_TEXT_BYTES: int
-# One-text calls (RuleSet.match, LinearModel.top1) keep the GIL for shorter texts.
+# One-text calls (RuleSet.match, LinearModel.top1 and .proba) keep the GIL for shorter texts.
 KEEP_GIL_BELOW_BYTES: int
 
 class TiergateError(ValueError):
@@ -152,6 +152,9 @@ class LinearModel:
         """(class index, probability) of one text's best class: ``top_k([text], 1,
         min_known)`` as two numbers (holding the GIL for a text under
         KEEP_GIL_BELOW_BYTES)."""
+    def proba(self, text: str) -> npt.NDArray[np.float32]:
+        """One text's probabilities, shape (n_classes,): ``predict_proba([text])[0]``
+        (holding the GIL for a text under KEEP_GIL_BELOW_BYTES)."""
     def with_temperature(self, temperature: float) -> LinearModel:
         """The same weights with another calibration temperature."""
     @property

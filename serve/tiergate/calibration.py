@@ -253,6 +253,32 @@ class Calibrator:
             probs = (1 - self.mix) * probs + self.mix * np.asarray(mix_with, dtype=np.float64)
         return probs
 
+    def one(
+        self, logits: FloatArray, mix_with: npt.NDArray[np.floating[Any]] | None = None
+    ) -> tuple[FloatArray, int, float]:
+        """``probabilities`` and ``apply_probabilities`` of one row of logits: the
+        distribution, the top-1 class and its calibrated confidence. The front end's
+        per-request path: half the numpy calls, in place, each of which costs
+        microseconds on a busy event loop (CLINC bench, 200 req/s: 61 us at p50 for
+        ``probabilities`` alone, against 8 us in a loop)."""
+        index, bias = self.bias
+        z = np.divide(logits, self.temperature, dtype=np.float64)  # a new array: ours
+        if index is not None and bias:
+            z[index] += bias
+        z -= z.max()
+        np.exp(z, out=z)
+        z /= z.sum()
+        if self.mix > 0:
+            if mix_with is None:
+                raise ConfigError("this calibration mixes in the earlier tier's probabilities")
+            z *= 1 - self.mix
+            z += np.multiply(mix_with, self.mix, dtype=np.float64)
+        pred = int(z.argmax())
+        top = float(z[pred])
+        if self.method != "temperature":
+            top = float(self.map_confidence(np.array([top]))[0])
+        return z, pred, top
+
     def apply(
         self, logits: npt.ArrayLike, mix_with: npt.ArrayLike | None = None
     ) -> tuple[IntArray, FloatArray]:

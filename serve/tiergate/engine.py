@@ -975,7 +975,7 @@ class Engine:
         # that will, the intent model (confident) or the frontier (not).
         linear = rt.linear
         if linear is not None and rt.linear_runs and start_at <= 1 <= stop_at:
-            walk.probs = lambda: linear.predict_proba([req.text])[0]  # (only if needed)
+            walk.probs = lambda: linear.proba(req.text)  # (only if needed)
             t0 = time.perf_counter()
             # A text of which training saw no feature (emoji, symbols, unseen words)
             # scores the intercepts alone, the same for all such texts: the tier
@@ -1047,14 +1047,14 @@ class Engine:
                     path.append(Step("intent", note=f"failed: {type(e).__name__}: {e}"))
                     return self._degrade(d, walk.best, "intent model unavailable")
                 self.latency.record(f"{rt.task.name}/intent", (time.perf_counter() - t0) * 1000)
+                calibrator = rt.calibrators["intent"]
                 mix = None
-                if rt.calibrators["intent"].mix > 0 and rt.linear is not None:
-                    mix = rt.linear.predict_proba([req.text])
-                calibrated = rt.calibrators["intent"].probabilities(logits[None, :], mix)
-                walk.probs = lambda: calibrated[0]
-                pred, conf = rt.calibrators["intent"].apply_probabilities(calibrated)
-                accepted = walk.consider("intent", int(pred[0]), float(conf[0]), _us(t0))
-                if rt.route and not accepted and pred[0] >= 0:
+                if calibrator.mix > 0 and rt.linear is not None:
+                    mix = rt.linear.proba(req.text)
+                calibrated, pred, conf = calibrator.one(logits, mix)
+                walk.probs = lambda: calibrated
+                accepted = walk.consider("intent", pred, conf, _us(t0))
+                if rt.route and not accepted and pred >= 0:
                     # Routed here: the model's answer stands whatever its confidence.
                     step = path[-1]
                     step.accepted, step.note = True, "routed: answers below its threshold too"

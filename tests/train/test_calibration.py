@@ -176,3 +176,35 @@ def test_train_uses_the_method_given_for_each_tier(tmp_path: Path) -> None:
     )  # fmt: skip
     assert bad.returncode == 2
     assert "'best' is not one of" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"method": "temperature", "temperature": 1.7},
+        {"method": "temperature", "temperature": 0.8, "bias_index": 2, "bias": 1.25},
+        {"method": "temperature", "temperature": 1.3, "bias_index": 0, "bias": -0.5, "mix": 0.3},
+        {"method": "platt", "a": 1.4, "b": -0.2, "temperature": 1.1},
+        {"method": "isotonic", "x": [0.0, 0.4, 0.7, 1.0], "y": [0.0, 0.3, 0.8, 1.0]},
+    ],
+)
+def test_one_row_at_a_time_agrees_with_the_batch_path(raw: dict[str, object]) -> None:
+    """The front end calibrates one row with Calibrator.one: the same distribution,
+    class and confidence as probabilities and apply_probabilities on a batch."""
+    cal = Calibrator.from_json(raw, "test", n_labels=6)
+    rng = np.random.default_rng(11)
+    logits = rng.normal(scale=4.0, size=(50, 6))
+    before = logits.copy()
+    other = softmax(rng.normal(size=(50, 6))).astype(np.float32)  # the linear tier's
+    mix = other if cal.mix > 0 else None
+    probs = cal.probabilities(logits, mix)
+    pred, conf = cal.apply_probabilities(probs)
+    for i in range(len(logits)):
+        row, p, c = cal.one(logits[i], None if mix is None else mix[i])
+        np.testing.assert_allclose(row, probs[i], rtol=1e-12, atol=1e-15)
+        assert p == pred[i]
+        assert c == pytest.approx(conf[i], rel=1e-12, abs=1e-15)
+    np.testing.assert_array_equal(logits, before)  # the rows passed in: left as they were
+    if cal.mix > 0:
+        with pytest.raises(ConfigError, match="mixes in"):
+            cal.one(logits[0])

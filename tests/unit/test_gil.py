@@ -17,11 +17,14 @@ from tiergate import FeatureHasher, LinearModel, RuleSet
 from tiergate._core import KEEP_GIL_BELOW_BYTES
 
 
-def linear_top1() -> Callable[[str], object]:
+def linear_model() -> LinearModel:
     rng = np.random.default_rng(0)
-    model = LinearModel([FeatureHasher(n_features=2**12, ngram_range=(1, 2))],
-                        rng.normal(size=(3, 2**12)), np.zeros(3), ["a", "b", "c"])  # fmt: skip
-    return model.top1
+    return LinearModel([FeatureHasher(n_features=2**12, ngram_range=(1, 2))],
+                       rng.normal(size=(3, 2**12)), np.zeros(3), ["a", "b", "c"])  # fmt: skip
+
+
+def linear_top1() -> Callable[[str], object]:
+    return linear_model().top1
 
 
 def rules_match() -> Callable[[str], object]:
@@ -80,6 +83,15 @@ def test_top1_keeps_the_gil_below_the_limit_and_gives_it_up_from_it(
     assert ran_meanwhile(top1, "please refund my order", calls=300) == 0
     assert ran_meanwhile(top1, below, calls=300) == 0
     assert ran_meanwhile(top1, at, seconds=10) > 0
+
+
+def test_proba_keeps_the_gil_below_the_limit_and_gives_it_up_from_it(
+    no_forced_switch: None,
+) -> None:
+    proba = linear_model().proba
+    assert ran_meanwhile(proba, "please refund my order", calls=300) == 0
+    assert ran_meanwhile(proba, "x" * (KEEP_GIL_BELOW_BYTES - 1), calls=300) == 0
+    assert ran_meanwhile(proba, "x" * KEEP_GIL_BELOW_BYTES, seconds=10) > 0
 
 
 def test_match_keeps_the_gil_for_a_short_text_and_gives_it_up_for_a_long_one(

@@ -137,6 +137,11 @@ def test_top_k_agrees_with_argsort() -> None:
     # top1: the same first column, for one text, as two numbers.
     best = list(zip(idx[:, 0].tolist(), val[:, 0].tolist(), strict=True))
     assert [model.top1(t) for t in probe] == best
+    # proba: one text's row of predict_proba, as one array.
+    for i, t in enumerate(probe[:5]):
+        np.testing.assert_array_equal(model.proba(t), probs[i])
+    with pytest.raises(tiergate.InputError, match="text"):
+        model.proba("   ")
 
 
 def test_a_text_with_no_known_feature_gets_no_label() -> None:

@@ -1,7 +1,7 @@
 //! When a call gives the GIL up while it works.
 //!
-//! Batches always do. A front end's one-text calls (`LinearModel.top1`,
-//! `RuleSet.match`) keep it for a text under `KEEP_GIL_BELOW_BYTES`: giving the
+//! Batches always do. A front end's one-text calls (`LinearModel.top1` and
+//! `proba`, `RuleSet.match`) keep it for a text under `KEEP_GIL_BELOW_BYTES`: giving the
 //! GIL up costs more than such work where another thread wants it. With the
 //! intent model running in the front end's process, getting the GIL back after
 //! `top1` took up to 0.3 ms at p99 and 8 ms at worst (CLINC bench, 150 req/s,

@@ -1,7 +1,7 @@
 //! Python wrapper: `LinearModel`, the hashed linear classifier.
 
 use numpy::ndarray::Array2;
-use numpy::{AllowTypeChange, IntoPyArray, PyArray2, PyArrayLike1, PyArrayLike2};
+use numpy::{AllowTypeChange, IntoPyArray, PyArray1, PyArray2, PyArrayLike1, PyArrayLike2};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use tiergate_core::linear::{self, top_k};
@@ -193,6 +193,21 @@ impl PyLinearModel {
             .or_else(|e| self.inner.check_text(&texts[0]).and(Err(e)))
             .py()?;
         Ok((idx[0], val[0]))
+    }
+
+    /// One text's probabilities, float32 ``(n_classes,)``: ``predict_proba([text])[0]``
+    /// for the front end's one-text path (the intent tier's calibration mixes them
+    /// in). Holds the GIL for a text under ``KEEP_GIL_BELOW_BYTES`` (see `gil`).
+    fn proba<'py>(
+        &self,
+        py: Python<'py>,
+        text: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let texts = [input::text(text, "text")?];
+        let probs = gil::one_text(py, &texts[0], || self.inner.predict_proba(&texts))
+            .or_else(|e| self.inner.check_text(&texts[0]).and(Err(e)))
+            .py()?;
+        Ok(probs.into_pyarray(py))
     }
 
     /// The same weights with another calibration temperature.
