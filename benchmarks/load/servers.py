@@ -15,8 +15,9 @@ from tiergate.frontier import SimulatorParams
 
 
 def _tiergate(
-    policy_path: str, model_priority: str, model_isolation: str, event_loop: str, port_q: Any
-) -> None:
+    policy_path: str, model_priority: str | None, model_isolation: str, event_loop: str,
+    port_q: Any,
+) -> None:  # fmt: skip
     # The front end as `tiergate serve --runtime local` runs it: every tier in
     # this process, the intent model on PyTorch in a child process (or on a thread
     # of this one). (On Ray, point --target at it.)
@@ -93,7 +94,7 @@ def _process(target: Any, args: tuple[Any, ...], what: str, timeout_s: float,
 
 @contextmanager
 def tiergate(policy_path: Path, stats: dict[str, Any] | None = None,
-             model_priority: str = "low", event_loop: str = "uvloop",
+             model_priority: str | None = None, event_loop: str = "uvloop",
              model_isolation: str = "process") -> Iterator[str]:  # fmt: skip
     """A tiergate front end on ``policy_path``; yields its address. ``stats`` gets
     the server's peak memory when it stops."""

@@ -201,7 +201,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--model-isolation",
         choices=("process", "thread"),  # engine.MODEL_ISOLATIONS
-        default="process",
         help="--runtime local: where the intent model runs. process (default): a child "
         "process of its own, which shares no interpreter lock with the front end and may "
         "crash or be restarted alone; thread: on a thread of the front end's process "
@@ -402,6 +401,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ):
         print("tiergate serve: TLS needs --tls-cert and --tls-key together", file=sys.stderr)
         return 2
+    if args.runtime == "ray" and args.model_isolation is not None:
+        print("tiergate serve: --model-isolation is for --runtime local (on Ray the models "
+              "run in their replicas' processes)", file=sys.stderr)  # fmt: skip
+        return 2
     tls = Tls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     if tls is not None:
         tls.credentials()  # a missing or broken file fails here, before anything starts
@@ -442,14 +445,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     import functools
 
-    from tiergate.engine import default_model_priority, in_process_runtime
+    from tiergate.engine import in_process_runtime
 
     server = build_server(
         policy, args.policy, _provider(args), default_bundle=args.bundle, state_dir=state_dir,
         runtime_factory=functools.partial(
             in_process_runtime,
-            model_priority=args.model_priority or default_model_priority(args.model_isolation),
-            model_isolation=args.model_isolation,
+            model_priority=args.model_priority,  # None: the isolation's default
+            model_isolation=args.model_isolation or "process",
         ),
     )  # fmt: skip
     run_event_loop(

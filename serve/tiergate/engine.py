@@ -287,8 +287,9 @@ class LatencyTracker:
         ordered = sorted([ms for _, ms in s])
         pos = 0.95 * (len(ordered) - 1)
         lo = int(pos)
-        hi = min(lo + 1, len(ordered) - 1)
-        value = ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+        t = pos - lo
+        a, b = ordered[lo], ordered[min(lo + 1, len(ordered) - 1)]
+        value = a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)  # numpy's, to the bit
         self.known[key] = (now, recorded, value)
         return value
 
@@ -514,8 +515,10 @@ class TaskRuntime:
             self.batcher = MicroBatcher(run)
 
     def close(self) -> None:
-        """Stops the in-process model's thread, after the batch it is running, and
-        closes the model. For a server that takes no more requests; blocks."""
+        """Stops the model's thread, after the batch it is running, and closes the
+        model. For a server that takes no more requests; blocks."""
+        if isinstance(self.backend, ModelProcess):
+            self.backend.close()  # first: it ends a batch that hangs under the thread
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
         close = getattr(self.backend, "close", None)
@@ -703,15 +706,17 @@ def renice_process(niceness: int) -> int:
 
 
 def in_process_runtime(
-    task: Task, model_priority: str = "low", model_isolation: str = "thread"
+    task: Task, model_priority: str | None = None, model_isolation: str = "thread"
 ) -> TaskRuntime:
     """Loads a task's bundle for the local runtime: every tier in this process, the
     intent model on a thread of it (``model_isolation`` "thread") or in a child process
     of its own ("process", what `tiergate serve --runtime local` runs: see
-    tiergate.model_process), its compute at ``model_priority`` (see MODEL_PRIORITIES)."""
-    check_model_priority(model_priority)  # before anything is loaded
+    tiergate.model_process), its compute at ``model_priority`` (see MODEL_PRIORITIES;
+    default: default_model_priority)."""
     if model_isolation not in MODEL_ISOLATIONS:
         raise ConfigError(f"model isolation {model_isolation!r} is not one of {MODEL_ISOLATIONS}")
+    model_priority = model_priority or default_model_priority(model_isolation)
+    check_model_priority(model_priority)  # before anything is loaded
     bundle = load_bundle(task.bundle)
     TaskRuntime._check_mode(task, bundle)  # before a model is loaded for nothing
     backend: ModelBackend | None = None
@@ -726,7 +731,12 @@ def in_process_runtime(
         # reads this once, as torch loads it; a value the user set stands.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         backend = load_intent_backend(bundle)
-    return TaskRuntime(task, bundle, backend, model_priority)
+    try:
+        return TaskRuntime(task, bundle, backend, model_priority)
+    except BaseException:  # a model process must not outlive a runtime that never was
+        if isinstance(backend, ModelProcess):
+            backend.close()
+        raise
 
 
 LAST_TIER = len(ORDER) - 1

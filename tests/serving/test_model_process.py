@@ -4,11 +4,13 @@ real child processes, the test bundle's real model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.serving.conftest import sched_idle_allowed, thread_priorities
+from tests.serving.conftest import sched_idle_allowed, thread_priorities, thread_priority
 from tiergate._core import ConfigError
 from tiergate.bundle import load_bundle
-from tiergate.engine import MODEL_NICE, in_process_runtime
+from tiergate.engine import MODEL_NICE, descendants, in_process_runtime
 from tiergate.model_process import ModelProcess, ModelProcessError
 from tiergate.policy import default_policy
 from tiergate.tiers import load_intent_backend
@@ -28,16 +30,16 @@ TEXTS = ["where is my package", "I want my money back", "hello there"]
 
 
 def _gone(pid: int, within_s: float) -> bool:
-    """Whether process ``pid`` ends within ``within_s``: gone, or a zombie (ended, its
-    status left for its parent to read, which ModelProcess does)."""
+    """Whether process ``pid`` ends within ``within_s``: for our own child, exited (its
+    status left for ModelProcess to read); for another's, gone from /proc."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":
-            return True
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:  # not ours: reaped by whoever adopted it
+            if not Path(f"/proc/{pid}").exists():
+                return True
         time.sleep(0.1)
     return False
 
@@ -82,8 +84,6 @@ def test_every_thread_of_the_model_process_runs_at_the_priority_asked(
     assert model.priority_got == model.priority
     assert len(threads) > 1
     assert set(threads) == {wanted}, threads
-    # ... and ours is untouched: the front end's threads keep their priority
-    assert set(thread_priorities(os.getpid())) == {(os.SCHED_OTHER, ours)}
 
 
 def test_a_bad_batch_fails_alone(model: ModelProcess) -> None:
@@ -92,17 +92,137 @@ def test_a_bad_batch_fails_alone(model: ModelProcess) -> None:
     assert model.infer(TEXTS)[0].shape[0] == len(TEXTS)  # the process goes on
 
 
-def test_a_model_process_that_dies_is_started_again(model: ModelProcess) -> None:
+def test_a_model_process_found_dead_is_started_again_before_the_batch(
+    model: ModelProcess,
+) -> None:
     first = model.pid
     assert first is not None
     os.kill(first, signal.SIGKILL)
     assert _gone(first, 10)
-    with pytest.raises(ModelProcessError, match=r"ended \(exit code -9\)"):
-        model.infer(TEXTS)
-    logits, _ = model.infer(TEXTS)  # a new process
+    logits, _ = model.infer(TEXTS)  # not lost: a new process answers it
     assert logits.shape[0] == len(TEXTS)
     assert model.pid not in (None, first)
     assert model.restarts == 1
+
+
+def test_group_signals_are_left_to_the_front_end(model: ModelProcess) -> None:
+    """Ctrl-C, a hang-up or a service manager's SIGTERM to the whole process group:
+    the front end stops its model (after the batch in flight), not the signal."""
+    pid = model.pid
+    assert pid is not None
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        os.kill(pid, sig)
+    time.sleep(0.5)
+    assert model.infer(TEXTS)[0].shape[0] == len(TEXTS)
+    assert model.pid == pid
+
+
+def test_a_model_process_that_hangs_fails_its_batch_and_is_started_again(
+    model: ModelProcess,
+) -> None:
+    pid, restarts = model.pid, model.restarts
+    assert pid is not None
+    model.hang_after_s = 2.0
+    os.kill(pid, signal.SIGSTOP)  # stuck: alive, answering nothing
+    try:
+        started = time.monotonic()
+        with pytest.raises(ModelProcessError, match="did not answer a batch of 3 within 2 s"):
+            model.infer(TEXTS)
+        assert time.monotonic() - started < 10
+        assert _gone(pid, 10)
+    finally:
+        model.hang_after_s = 60.0
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert model.infer(TEXTS)[0].shape[0] == len(TEXTS)
+    assert model.restarts == restarts + 1
+
+
+def test_a_restart_refuses_a_bundle_whose_labels_changed(model: ModelProcess) -> None:
+    """The front end keeps the labels, calibration and thresholds it loaded: a model
+    that answers over other labels must not be adopted behind its back."""
+    loaded = model.labels
+    model.labels = list(reversed(loaded))  # as if the bundle on disk had been replaced
+    try:
+        assert model.pid is not None
+        os.kill(model.pid, signal.SIGKILL)
+        assert _gone(model.pid, 10)
+        with pytest.raises(ModelProcessError, match="changed on disk since this front end"):
+            model.infer(TEXTS)
+        assert model.pid is None  # the child that loaded it is gone
+    finally:
+        model.labels = loaded
+        model._retry_at = 0.0  # (the back-off: this test's, not the next test's)
+    assert model.infer(TEXTS)[0].shape[0] == len(TEXTS)
+
+
+def test_a_model_that_cannot_start_again_is_not_retried_at_every_batch(
+    full_bundle: Path, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(full_bundle, bundle)
+    proc = ModelProcess(bundle, "low")
+    try:
+        shutil.rmtree(load_bundle(bundle).intent_path())  # gone from under it
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        assert _gone(proc.pid, 10)
+        with pytest.raises(ModelProcessError, match=r"could not start: .*intent"):
+            proc.infer(TEXTS)
+        started = time.monotonic()
+        with pytest.raises(ModelProcessError, match=r"next attempt in \d+ s"):
+            proc.infer(TEXTS)
+        assert time.monotonic() - started < 0.5  # at once: no new interpreter
+        assert proc.restarts == 1
+    finally:
+        proc.close()
+
+
+def test_closing_ends_a_batch_that_hangs(full_bundle: Path) -> None:
+    proc = ModelProcess(full_bundle, "low")
+    pid = proc.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    failed: list[BaseException] = []
+
+    def batch() -> None:
+        try:
+            proc.infer(TEXTS)
+        except ModelProcessError as e:
+            failed.append(e)
+
+    t = threading.Thread(target=batch)
+    t.start()
+    time.sleep(0.5)  # the batch waits on the stopped child
+    started = time.monotonic()
+    proc.close(wait_s=1.0)
+    assert time.monotonic() - started < 10
+    t.join(10)
+    assert not t.is_alive()
+    assert len(failed) == 1
+    assert _gone(pid, 10)
+    with pytest.raises(ModelProcessError, match="was stopped"):
+        proc.infer(TEXTS)  # no new child after close
+
+
+def test_ctrl_c_while_the_model_loads_stops_the_load(full_bundle: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; "
+        "from tiergate.model_process import ModelProcess; ModelProcess(Path(sys.argv[1]))"
+    )
+    with subprocess.Popen([sys.executable, "-c", code, str(full_bundle)],
+                          stderr=subprocess.PIPE, text=True) as front:  # fmt: skip
+        child = None
+        deadline = time.monotonic() + 30
+        while child is None and time.monotonic() < deadline:
+            kids = descendants(front.pid)
+            child = kids[0] if kids else None
+            time.sleep(0.05)
+        assert child is not None, "the model process never started"
+        os.kill(front.pid, signal.SIGINT)
+        _, err = front.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err
+    assert _gone(child, 5), "the model went on loading for a front end that had stopped"
 
 
 def test_broken_model_files_are_a_clear_error(full_bundle: Path, tmp_path: Path) -> None:
@@ -131,9 +251,14 @@ def test_the_model_process_ends_with_the_front_end(full_bundle: Path) -> None:
     assert _gone(child, 30), "the model process outlived its front end"
 
 
-def test_the_local_runtime_serves_through_it_and_closes_it(full_bundle: Path) -> None:
+def test_the_local_runtime_serves_through_it_and_closes_it(
+    full_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A module in the working directory must not shadow the model's libraries.
+    (tmp_path / "numpy.py").write_text("raise ImportError('the wrong numpy')\n")
+    monkeypatch.chdir(tmp_path)
     task = next(iter(default_policy(full_bundle).tasks.values()))
-    runtime = in_process_runtime(task, model_priority="low", model_isolation="process")
+    runtime = in_process_runtime(task, model_isolation="process")
     assert isinstance(runtime.backend, ModelProcess)
     pid = runtime.backend.pid
     assert pid is not None
@@ -145,6 +270,12 @@ def test_the_local_runtime_serves_through_it_and_closes_it(full_bundle: Path) ->
     logits, vector = asyncio.run(one())
     assert logits.shape == (len(runtime.labels),)
     assert vector is not None
+    assert runtime.backend.priority == "idle"  # the default for a model in its process
+    if sys.platform == "linux":  # this side's thread only pickles: not lowered
+        (thread,) = [t for t in threading.enumerate() if t.name.startswith("model-")]
+        assert thread.native_id is not None
+        ours = thread_priority(threading.get_native_id())
+        assert thread_priority(thread.native_id) == ours
     runtime.close()
     assert _gone(pid, 30), "close() left the model process running"
     runtime.close()  # twice: nothing more to do

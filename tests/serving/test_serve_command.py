@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -128,3 +129,13 @@ def test_serve_runs_the_model_at_the_priority_asked(
         assert (os.SCHED_OTHER, base) in front  # the front end's
         assert wanted in front  # the model's thread and PyTorch's
         assert os.SCHED_IDLE not in {t[0] for t in front}
+
+
+def test_model_isolation_is_refused_on_ray(full_bundle: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "tiergate", "serve", "--runtime", "ray", "--bundle",
+         str(full_bundle), "--model-isolation", "thread"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "--model-isolation is for --runtime local" in run.stderr

@@ -110,3 +110,14 @@ def test_the_first_p95_imports_nothing() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_p95_is_numpys_to_the_bit() -> None:
+    rng = np.random.default_rng(3)
+    for n in [*range(5, 64), 100, 255, 512]:
+        for _ in range(20):
+            samples = rng.lognormal(2.0, 1.0, n).round(rng.integers(0, 4))  # ties too
+            t = LatencyTracker(window=512, clock=Clock())
+            for ms in samples:
+                t.record("k", float(ms))
+            assert t.p95("k") == float(np.percentile(samples, 95)), n
