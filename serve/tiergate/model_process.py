@@ -120,6 +120,17 @@ def _lower_earlier_threads() -> None:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
+def _child_env() -> dict[str, str]:
+    """Ours, for a child that runs from "/": safe paths, and a PYTHONPATH whose relative
+    entries still name what they name here."""
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(
+            os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p
+        )
+    return env
+
+
 class ModelProcess:
     """A bundle's intent model served by a child process (see the module's doc).
 
@@ -156,7 +167,7 @@ class ModelProcess:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tiergate.model_process", str(theirs.fileno()),
                  str(self.bundle_dir), self.priority],
-                pass_fds=(theirs.fileno(),), cwd="/", env={**os.environ, "PYTHONSAFEPATH": "1"},
+                pass_fds=(theirs.fileno(),), cwd="/", env=_child_env(),
             )  # fmt: skip
         except BaseException:
             ours.close()
