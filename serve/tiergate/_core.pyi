@@ -230,8 +230,7 @@ class SemanticCache:
     def put(self, namespace: str, vector: npt.ArrayLike, value: bytes) -> None:
         """Stores value for the request embedded as vector."""
     def get(self, namespace: str, vector: npt.ArrayLike) -> tuple[bytes, float] | None:
-        """(value, similarity) of the best live entry at or above threshold, else None
-        (holding the GIL: one search is tens of microseconds)."""
+        """(value, similarity) of the best live entry at or above threshold, else None."""
     def get_batch(self, namespace: str, vectors: npt.ArrayLike) -> list[tuple[bytes, float] | None]:
         """get() for each row of vectors."""
     def clear(self, namespace: str) -> None:

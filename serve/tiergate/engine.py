@@ -733,9 +733,11 @@ def in_process_runtime(
         backend = load_intent_backend(bundle)
     try:
         return TaskRuntime(task, bundle, backend, model_priority)
-    except BaseException:  # a model process must not outlive a runtime that never was
-        if isinstance(backend, ModelProcess):
-            backend.close()
+    except BaseException:
+        # A model (its process, a vLLM engine) must not outlive a runtime that never was.
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
         raise
 
 

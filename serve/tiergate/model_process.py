@@ -15,8 +15,9 @@ before a batch is started again first; one that dies during a batch, or does
 not answer it within ``hang_after_s``, fails that batch (the engine answers
 those requests as it does when any model fails) and is started again with the
 next. A child that cannot start is tried again after a growing pause, the
-batches in between failing at once. A restarted child must serve the labels
-the front end loaded: a bundle replaced on disk since is refused, not adopted.
+batches in between failing at once. A restarted child must serve the bundle the
+front end loaded (its labels and its manifest's creation time): one retrained
+or replaced on disk since is refused, not adopted, until a reload.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def _serve(fd: int, bundle_dir: str, priority: str) -> None:
     # Signals to the whole process group (Ctrl-C, a terminal hang-up, a service
     # manager's SIGTERM) are the front end's to act on: it stops its model through
     # the pipe, after the batch in flight, and the pipe's end ends it in any case.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    # While loading, the child would not notice the front end going until loaded:
+    # only Ctrl-C is left to the front end then (it kills a load it gave up on).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.set_inheritable(fd, False)  # a process the model starts must not hold the pipe open
     conn = Connection(fd)
     from tiergate.engine import yield_cpu  # before torch starts its threads
@@ -69,14 +71,15 @@ def _serve(fd: int, bundle_dir: str, priority: str) -> None:
         from tiergate.bundle import load_bundle
         from tiergate.tiers import load_intent_backend
 
-        backend = load_intent_backend(load_bundle(Path(bundle_dir)))
+        bundle = load_bundle(Path(bundle_dir))
+        backend = load_intent_backend(bundle)
         # The width of its embeddings (the semantic cache's), as engine.embedding_dim
         # reads it from a model in the front end's process; None: it gives none.
         dim = getattr(backend, "dim", None)
         if dim is None:
             config = getattr(getattr(backend, "model", None), "config", None)
             dim = getattr(config, "hidden_size", None)
-        ready: tuple[object, ...] = ("ready", list(backend.labels), dim, got)
+        ready: tuple[object, ...] = ("ready", list(backend.labels), dim, got, bundle.created)
     except Exception as e:  # the parent raises it as a ConfigError
         ready = ("error", f"{type(e).__name__}: {e}")
         backend = None
@@ -84,6 +87,8 @@ def _serve(fd: int, bundle_dir: str, priority: str) -> None:
         conn.send(ready)
     except OSError:  # the front end went while we loaded: nothing to say, to anyone
         return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     while backend is not None:
         try:
             msg = conn.recv()
@@ -125,8 +130,8 @@ def _child_env() -> dict[str, str]:
     entries still name what they name here."""
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     if env.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.pathsep.join(
-            os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p
+        env["PYTHONPATH"] = os.pathsep.join(  # ("" is the working directory, as ".")
+            os.path.abspath(p or ".") for p in env["PYTHONPATH"].split(os.pathsep)
         )
     return env
 
@@ -146,6 +151,7 @@ class ModelProcess:
         self.hang_after_s = hang_after_s
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._starting: subprocess.Popen[bytes] | None = None  # loading, not yet ready
         self._conn: Connection | None = None
         self._closed = False
         self.restarts = 0
@@ -153,15 +159,16 @@ class ModelProcess:
         self._retry_pause = 0.0
         self._last_failure = ""
         self.labels: list[str] = []
+        self.created = ""  # the bundle's, as first loaded: a restart must load the same
         self._start()
 
     def _start(self) -> None:
         # A plain child process (not multiprocessing's): it may start processes of its
         # own (a zero-shot bundle's vLLM engine), whatever process we run in (a daemonic
         # one may not have multiprocessing children), and imports nothing of our
-        # caller's main module. It runs from "/" with safe paths: a module file in our
-        # working directory ("numpy.py") must not shadow a library in it. The pipe is
-        # a socket pair, the child's end passed by number.
+        # caller's main module. It runs from "/" (with safe paths too, from Python 3.11):
+        # a module file in our working directory ("numpy.py") must not shadow a library.
+        # The pipe is a socket pair, the child's end passed by number.
         ours, theirs = socket.socketpair()
         try:
             proc = subprocess.Popen(
@@ -175,31 +182,37 @@ class ModelProcess:
         finally:
             theirs.close()  # the child's end alone keeps the pipe open on its side
         parent = Connection(ours.detach())
+        self._starting = proc  # close() may end a load that has not finished
         try:
             msg = self._first_word(proc, parent)
-        except BaseException:  # Ctrl-C, or a load that failed: the child must not load on
+            labels = list(msg[1])  # type: ignore[call-overload]
+            created = str(msg[4])
+            if self.labels and (labels != self.labels or created != self.created):
+                raise ConfigError(
+                    f"the bundle at {self.bundle_dir} changed on disk since this front end "
+                    "loaded it: reload the policy (SIGHUP, with --config) or restart the "
+                    "server to serve the new one"
+                )
+        except BaseException:  # Ctrl-C, a failed or refused load: the child must not go on
             parent.close()
             proc.kill()
             proc.wait()
             raise
-        labels = list(msg[1])  # type: ignore[call-overload]
+        finally:
+            self._starting = None
+        self.labels, self.created = labels, created
         self.dim = msg[2]
         self.priority_got = str(msg[3])
-        if self.labels and labels != self.labels:
-            parent.close()
-            proc.kill()
-            proc.wait()
-            raise ConfigError(
-                f"the bundle at {self.bundle_dir} changed on disk since this front end "
-                "loaded it (its labels differ): reload the policy to serve the new one"
-            )
-        self.labels = labels
         self._proc, self._conn = proc, parent
 
     def _first_word(self, proc: subprocess.Popen[bytes], parent: Connection) -> tuple[object, ...]:
         deadline = time.monotonic() + READY_TIMEOUT_S
         try:
             while not parent.poll(1.0):
+                if self._closed:
+                    raise ModelProcessError(
+                        "the intent model's process was stopped while it loaded"
+                    )
                 if time.monotonic() > deadline:
                     raise ConfigError(
                         f"the intent model of {self.bundle_dir} did not load within "
@@ -229,7 +242,7 @@ class ModelProcess:
         if now < self._retry_at:
             raise ModelProcessError(
                 f"the intent model's process could not start ({self._last_failure}); "
-                f"next attempt in {self._retry_at - now:.0f} s"
+                f"next attempt in {self._retry_at - now:.1f} s"
             )
         log.warning("starting the intent model's process again (%s)", self.bundle_dir)
         self.restarts += 1
@@ -250,8 +263,13 @@ class ModelProcess:
             if self._closed:
                 raise ModelProcessError("the intent model's process was stopped")
             if self._proc is None or self._proc.poll() is not None:
-                self._reap(0)  # died between batches (or at the last one): a new one first
+                code = self._reap(0)  # died between batches (or at the last one): a new one
+                if code is not None:
+                    log.warning("the intent model's process ended (exit code %s)", code)
                 self._restart()
+                if self._closed:  # stopped while the new one loaded
+                    self._reap(0)
+                    raise ModelProcessError("the intent model's process was stopped")
             proc, conn = self._proc, self._conn
             assert proc is not None
             assert conn is not None
@@ -299,9 +317,10 @@ class ModelProcess:
         ``wait_s`` (else it is killed); idempotent. No batch runs after."""
         self._closed = True
         if not self._lock.acquire(timeout=wait_s):
-            proc = self._proc  # a batch that does not end: end the child under it
-            if proc is not None:
-                proc.kill()
+            # A batch that does not end, or a restart still loading: end the child.
+            for proc in (self._proc, self._starting):
+                if proc is not None:
+                    proc.kill()
             self._lock.acquire()
         try:
             if self._conn is not None:

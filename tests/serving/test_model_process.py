@@ -95,14 +95,14 @@ def test_a_bad_batch_fails_alone(model: ModelProcess) -> None:
 def test_a_model_process_found_dead_is_started_again_before_the_batch(
     model: ModelProcess,
 ) -> None:
-    first = model.pid
+    first, restarts = model.pid, model.restarts
     assert first is not None
     os.kill(first, signal.SIGKILL)
     assert _gone(first, 10)
     logits, _ = model.infer(TEXTS)  # not lost: a new process answers it
     assert logits.shape[0] == len(TEXTS)
     assert model.pid not in (None, first)
-    assert model.restarts == 1
+    assert model.restarts == restarts + 1
 
 
 def test_group_signals_are_left_to_the_front_end(model: ModelProcess) -> None:
@@ -120,7 +120,7 @@ def test_group_signals_are_left_to_the_front_end(model: ModelProcess) -> None:
 def test_a_model_process_that_hangs_fails_its_batch_and_is_started_again(
     model: ModelProcess,
 ) -> None:
-    pid, restarts = model.pid, model.restarts
+    pid, restarts, limit = model.pid, model.restarts, model.hang_after_s
     assert pid is not None
     model.hang_after_s = 2.0
     os.kill(pid, signal.SIGSTOP)  # stuck: alive, answering nothing
@@ -131,18 +131,23 @@ def test_a_model_process_that_hangs_fails_its_batch_and_is_started_again(
         assert time.monotonic() - started < 10
         assert _gone(pid, 10)
     finally:
-        model.hang_after_s = 60.0
+        model.hang_after_s = limit
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
     assert model.infer(TEXTS)[0].shape[0] == len(TEXTS)
     assert model.restarts == restarts + 1
 
 
-def test_a_restart_refuses_a_bundle_whose_labels_changed(model: ModelProcess) -> None:
+@pytest.mark.parametrize("changed", ["labels", "created"])
+def test_a_restart_refuses_a_bundle_changed_on_disk(model: ModelProcess, changed: str) -> None:
     """The front end keeps the labels, calibration and thresholds it loaded: a model
-    that answers over other labels must not be adopted behind its back."""
-    loaded = model.labels
-    model.labels = list(reversed(loaded))  # as if the bundle on disk had been replaced
+    retrained or replaced since (other labels, or the same labels from another
+    training) must not be adopted behind its back."""
+    loaded, created = model.labels, model.created
+    if changed == "labels":  # as if the bundle on disk had been replaced
+        model.labels = list(reversed(loaded))
+    else:
+        model.created = "an earlier training"
     try:
         assert model.pid is not None
         os.kill(model.pid, signal.SIGKILL)
@@ -151,7 +156,7 @@ def test_a_restart_refuses_a_bundle_whose_labels_changed(model: ModelProcess) ->
             model.infer(TEXTS)
         assert model.pid is None  # the child that loaded it is gone
     finally:
-        model.labels = loaded
+        model.labels, model.created = loaded, created
         model._retry_at = 0.0  # (the back-off: this test's, not the next test's)
     assert model.infer(TEXTS)[0].shape[0] == len(TEXTS)
 
@@ -170,7 +175,7 @@ def test_a_model_that_cannot_start_again_is_not_retried_at_every_batch(
         with pytest.raises(ModelProcessError, match=r"could not start: .*intent"):
             proc.infer(TEXTS)
         started = time.monotonic()
-        with pytest.raises(ModelProcessError, match=r"next attempt in \d+ s"):
+        with pytest.raises(ModelProcessError, match=r"next attempt in \d+\.\d s"):
             proc.infer(TEXTS)
         assert time.monotonic() - started < 0.5  # at once: no new interpreter
         assert proc.restarts == 1
@@ -205,6 +210,65 @@ def test_closing_ends_a_batch_that_hangs(full_bundle: Path) -> None:
         proc.infer(TEXTS)  # no new child after close
 
 
+def test_closing_while_a_restart_loads_ends_it_and_runs_no_batch(full_bundle: Path) -> None:
+    proc = ModelProcess(full_bundle, "low")
+    first = proc.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    assert _gone(first, 10)
+    outcome: list[object] = []
+
+    def batch() -> None:
+        try:
+            outcome.append(proc.infer(TEXTS))
+        except ModelProcessError as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=batch)
+    t.start()
+    deadline = time.monotonic() + 30
+    while proc._starting is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    loading = proc._starting
+    assert loading is not None, "no restart began"
+    os.kill(loading.pid, signal.SIGSTOP)  # a load that does not end
+    started = time.monotonic()
+    proc.close(wait_s=1.0)
+    assert time.monotonic() - started < 10
+    t.join(10)
+    assert not t.is_alive()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], ModelProcessError), outcome  # no batch ran after close
+    assert _gone(loading.pid, 10)
+
+
+def test_sigterm_while_the_model_loads_ends_it(full_bundle: Path) -> None:
+    """A stop before the front end serves (a service manager's SIGTERM to the group)
+    must not leave the model loading for a front end that is gone."""
+    made: list[object] = []
+
+    def start() -> None:
+        try:
+            made.append(ModelProcess(full_bundle, "low"))
+        except ConfigError as e:
+            made.append(e)
+
+    before = set(descendants(os.getpid()))  # (another test's model process, say)
+    t = threading.Thread(target=start)
+    t.start()
+    deadline = time.monotonic() + 30
+    child = None
+    while child is None and time.monotonic() < deadline:
+        child = next(iter(set(descendants(os.getpid())) - before), None)
+        time.sleep(0.01)
+    assert child is not None
+    os.kill(child, signal.SIGTERM)
+    t.join(30)
+    assert len(made) == 1
+    assert isinstance(made[0], ConfigError), made
+    assert "exit code -15" in str(made[0])
+
+
 def test_ctrl_c_while_the_model_loads_stops_the_load(full_bundle: Path) -> None:
     code = (
         "import sys; from pathlib import Path; "
@@ -219,6 +283,9 @@ def test_ctrl_c_while_the_model_loads_stops_the_load(full_bundle: Path) -> None:
             child = kids[0] if kids else None
             time.sleep(0.05)
         assert child is not None, "the model process never started"
+        # Stopped, it cannot end by itself (when its load ends and it finds the front end
+        # gone): only the front end's kill ends it.
+        os.kill(child, signal.SIGSTOP)
         os.kill(front.pid, signal.SIGINT)
         _, err = front.communicate(timeout=30)
     assert "KeyboardInterrupt" in err

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from tiergate import FeatureHasher, LinearModel, RuleSet, SemanticCache
+from tiergate import FeatureHasher, LinearModel, RuleSet
 from tiergate._core import KEEP_GIL_BELOW_BYTES
 
 
@@ -92,21 +92,6 @@ def test_proba_keeps_the_gil_below_the_limit_and_gives_it_up_from_it(
     assert ran_meanwhile(proba, "please refund my order", calls=300) == 0
     assert ran_meanwhile(proba, "x" * (KEEP_GIL_BELOW_BYTES - 1), calls=300) == 0
     assert ran_meanwhile(proba, "x" * KEEP_GIL_BELOW_BYTES, seconds=10) > 0
-
-
-def test_a_semantic_cache_lookup_keeps_the_gil(no_forced_switch: None) -> None:
-    rng = np.random.default_rng(1)
-    cache = SemanticCache(64, threshold=0.9)
-    vectors = rng.normal(size=(500, 64)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    for i, v in enumerate(vectors):
-        cache.put("t", v, str(i).encode())
-
-    def get(_: str) -> object:
-        return cache.get("t", vectors[7])
-
-    assert get("")[0] == b"7"  # type: ignore[index]
-    assert ran_meanwhile(get, "", calls=300) == 0
 
 
 def test_match_keeps_the_gil_for_a_short_text_and_gives_it_up_for_a_long_one(

@@ -66,11 +66,9 @@ impl PySemanticCache {
 
     /// ``(value, similarity)`` of the most similar live entry of ``namespace``
     /// if it reaches the threshold, else None. An unknown namespace is a miss.
-    /// Holds the GIL: one search is tens of microseconds, and getting the GIL
-    /// back after it took 0.4 ms at p99 on a busy front end (CLINC bench, 200
-    /// req/s), as for the one-text calls (see `gil`). (No deadlock: whoever holds
-    /// a namespace's lock without the GIL is a detached call, which does not wait
-    /// for the GIL before letting it go.)
+    /// Gives the GIL up: a search is tens of microseconds, but one that finds
+    /// expired entries removes them, and a removal may rebuild a big index
+    /// (0.2 s at 3,000 entries), which must not stop every Python thread.
     fn get<'py>(
         &self,
         py: Python<'py>,
@@ -78,7 +76,7 @@ impl PySemanticCache {
         vector: PyArrayLikeDyn<'py, f32, AllowTypeChange>,
     ) -> PyResult<PyHit<'py>> {
         let (vector, _) = rows(&vector, self.inner.config().dim, "vector")?;
-        let hit = self.inner.get(namespace, &vector).py()?;
+        let hit = py.detach(|| self.inner.get(namespace, &vector)).py()?;
         Ok(hit.map(|h| (PyBytes::new(py, &h.value), h.similarity)))
     }
 
