@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -183,28 +183,37 @@ def test_a_model_that_cannot_start_again_is_not_retried_at_every_batch(
         proc.close()
 
 
-def test_closing_ends_a_batch_that_hangs(full_bundle: Path) -> None:
-    proc = ModelProcess(full_bundle, "low")
-    pid = proc.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
-    failed: list[BaseException] = []
+def _batch_then_close(proc: ModelProcess, meanwhile: Callable[[], None]) -> object:
+    """Runs a batch on a thread, ``meanwhile`` (which stops the child somehow), then
+    ``close``, which must end it all promptly; what the batch came to."""
+    outcome: list[object] = []
 
     def batch() -> None:
         try:
-            proc.infer(TEXTS)
+            outcome.append(proc.infer(TEXTS))
         except ModelProcessError as e:
-            failed.append(e)
+            outcome.append(e)
 
     t = threading.Thread(target=batch)
     t.start()
-    time.sleep(0.5)  # the batch waits on the stopped child
+    meanwhile()
     started = time.monotonic()
     proc.close(wait_s=1.0)
     assert time.monotonic() - started < 10
     t.join(10)
     assert not t.is_alive()
-    assert len(failed) == 1
+    assert len(outcome) == 1
+    return outcome[0]
+
+
+def test_closing_ends_a_batch_that_hangs(full_bundle: Path) -> None:
+    proc = ModelProcess(full_bundle, "low")
+    pid = proc.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    # (sleep: the batch waits on the stopped child)
+    outcome = _batch_then_close(proc, lambda: time.sleep(0.5))
+    assert isinstance(outcome, ModelProcessError), outcome
     assert _gone(pid, 10)
     with pytest.raises(ModelProcessError, match="was stopped"):
         proc.infer(TEXTS)  # no new child after close
@@ -216,30 +225,19 @@ def test_closing_while_a_restart_loads_ends_it_and_runs_no_batch(full_bundle: Pa
     assert first is not None
     os.kill(first, signal.SIGKILL)
     assert _gone(first, 10)
-    outcome: list[object] = []
+    loading: list[subprocess.Popen[bytes]] = []
 
-    def batch() -> None:
-        try:
-            outcome.append(proc.infer(TEXTS))
-        except ModelProcessError as e:
-            outcome.append(e)
+    def stop_the_load() -> None:
+        deadline = time.monotonic() + 30
+        while proc._starting is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc._starting is not None, "no restart began"
+        loading.append(proc._starting)
+        os.kill(proc._starting.pid, signal.SIGSTOP)  # a load that does not end
 
-    t = threading.Thread(target=batch)
-    t.start()
-    deadline = time.monotonic() + 30
-    while proc._starting is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    loading = proc._starting
-    assert loading is not None, "no restart began"
-    os.kill(loading.pid, signal.SIGSTOP)  # a load that does not end
-    started = time.monotonic()
-    proc.close(wait_s=1.0)
-    assert time.monotonic() - started < 10
-    t.join(10)
-    assert not t.is_alive()
-    assert len(outcome) == 1
-    assert isinstance(outcome[0], ModelProcessError), outcome  # no batch ran after close
-    assert _gone(loading.pid, 10)
+    outcome = _batch_then_close(proc, stop_the_load)
+    assert isinstance(outcome, ModelProcessError), outcome  # no batch ran after close
+    assert _gone(loading[0].pid, 10)
 
 
 def test_sigterm_while_the_model_loads_ends_it(full_bundle: Path) -> None:
